@@ -1,0 +1,164 @@
+"""DeCLIP losses as pure functions of features and explicit state (reference section 2).
+
+Gradient accounting (DESIGN 2): features are gathered with gradient and DDP averages parameter
+gradients, so no term is divided by the world size. Only torch is imported here.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def world_info():
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x):
+    """All-gather along dim 0; the backward sums the incoming gradients over ranks."""
+    if world_info()[1] == 1:
+        return x
+    import torch.distributed.nn.functional as dist_fn
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def gather_no_grad(x):
+    """All-gather along dim 0 of tensors that carry no gradient (the NN neighbours)."""
+    world = world_info()[1]
+    if world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def upcast(x):
+    """Losses are computed in at least fp32, whatever autocast produced."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def normalize_image(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def normalize_text(x):
+    """Text features get the reference's +1e-10 in the denominator (images do not)."""
+    return x / (x.norm(dim=-1, keepdim=True) + 1e-10)
+
+
+def contrastive_labels(batch, rank, device):
+    """Row i of this rank's logits matches global column rank*B + i."""
+    return rank * batch + torch.arange(batch, device=device)
+
+
+def pair_loss(logits_a, logits_b, labels):
+    """Reference ClipInfoCELoss: mean of the two cross-entropies."""
+    return 0.5 * (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels))
+
+
+def clip_loss(*, image, text, all_image, all_text, logit_scale, labels):
+    """Symmetric CLIP loss of this rank's rows against all ranks' columns (normalised inputs)."""
+    return pair_loss(logit_scale * image @ all_text.T, logit_scale * text @ all_image.T, labels)
+
+
+def multiview_clip_loss(*, images, texts, all_images, all_texts, logit_scale, labels):
+    """Mean of the pair loss over every (image view, text view) pair: 4 pairs for DeCLIP (MVS),
+    1 for CLIP. One image->text matmul per image view against the concatenated text columns."""
+    n = all_texts[0].shape[0]
+    all_text_cols = torch.cat(all_texts, dim=0)
+    total = 0.0
+    for image, all_image in zip(images, all_images):
+        i2t = (logit_scale * image @ all_text_cols.T).split(n, dim=1)
+        for j, text in enumerate(texts):
+            total = total + pair_loss(i2t[j], logit_scale * text @ all_image.T, labels)
+    return total / (len(images) * len(texts))
+
+
+def nn_lookup(*, queries, queue):
+    """Top-1 cosine neighbour of each (unit-norm) query among the (unit-norm) queue rows."""
+    return queue[(queries.to(queue.dtype) @ queue.T).argmax(dim=1)]
+
+
+def nn_queue_push(*, queue, ptr, feats):
+    """FIFO write of `feats` at `ptr` (in place); the reference's overflow rule: when the write
+    reaches or passes the end, fill to the end, drop the rest and restart at 0.
+    Returns (queue, new ptr); ptr is a Python int because it depends only on batch sizes."""
+    size, n = queue.shape[0], feats.shape[0]
+    if ptr + n >= size:
+        queue[ptr:] = feats[:size - ptr].to(queue.dtype)
+        return queue, 0
+    queue[ptr:ptr + n] = feats.to(queue.dtype)
+    return queue, ptr + n
+
+
+def nn_clip_loss(*, images, neighbours, logit_scale, labels):
+    """Image -> nearest-neighbour-text only: per image view the pair loss of its logits against
+    both neighbour sets (of the masked and of the EDA caption), averaged over views."""
+    total = 0.0
+    for image in images:
+        logits = [logit_scale * image @ nn_feats.T for nn_feats in neighbours]
+        total = total + pair_loss(logits[0], logits[1], labels)
+    return total / len(images)
+
+
+def simsiam_loss(*, p, z):
+    """Negative cosine between each view's prediction and the other view's stopped projection."""
+    return -0.5 * (F.cosine_similarity(p[0], z[1].detach(), dim=-1).mean()
+                   + F.cosine_similarity(p[1], z[0].detach(), dim=-1).mean())
+
+
+def mlm_loss(*, logits, targets):
+    """Cross-entropy over the masked positions; 0 (not NaN) when nothing is masked."""
+    if targets.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(upcast(logits), targets)
+
+
+def declip_loss(features, *, queue, queue_ptr, mlm_targets=None, weights, rank=None, world_size=None):
+    """Weighted DeCLIP objective (reference 2.17): w_clip*MVS-CLIP + w_ss*SimSiam + w_mlm*MLM + w_nn*NN.
+
+    `features` is the model's output dict; terms whose weight is 0 or whose features are absent are
+    skipped (so the CLIP baseline is this function with one view, one caption and weights (1,0,0,0)).
+    `queue` [Q, D] (unit-norm fp32) and `queue_ptr` are this rank's NN memory as it was before
+    this step; neighbours are looked up first, then the EDA and masked caption features are pushed
+    in that order. Returns (total, {term: detached value}, queue, queue_ptr).
+    """
+    if rank is None or world_size is None:
+        rank, world_size = world_info()
+    s = upcast(features['logit_scale'])
+    images = [normalize_image(upcast(f)) for f in features['image']]
+    texts = [normalize_text(upcast(features['text']))]
+    if 'text_eda' in features:
+        texts.append(normalize_text(upcast(features['text_eda'])))
+    labels = contrastive_labels(texts[0].shape[0], rank, texts[0].device)
+    all_images = [gather_with_grad(u) for u in images]
+    all_texts = [gather_with_grad(t) for t in texts]
+
+    terms = {}
+    if weights.get('clip', 0):
+        terms['clip'] = multiview_clip_loss(images=images, texts=texts, all_images=all_images,
+                                            all_texts=all_texts, logit_scale=s, labels=labels)
+    if weights.get('simsiam', 0) and 'p' in features:
+        terms['simsiam'] = simsiam_loss(p=upcast(features['p']), z=upcast(features['z']))
+    if weights.get('mlm', 0) and 'mlm_logits' in features:
+        terms['mlm'] = mlm_loss(logits=features['mlm_logits'], targets=mlm_targets)
+    if weights.get('nn', 0) and queue is not None:
+        keys = [t.detach() for t in texts]
+        # neighbours pass through the model dtype and are re-normalised, as the reference does
+        neighbours = [normalize_text(upcast(nn_lookup(queries=k, queue=queue).to(features['text'].dtype)))
+                      for k in keys]
+        neighbours = [gather_no_grad(n) for n in neighbours]
+        if len(neighbours) == 1:
+            neighbours = neighbours * 2
+        terms['nn'] = nn_clip_loss(images=images, neighbours=neighbours, logit_scale=s, labels=labels)
+        for k in reversed(keys):  # EDA view first, then the masked caption (reference order)
+            queue, queue_ptr = nn_queue_push(queue=queue, ptr=queue_ptr, feats=k)
+    total = sum(weights[name] * value for name, value in terms.items())
+    return total, {name: value.detach() for name, value in terms.items()}, queue, queue_ptr
+
+
+def init_queue(size, dim, *, generator=None, device=None):
+    """Random unit-norm rows, as the reference initialises its bank (N(0,1), L2-normalised)."""
+    q = torch.randn(size, dim, generator=generator)
+    return normalize_image(q).to(device)

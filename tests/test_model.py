@@ -1,0 +1,163 @@
+"""State-dict layout against the spec's section 8 lists, parameter counts, conv1 freeze, features."""
+import pytest
+import torch
+
+import declip
+from configs import r50, vitb32
+from helpers import tiny_config
+
+
+def meta_model(cfg):
+    with torch.device('meta'):
+        return declip.build_model(cfg.model)
+
+
+def block_keys(prefix, width, mlp=4):
+    shapes = {'attn.in_proj_weight': [3 * width, width], 'attn.in_proj_bias': [3 * width],
+              'attn.out_proj.weight': [width, width], 'attn.out_proj.bias': [width],
+              'ln_1.weight': [width], 'ln_1.bias': [width],
+              'mlp.c_fc.weight': [mlp * width, width], 'mlp.c_fc.bias': [mlp * width],
+              'mlp.c_proj.weight': [width, mlp * width], 'mlp.c_proj.bias': [width],
+              'ln_2.weight': [width], 'ln_2.bias': [width]}
+    return {f'{prefix}.{k}': v for k, v in shapes.items()}
+
+
+def bn(prefix, n, d1=False):
+    return {f'{prefix}.weight': [n], f'{prefix}.bias': [n], f'{prefix}.running_mean': [n],
+            f'{prefix}.running_var': [n], f'{prefix}.num_batches_tracked': []}
+
+
+def text_and_heads(embed):
+    keys = {'logit_scale': [1], 'encode_text.token_embedding.weight': [49409, 512],
+            'encode_text.positional_embedding': [77, 512],
+            'encode_text.ln_final.weight': [512], 'encode_text.ln_final.bias': [512],
+            'encode_text.text_projection.weight': [embed, 512], 'encode_text.text_projection.bias': [embed],
+            'projector.linear1.weight': [1024, embed], 'projector.linear1.bias': [1024],
+            'projector.linear2.weight': [1024, 1024], 'projector.linear2.bias': [1024],
+            'projector.linear3.weight': [1024, 1024], 'projector.linear3.bias': [1024],
+            'predictor.linear1.weight': [512, 1024], 'predictor.linear1.bias': [512],
+            'predictor.layer2.weight': [1024, 512], 'predictor.layer2.bias': [1024],
+            'text_label_predictor.weight': [49409, 512], 'text_label_predictor.bias': [49409]}
+    for i in range(12):
+        keys.update(block_keys(f'encode_text.transformer.resblocks.{i}', 512))
+    for name, n in [('projector.bn1', 1024), ('projector.bn2', 1024), ('projector.bn3', 1024), ('predictor.bn1', 512)]:
+        keys.update(bn(name, n))
+    return keys
+
+
+def expected_vitb32():
+    keys = text_and_heads(512)
+    keys.update({'visual.conv1.weight': [768, 3, 32, 32], 'visual.class_embedding': [768],
+                 'visual.positional_embedding': [50, 768], 'visual.ln_pre.weight': [768],
+                 'visual.ln_pre.bias': [768], 'visual.ln_post.weight': [768], 'visual.ln_post.bias': [768],
+                 'visual.proj': [768, 512]})
+    for i in range(12):
+        keys.update(block_keys(f'visual.transformer.resblocks.{i}', 768))
+    return keys
+
+
+def expected_r50():
+    keys = text_and_heads(1024)
+    for i, (cin, cout) in enumerate([(3, 32), (32, 32), (32, 64)], start=1):
+        keys[f'visual.conv{i}.weight'] = [cout, cin, 3, 3]
+        keys.update(bn(f'visual.bn{i}', cout))
+    inplanes = 64
+    for stage, (blocks, planes) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
+        for b in range(blocks):
+            p = f'visual.layer{stage}.{b}'
+            keys[f'{p}.conv1.weight'] = [planes, inplanes, 1, 1]
+            keys[f'{p}.conv2.weight'] = [planes, planes, 3, 3]
+            keys[f'{p}.conv3.weight'] = [planes * 4, planes, 1, 1]
+            keys.update(bn(f'{p}.bn1', planes)); keys.update(bn(f'{p}.bn2', planes)); keys.update(bn(f'{p}.bn3', planes * 4))
+            if b == 0:
+                keys[f'{p}.downsample.0.weight'] = [planes * 4, inplanes, 1, 1]
+                keys.update(bn(f'{p}.downsample.1', planes * 4))
+            inplanes = planes * 4
+    keys['visual.attnpool.positional_embedding'] = [50, 2048]
+    for name, out in [('q_proj', 2048), ('k_proj', 2048), ('v_proj', 2048), ('c_proj', 1024)]:
+        keys[f'visual.attnpool.{name}.weight'] = [out, 2048]
+        keys[f'visual.attnpool.{name}.bias'] = [out]
+    return keys
+
+
+@pytest.mark.parametrize('config, expected', [(vitb32, expected_vitb32), (r50, expected_r50)])
+def test_state_dict_matches_spec(config, expected):
+    sd = meta_model(config.get_config()).state_dict()
+    got = {k: list(v.shape) for k, v in sd.items()}
+    want = expected()
+    assert sorted(set(got) - set(want)) == [] and sorted(set(want) - set(got)) == []
+    assert got == want
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_counts():
+    vit = meta_model(vitb32.get_config())
+    assert count(vit.visual) == 87_849_216
+    assert count(vit.encode_text) == 63_429_120
+    assert count(vit.projector) == 2_630_656 and count(vit.predictor) == 1_051_136
+    assert count(vit.text_label_predictor) == 25_346_817
+    res = meta_model(r50.get_config())
+    assert count(res.visual) == 38_316_896          # OpenAI RN50 visual (reference minus unused fc)
+    assert count(res.encode_text) == 63_691_776 and count(res.projector) == 3_154_944
+
+
+@pytest.mark.parametrize('freeze', [True, False])
+def test_conv1_freeze(freeze):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.model.freeze_conv1 = freeze
+    model = declip.build_model(cfg.model)
+    before = model.visual.conv1.weight.detach().clone()
+    opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-2)
+    images = torch.randn(4, 2, 3, 32, 32)
+    text = torch.randint(0, 1000, (4, 16))
+    text[:, 5] = 49408
+    out = model(images, text)
+    (out['image'].sum() + out['text'].sum() + out['p'].sum()).backward()
+    opt.step()
+    assert torch.equal(before, model.visual.conv1.weight) == freeze
+
+
+def test_features_and_apis_agree():
+    torch.manual_seed(0)
+    model = declip.build_model(tiny_config().model).eval()
+    images = torch.randn(3, 2, 3, 32, 32)
+    text = torch.randint(0, 1000, (3, 16))
+    text[:, 6] = 49408
+    out = model(images, text, text_eda=text, mlm_index=torch.tensor([1, 17, 40]))
+    torch.testing.assert_close(out['image'][1], model.encode_image(images[:, 1]), rtol=1e-5, atol=1e-5)
+    emb, words = model.encode_text(text, return_tokens=True)
+    torch.testing.assert_close(out['text'], emb)
+    torch.testing.assert_close(out['text_eda'], emb)
+    flat = words.reshape(-1, words.shape[-1])[[1, 17, 40]]
+    torch.testing.assert_close(out['mlm_logits'], model.text_label_predictor(flat))
+    assert out['logit_scale'].item() == pytest.approx(1 / 0.07, rel=1e-6)
+    # causal: tokens after the eot do not change the embedding
+    text2 = text.clone(); text2[:, 10:] = 7
+    torch.testing.assert_close(model.encode_text(text2), emb)
+
+
+def test_logit_scale_clamp_and_cap():
+    model = declip.build_model(tiny_config().model)
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == 3.0
+    with torch.no_grad():
+        model.logit_scale.fill_(5.5)
+    out = model(torch.randn(2, 2, 3, 32, 32), torch.randint(0, 9, (2, 16)))
+    assert out['logit_scale'].item() == 100.0
+    with torch.no_grad():
+        model.logit_scale.fill_(9.0)
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == 6.0
+
+
+def test_resnet_views_use_per_view_batchnorm():
+    torch.manual_seed(0)
+    model = declip.build_model(tiny_config('resnet').model).train()
+    images = torch.randn(4, 2, 3, 32, 32)
+    feats = model.encode_views(images)
+    for v in range(2):
+        torch.testing.assert_close(feats[v], model.encode_image(images[:, v]), rtol=1e-5, atol=1e-5)
