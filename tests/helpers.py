@@ -48,3 +48,19 @@ def run_distributed(fn, world, *args):
 
 def as_dict(cfg):
     return ml_collections.ConfigDict(cfg).to_dict()
+
+
+def data_config(tmp_path=None, **overrides):
+    """The data block of a DeCLIP config, small and single-process, with overrides."""
+    c = common.base_config(common.ViT_B32).data
+    c.update(dict(image_size=32, batch_size=4, workers=0, bad_window=20, max_bad_rate=0.5))
+    c.update(overrides)
+    return c
+
+
+def write_jpeg(path, size=(64, 48), color=(200, 30, 30), seed=0):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    arr = (np.array(color) + rng.integers(-20, 20, (size[1], size[0], 3))).clip(0, 255).astype('uint8')
+    Image.fromarray(arr).save(path, format='JPEG')
