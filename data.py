@@ -308,9 +308,12 @@ def open_image(source, max_pixels):
         raise BadSample('empty_file', str(source) if isinstance(source, (str, Path)) else '')
     try:
         img = Image.open(io.BytesIO(raw))
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
-        kind = 'too_large' if isinstance(e, Image.DecompressionBombError) else 'not_image'
-        raise BadSample(kind, str(e)) from e
+    except UnidentifiedImageError as e:
+        raise BadSample('not_image', str(e)) from e
+    except Image.DecompressionBombError as e:
+        raise BadSample('too_large', str(e)) from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # header cut short
+        raise BadSample('truncated', str(e)) from e
     if img.width * img.height > max_pixels:
         raise BadSample('too_large', f'{img.width}x{img.height}')
     return img
@@ -457,11 +460,12 @@ def adjust_hue(x, shift):
     p = torch.floor(v * (1.0 - fs) + 0.5)
     qq = torch.floor(v * (1.0 - fs * f) + 0.5)
     t = torch.floor(v * (1.0 - fs * (1.0 - f)) + 0.5)
-    table = torch.stack([torch.stack(c, dim=1) for c in
-                         [(v, t, p), (qq, v, p), (p, v, t), (p, qq, v), (t, p, v), (v, p, qq)]])
-    idx = (i.long() % 6)[None, :, None].expand(1, -1, 3, -1, -1)
-    out = torch.gather(table, 0, idx)[0]
-    out = torch.where((sq == 0).unsqueeze(1), v.unsqueeze(1).expand_as(out), out)
+    # the six hue sectors pick (v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)
+    i = i.remainder(6)
+    red = torch.where((i == 0) | (i == 5), v, torch.where(i == 1, qq, torch.where(i == 4, t, p)))
+    green = torch.where((i == 1) | (i == 2), v, torch.where(i == 0, t, torch.where(i == 3, qq, p)))
+    blue = torch.where((i == 3) | (i == 4), v, torch.where(i == 2, t, torch.where(i == 5, qq, p)))
+    out = torch.where((sq == 0).unsqueeze(1), v.unsqueeze(1), torch.stack([red, green, blue], dim=1))
     return (out / 255).to(x.dtype)
 
 
@@ -503,6 +507,19 @@ def gaussian_blur(x, sigma, max_sigma=2.0):
     return y.view(n, c, h, w)
 
 
+def _where_active(x, active, op, factor):
+    """op(x, factor) on the samples flagged `active`, x elsewhere. On CPU only those samples are
+    computed; on accelerators the whole batch is (no host sync; compile fuses it cheaply)."""
+    if x.device.type == 'cpu':
+        idx = active.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return x
+        x = x.clone()
+        x[idx] = op(x[idx], factor[idx])
+        return x
+    return torch.where(_per_sample(active, x) > 0, op(x, factor), x)
+
+
 def device_augment(images, *, generator, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4,
                    hue=0.1, gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), normalize=True):
     """MoCo v2 colour ops on a uint8 batch [N, 3, H, W] on its own device, per-sample parameters
@@ -521,10 +538,10 @@ def device_augment(images, *, generator, jitter_p=0.8, brightness=0.4, contrast=
     ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
     for slot in range(4):
         for k, op in enumerate(ops):
-            x = torch.where(_per_sample(jitter & (order[:, slot] == k), x) > 0, op(x, factors[k]), x)
+            x = _where_active(x, jitter & (order[:, slot] == k), op, factors[k])
     x = to_grayscale(x, torch.rand(n, device=dev, generator=generator) < gray_p)
     blur = torch.rand(n, device=dev, generator=generator) < blur_p
-    x = torch.where(_per_sample(blur, x) > 0, gaussian_blur(x, u(*blur_sigma), max_sigma=blur_sigma[1]), x)
+    x = _where_active(x, blur, lambda y, s: gaussian_blur(y, s, max_sigma=blur_sigma[1]), u(*blur_sigma))
     return normalize_images(x) if normalize else x
 
 
