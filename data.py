@@ -725,9 +725,10 @@ class SampleBuilder:
         caption = first_caption(caption)
         views = train_views(open_image(image, self.cfg.max_pixels), size=self.cfg.image_size,
                             rng=rng, views=self.cfg.views, scale=tuple(self.cfg.crop_scale))
-        out = {'images': views, 'text': self.tokenizer(caption)[0]}
+        length = self.cfg.context_length
+        out = {'images': views, 'text': self.tokenizer(caption, length)[0]}
         if self.eda is not None:
-            out['text_eda'] = self.tokenizer(self.eda(caption, rng))[0]
+            out['text_eda'] = self.tokenizer(self.eda(caption, rng), length)[0]
         return out
 
     def attempt(self, build, where):

@@ -37,11 +37,63 @@ def base_config(vision, *, declip=True):
         eda=declip, mask=declip, eda_synonyms=True,
         bpe_path=str(DATA / 'bpe_simple_vocab_16e6.txt.gz'),
         synonyms_path=str(DATA / 'wordnet_synonyms.tsv.gz'),
-        batch_size=128, workers=8, prefetch=4, seed=0,
+        batch_size=128, workers=8, prefetch=4, seed=0, context_length=77,
         max_pixels=89_478_485,     # larger images are rejected as decompression bombs
         bad_window=1_000, max_bad_rate=0.1))
+
+    c.eval = ml_collections.ConfigDict(dict(
+        prompts='prompt80', batch_size=256, workers=8, image_size=224, resize=256))
+
+    c.log_every = 50
+    c.ckpt_every = 1_000          # last.pt
+    c.keep_every = 20_000         # kept copies step_<N>.pt
+    c.keep_copies = 0             # how many kept copies to retain (0: all)
+    c.eval_every = 2_000
+    c.max_nonfinite = 20          # consecutive non-finite losses before a clean stop
+    c.dist_timeout_s = 1_800      # a dead rank makes the others exit after this
+    c.peak_tflops = 0.0           # per-device peak for the MFU figure (0: not logged)
+    c.tb_images = 4               # samples whose two views are logged as images at start
 
     c.optim = ml_collections.ConfigDict(dict(
         base_lr=1e-4, warmup_lr=1e-3, min_lr=0.0, warmup_steps=2_500, weight_decay=0.1,
         beta1=0.9, beta2=0.98, eps=1e-8))
+    return c
+
+
+DEMO = DATA / 'demo'
+
+
+def tiny(c):
+    """Shrink a config's encoders to CPU size (the same architecture family)."""
+    if c.model.vision == 'vit':
+        c.model.update(dict(image_size=64, patch_size=8, vision_width=192, vision_layers=4, vision_heads=3))
+    else:
+        c.model.update(dict(image_size=64, vision_width=16, vision_layers=(1, 1, 1, 1), vision_heads=4))
+    c.model.update(dict(embed_dim=128, context_length=32, text_width=128, text_layers=4, text_heads=2,
+                        simsiam_dim=256, predictor_dim=64))
+    c.data.update(dict(image_size=64, context_length=32))
+    c.eval.update(dict(image_size=64, resize=73, batch_size=200, workers=0))
+    c.loss.queue_size = 4_096
+    return c
+
+
+def on_demo_data(c):
+    c.data.update(dict(format='jsonl', train_root=str(DEMO / 'train'), train_meta=str(DEMO / 'train.jsonl'),
+                       shards=str(DEMO / 'shards' / '*.tar'), val_root=str(DEMO / 'val'),
+                       val_meta=str(DEMO / 'val.jsonl')))
+    return c
+
+
+def apply_arg(c, arg):
+    """`smoke`: a few steps of a tiny variant on the demo data (CPU friendly)."""
+    if not arg:
+        return c
+    if arg != 'smoke':
+        raise ValueError(f'unknown config argument {arg!r} (known: smoke)')
+    on_demo_data(tiny(c))
+    c.max_iter = 6
+    c.data.update(dict(batch_size=8, workers=0))
+    c.optim.warmup_steps = 2
+    c.log_every, c.ckpt_every, c.keep_every, c.eval_every, c.tb_images = 2, 3, 3, 6, 2
+    c.eval.prompts = 'prompt1'
     return c

@@ -6,4 +6,4 @@ from configs import common
 
 
 def get_config(arg=None):
-    return common.base_config(common.ViT_B32)
+    return common.apply_arg(common.base_config(common.ViT_B32), arg)

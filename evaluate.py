@@ -1,0 +1,322 @@
+"""Zero-shot classification and image-text retrieval; loading of our, DeCLIP-reference and OpenAI weights.
+
+    python evaluate.py --ckpt runs/demo/checkpoints/last.pt
+    python evaluate.py --ckpt declip_vitb32.pth.tar --val_root /data/imagenet/val --val_meta val_official.json
+    torchrun --nproc_per_node 8 evaluate.py --ckpt runs/r50/checkpoints/last.pt --prompts prompt80
+    python evaluate.py --ckpt runs/demo/checkpoints/last.pt --task retrieval
+"""
+import json
+import math
+import os
+from pathlib import Path
+
+import ml_collections
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import declip
+
+ROOT = Path(__file__).resolve().parent
+PROMPTS = ROOT / 'assets' / 'prompts'
+IMAGENET_CLASSNAMES = ROOT / 'assets' / 'imagenet_classnames.txt'
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt ensembles and metrics
+# ----------------------------------------------------------------------------------------------
+
+def load_prompts(name):
+    """Templates of a prompt set: prompt1/6/8/80 (shipped), 'cc' (bare class name) or file:<path>."""
+    if name == 'cc':
+        return ['{0}']
+    path = Path(name[5:]) if name.startswith('file:') else PROMPTS / f'{name}.txt'
+    if not path.is_file():
+        raise FileNotFoundError(f'prompt set {name!r} not found at {path} (known: prompt1, prompt6, '
+                                f'prompt8, prompt80, cc, file:<path>)')
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, class_names, templates, *, context_length, device, batch=1024):
+    """[C, D] class embeddings: normalise(mean(normalise(embedding of each prompt)))."""
+    tok = data.get_tokenizer()
+    rows = []
+    for name in class_names:
+        texts = [t.replace('{0}', name) for t in templates]
+        emb = torch.cat([model.encode_text(tok(texts[i:i + batch], context_length).to(device)).float()
+                         for i in range(0, len(texts), batch)])
+        rows.append(F.normalize(F.normalize(emb, dim=-1).mean(dim=0), dim=0))
+    return torch.stack(rows)
+
+
+def _all_reduce(t):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def zero_shot_eval(model, loader, classifier, *, device, mean, std, autocast):
+    """Top-1/top-5 accuracy (%) of image . classifier^T (no temperature) over this rank's share,
+    summed exactly over ranks (each image is counted once)."""
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    for images, labels, _ in loader:
+        images = normalize(images.to(device, non_blocking=True), mean, std)
+        with autocast:
+            feats = model.encode_image(images)
+        logits = F.normalize(feats.float(), dim=-1) @ classifier.T
+        labels = labels.to(device)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        counts[0] += (top5[:, 0] == labels).sum()
+        counts[1] += (top5 == labels[:, None]).any(dim=1).sum()
+        counts[2] += labels.numel()
+    counts = _all_reduce(counts)
+    total = max(counts[2].item(), 1)
+    return {'zeroshot_top1': 100 * counts[0].item() / total, 'zeroshot_top5': 100 * counts[1].item() / total,
+            'images': int(counts[2].item())}
+
+
+def normalize(images, mean, std):
+    """uint8 [N, 3, H, W] -> float, normalised with the weights' mean/std."""
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def retrieval_metrics(image_emb, text_emb, ks=(1, 5, 10)):
+    """R@k both ways for paired, normalised [N, D] embeddings (pair i is the match of i)."""
+    sims = image_emb @ text_emb.T
+    target = torch.arange(len(sims), device=sims.device)
+    out = {}
+    for name, s in (('i2t', sims), ('t2i', sims.T)):
+        rank = (s > s[target, target][:, None]).sum(dim=1)  # matches ranked strictly above
+        for k in ks:
+            out[f'{name}_R@{k}'] = 100 * (rank < k).float().mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint loading: ours, DeCLIP reference (.pth.tar), OpenAI CLIP state dicts
+# ----------------------------------------------------------------------------------------------
+
+class UnsafeCheckpoint(RuntimeError):
+    pass
+
+
+def safe_load(path):
+    """torch.load with weights_only=True: a checkpoint that needs code execution is refused."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        if 'weights_only' in str(e) or 'Unsupported global' in str(e) or 'GLOBAL' in str(e):
+            raise UnsafeCheckpoint(
+                f'{path}: refused, the file needs arbitrary code execution to load (only tensors and '
+                f'plain types are accepted): {str(e).splitlines()[0]}') from None
+        raise RuntimeError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e})') from e
+
+
+def _strip(sd, prefix):
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def infer_model_config(sd):
+    """The model block of a config from state-dict shapes (reference and OpenAI layouts)."""
+    from configs import common
+    text_width = sd['encode_text.token_embedding.weight'].shape[1]
+    text_layers = len({k.split('.')[3] for k in sd if k.startswith('encode_text.transformer.resblocks.')})
+    if 'visual.proj' in sd:
+        width = sd['visual.conv1.weight'].shape[0]
+        patch = sd['visual.conv1.weight'].shape[-1]
+        grid = round(math.sqrt(sd['visual.positional_embedding'].shape[0] - 1))
+        vision = dict(common.ViT_B32, vision_width=width, patch_size=patch, image_size=grid * patch,
+                      vision_layers=len({k.split('.')[3] for k in sd if k.startswith('visual.transformer.resblocks.')}),
+                      vision_heads=width // 64, embed_dim=sd['visual.proj'].shape[1])
+    else:
+        layers = tuple(len({k.split('.')[2] for k in sd if k.startswith(f'visual.layer{i}.')}) for i in (1, 2, 3, 4))
+        width = sd['visual.conv3.weight'].shape[0]
+        grid = round(math.sqrt(sd['visual.attnpool.positional_embedding'].shape[0] - 1))
+        vision = dict(common.R50, vision_layers=layers, vision_width=width, vision_heads=width * 32 // 64,
+                      image_size=grid * 32, embed_dim=sd['visual.attnpool.c_proj.weight'].shape[0])
+    cfg = common.base_config(vision, declip='text_label_predictor.weight' in sd).model
+    cfg.update(dict(text_width=text_width, text_layers=text_layers, text_heads=text_width // 64,
+                    context_length=sd['encode_text.positional_embedding'].shape[0],
+                    vocab_size=sd['encode_text.token_embedding.weight'].shape[0]))
+    if cfg.declip:
+        cfg.simsiam_dim = sd['projector.linear1.weight'].shape[0]
+        cfg.predictor_dim = sd['predictor.linear1.weight'].shape[0]
+    return cfg
+
+
+def from_openai(sd):
+    """OpenAI CLIP names -> ours: text tower under encode_text., token rows moved so that
+    sot/eot land on DeCLIP's ids (49407/49408; <|mask|> 49406 gets zeros), text_projection
+    parameter [width, embed] -> Linear weight (transposed) with zero bias, scalar logit scale -> [1]."""
+    out = {k: v for k, v in sd.items() if k.startswith('visual.')}
+    for k, v in sd.items():
+        if k.startswith(('transformer.', 'ln_final.', 'positional_embedding')):
+            out['encode_text.' + k] = v
+    emb = sd['token_embedding.weight']
+    new = torch.zeros(data.VOCAB_SIZE, emb.shape[1], dtype=emb.dtype)
+    new[:data.MASK_ID] = emb[:data.MASK_ID]
+    new[data.SOT_ID], new[data.EOT_ID] = emb[49406], emb[49407]
+    out['encode_text.token_embedding.weight'] = new
+    proj = sd['text_projection']
+    out['encode_text.text_projection.weight'] = proj.T.contiguous()
+    out['encode_text.text_projection.bias'] = torch.zeros(proj.shape[1], dtype=proj.dtype)
+    out['logit_scale'] = sd['logit_scale'].reshape(1)
+    return out
+
+
+def checkpoint_kind(obj):
+    if isinstance(obj, dict) and 'model' in obj and 'config' in obj and 'step' in obj:
+        return 'ours'
+    sd = obj.get('model', obj.get('state_dict', obj)) if isinstance(obj, dict) else obj
+    keys = list(sd)
+    if any(k.startswith(('module.encode_text.', 'encode_text.')) for k in keys):
+        return 'reference'
+    if 'token_embedding.weight' in keys and any(k.startswith('visual.') for k in keys):
+        return 'openai'
+    raise ValueError(f'unrecognised checkpoint layout (first keys: {keys[:5]})')
+
+
+def load_model(path, config=None):
+    """(model in eval mode, preprocess) for our checkpoints, DeCLIP reference .pth.tar files and
+    OpenAI CLIP RN50 / ViT-B/32 state dicts. `preprocess` maps a PIL image to the normalised
+    [3, 224, 224] tensor the weights expect (ImageNet mean/std; OpenAI's for OpenAI weights)."""
+    obj = safe_load(path)
+    kind = checkpoint_kind(obj)
+    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    if kind == 'ours':
+        cfg = ml_collections.ConfigDict(obj['config']).model
+        sd = obj['model']
+    else:
+        sd = obj.get('model', obj.get('state_dict', obj)) if kind == 'reference' else obj
+        sd = _strip(sd, 'module.')
+        if kind == 'openai':
+            sd = from_openai(sd)
+            mean, std = OPENAI_MEAN, OPENAI_STD
+        sd = {k: v for k, v in sd.items() if not k.startswith('visual.fc.')}
+        if 'logit_scale' in sd:
+            sd['logit_scale'] = sd['logit_scale'].reshape(1)
+        cfg = infer_model_config(sd)
+    if config is not None:
+        cfg = config.model if 'model' in config else config
+    model = declip.build_model(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    heads = ('projector.', 'predictor.', 'text_label_predictor.')
+    missing = [k for k in missing if not k.startswith(heads)]
+    unexpected = [k for k in unexpected if not k.startswith(heads)]
+    if missing or unexpected:
+        raise RuntimeError(f'{path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}')
+    model.eval()
+    model.kind, model.mean, model.std = kind, mean, std
+    size = cfg.image_size
+    resize = round(size * 256 / 224)
+
+    def preprocess(img):
+        return normalize(data.eval_view(img, size=size, resize=resize)[None], mean, std)[0]
+    return model, preprocess
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+def _loader(ds, batch, workers):
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, pin_memory=False)
+
+
+def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, workers, device,
+             autocast, rank=0, world=1, image_size=224, resize=256):
+    """Run one task on this rank's share; every rank gets the merged metrics."""
+    ds = data.EvalDataset(val_root, val_meta, rank=rank, world=world, image_size=image_size, resize=resize)
+    mean, std = getattr(model, 'mean', data.IMAGENET_MEAN), getattr(model, 'std', data.IMAGENET_STD)
+    ctx = model.cfg.context_length
+    if task == 'zeroshot':
+        names = class_names or ds.class_names()
+        classifier = zero_shot_classifier(model, names, load_prompts(prompts), context_length=ctx, device=device)
+        return zero_shot_eval(model, _loader(ds, batch, workers), classifier, device=device, mean=mean,
+                              std=std, autocast=autocast)
+    if task != 'retrieval':
+        raise ValueError(f'unknown task {task!r} (zeroshot, retrieval)')
+    if world > 1:
+        raise ValueError('retrieval runs in a single process')
+    tok = data.get_tokenizer()
+    img, txt = [], []
+    with torch.no_grad():
+        for images, _, index in _loader(ds, batch, workers):
+            images = normalize(images.to(device), mean, std)
+            captions = [ds.records[i]['caption'] for i in index.tolist()]
+            captions = [c[0] if isinstance(c, list) else c for c in captions]
+            with autocast:
+                img.append(F.normalize(model.encode_image(images).float(), dim=-1))
+                txt.append(F.normalize(model.encode_text(tok(captions, ctx).to(device)).float(), dim=-1))
+    return {**retrieval_metrics(torch.cat(img), torch.cat(txt)), 'pairs': len(ds)}
+
+
+def main(argv):
+    from absl import flags
+
+    import train
+    FLAGS = flags.FLAGS
+    rank, world, local_rank = train.dist_env()
+    device, device_type = train.setup_device(local_rank)
+    if world > 1:
+        train.init_distributed(device_type, rank, world, FLAGS.timeout_s)
+    try:
+        model, _ = load_model(FLAGS.ckpt)
+        model.to(device)
+        cfg = safe_load(FLAGS.ckpt).get('config') if model.kind == 'ours' else None
+        val_root = FLAGS.val_root or (cfg or {}).get('data', {}).get('val_root', '')
+        val_meta = FLAGS.val_meta or (cfg or {}).get('data', {}).get('val_meta', '')
+        if not val_meta:
+            raise SystemExit('no evaluation set: pass --val_root and --val_meta')
+        names = None
+        if FLAGS.classnames:
+            names = [n.strip() for n in Path(FLAGS.classnames).read_text().splitlines() if n.strip()]
+        _, autocast, _ = train.precision(FLAGS.precision, device_type)
+        size = model.cfg.image_size
+        metrics = evaluate(model, val_root=val_root, val_meta=val_meta, task=FLAGS.task, prompts=FLAGS.prompts,
+                           class_names=names, batch=FLAGS.batch_size, workers=FLAGS.workers, device=device,
+                           autocast=autocast, rank=rank, world=world, image_size=size,
+                           resize=round(size * 256 / 224))
+        if rank == 0:
+            metrics = {'checkpoint': str(FLAGS.ckpt), 'kind': model.kind, 'task': FLAGS.task,
+                       'prompts': FLAGS.prompts if FLAGS.task == 'zeroshot' else None, **metrics}
+            width = max(len(k) for k in metrics)
+            print('\n'.join(f'{k:<{width}}  {v:.2f}' if isinstance(v, float) else f'{k:<{width}}  {v}'
+                            for k, v in metrics.items()))
+            out = Path(FLAGS.out or (str(Path(FLAGS.ckpt).with_suffix('')) + f'.{FLAGS.task}.json'))
+            out.write_text(json.dumps(metrics, indent=2))
+            print(f'wrote {out}')
+    finally:
+        train.finish_distributed()
+
+
+def define_flags():
+    from absl import flags
+    flags.DEFINE_string('ckpt', None, 'checkpoint: ours (.pt), DeCLIP reference (.pth.tar) or OpenAI state dict')
+    flags.DEFINE_enum('task', 'zeroshot', ['zeroshot', 'retrieval'], 'what to evaluate')
+    flags.DEFINE_string('val_root', '', 'image folder (default: the checkpoint config\'s data.val_root)')
+    flags.DEFINE_string('val_meta', '', 'JSON Lines meta (filename, label, label_name[, caption])')
+    flags.DEFINE_string('classnames', '', 'optional file of class names, one per line in label order '
+                        f'(e.g. {IMAGENET_CLASSNAMES.relative_to(ROOT)})')
+    flags.DEFINE_string('prompts', 'prompt80', 'prompt1, prompt6, prompt8, prompt80, cc or file:<path>')
+    flags.DEFINE_integer('batch_size', 256, 'images per batch')
+    flags.DEFINE_integer('workers', min(8, os.cpu_count() or 1), 'loader workers')
+    flags.DEFINE_string('precision', 'auto', 'auto, bf16, fp16 or fp32')
+    flags.DEFINE_integer('timeout_s', 1800, 'collective timeout under torchrun')
+    flags.DEFINE_string('out', '', 'JSON output (default: beside the checkpoint)')
+    flags.mark_flag_as_required('ckpt')
+
+
+if __name__ == '__main__':
+    from absl import app
+    define_flags()
+    app.run(main)
