@@ -13,3 +13,11 @@ setup: install
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+data/demo/train.jsonl:
+	$(PYTHON) data.py make-demo --out data/demo
+
+demo: setup data/demo/train.jsonl
+	$(PYTHON) train.py --config configs/demo.py --workdir runs/demo
+	$(PYTHON) evaluate.py --ckpt runs/demo/checkpoints/last.pt --prompts prompt6
+	@echo "TensorBoard: tensorboard --logdir runs"

@@ -1,8 +1,8 @@
 """Speed and memory benchmarks; a table on stdout and JSON in --out.
 
     python bench.py data                       # host pipeline per core, device ops on CPU, meta index
-    python bench.py step --config configs/vitb32.py --batch 256
-    python bench.py e2e --workers 16           # real loader over JPEG files
+    python bench.py step --config configs/vitb32.py --batch 256      # add --compile on CUDA
+    python bench.py e2e --workers 16 --step-ms 70                     # real loader over JPEG files
 
 Every mode also runs on CPU with tiny settings so that tests can smoke it (not time it).
 """
@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -65,7 +64,7 @@ def moco_pil_views(raw, rng, size=224):
             ops = [lambda x: ImageEnhance.Brightness(x).enhance(rng.uniform(0.6, 1.4)),
                    lambda x: ImageEnhance.Contrast(x).enhance(rng.uniform(0.6, 1.4)),
                    lambda x: ImageEnhance.Color(x).enhance(rng.uniform(0.6, 1.4)),
-                   lambda x: _pil_hue(x, rng.uniform(-0.1, 0.1))]
+                   lambda x: pil_hue(x, rng.uniform(-0.1, 0.1))]
             rng.shuffle(ops)
             for op in ops:
                 v = op(v)
@@ -80,7 +79,8 @@ def moco_pil_views(raw, rng, size=224):
     return torch.cat(out)
 
 
-def _pil_hue(img, shift):
+def pil_hue(img, shift):
+    """torchvision's adjust_hue on a PIL image (8-bit HSV, uint8 hue shift)."""
     import numpy as np
     from PIL import Image
     h, s, v = img.convert('HSV').split()
@@ -136,6 +136,158 @@ def bench_index(lines):
             'seconds_per_million': seconds / lines * 1e6, 'mb_per_million': offsets.nbytes / lines}
 
 
+def _synthetic_batch(cfg, batch, device):
+    """uint8 views, captions with eot, EDA captions and MLM positions, as the loader yields them."""
+    g = torch.Generator().manual_seed(0)
+    size, length, views = cfg.model.image_size, cfg.model.context_length, cfg.data.views
+    text = torch.randint(1, 40_000, (batch, length), generator=g)
+    text[:, 0] = data.SOT_ID
+    text[:, length // 2] = data.EOT_ID
+    text[:, length // 2 + 1:] = 0
+    out = {'images': torch.randint(0, 256, (batch, views, 3, size, size), dtype=torch.uint8, generator=g)}
+    if cfg.data.mask:
+        text, labels = data.mask_tokens(text, generator=g)
+        flat = labels.flatten()
+        out['mlm_index'] = (flat != data.IGNORE_INDEX).nonzero().squeeze(1)
+        out['mlm_targets'] = flat[out['mlm_index']]
+    out['text'] = text
+    if cfg.data.eda:
+        out['text_eda'] = text.roll(1, dims=0)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def matmul_peak_tflops(device, dtype, n):
+    """Measured dense matmul throughput (the MFU denominator), TFLOP/s."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.accelerator.synchronize() if device.type != 'cpu' else None
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.accelerator.synchronize() if device.type != 'cpu' else None
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def bench_step(args):
+    """Training-step throughput on synthetic in-memory batches: device augmentation, forward,
+    declip_loss, backward, fused AdamW step, logit-scale clamp; FLOPs counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import declip
+    import losses
+    import train
+    cfg = _load_config(args.config)
+    device, device_type = train.setup_device(0)
+    _, autocast, use_scaler = train.precision(args.precision, device_type)
+    torch.manual_seed(0)
+    model = declip.build_model(cfg.model).to(device)
+    if cfg.model.vision == 'resnet' and device_type != 'cpu':
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        train.compile_encoders(model)
+    opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-8,
+                            fused=device_type in ('cuda', 'cpu'))
+    scaler = torch.amp.GradScaler(device_type, enabled=use_scaler)
+    queue = losses.init_queue(cfg.loss.queue_size, cfg.model.embed_dim, device=device) if cfg.model.declip else None
+    weights = {k: cfg.loss[k] for k in ('clip', 'simsiam', 'mlm', 'nn')}
+    batch = _synthetic_batch(cfg, args.batch, device)
+    gen = torch.Generator(device).manual_seed(0)
+    state = {'queue': queue, 'ptr': 0}
+
+    def step():
+        views = data.device_augment(batch['images'].flatten(0, 1), generator=gen).view(batch['images'].shape)
+        with autocast:
+            out = model(views, batch['text'], text_eda=batch.get('text_eda'), mlm_index=batch.get('mlm_index'))
+        total, _, state['queue'], state['ptr'] = losses.declip_loss(
+            out, queue=state['queue'], queue_ptr=state['ptr'], mlm_targets=batch.get('mlm_targets'),
+            weights=weights, rank=0, world_size=1)
+        scaler.scale(total).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        model.clamp_logit_scale_()
+        return total
+
+    sync = (lambda: torch.accelerator.synchronize()) if device_type != 'cpu' else (lambda: None)
+    if device_type != 'cpu':
+        torch.accelerator.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        total = step()
+    float(total.detach())
+    sync()
+    step_s = (time.perf_counter() - start) / args.steps
+    peak = matmul_peak_tflops(device, torch.bfloat16 if device_type != 'cpu' else torch.float32,
+                              args.matmul_n or (8192 if device_type != 'cpu' else 1024))
+    mem = train.peak_memory_gib(device_type)
+    tflops = flops / step_s / 1e12
+    result = {'config': args.config, 'batch': args.batch, 'device': str(device), 'precision': args.precision,
+              'compile': args.compile, 'img_per_s': args.batch / step_s, 'step_ms': step_s * 1000,
+              'tflops': tflops, 'matmul_peak_tflops': peak, 'mfu': tflops / peak, 'peak_mem_gib': mem,
+              'flops_per_step': flops}
+    rows = [(f'{args.config} batch {args.batch} {args.precision}{" compiled" if args.compile else ""}',
+             f'{result["img_per_s"]:.1f} img/s', f'{result["step_ms"]:.1f} ms/step',
+             f'{tflops:.2f} TFLOP/s', f'MFU {result["mfu"]:.1%}', f'{mem:.2f} GiB')]
+    return rows, result
+
+
+def _load_config(spec):
+    """A config file path with an optional `:arg`, as train.py takes it."""
+    import importlib.util
+    path, _, arg = spec.partition(':')
+    module_spec = importlib.util.spec_from_file_location('bench_config', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def bench_e2e(args):
+    """The real loader over JPEG files with N workers feeding a consumer that takes --step-ms per
+    batch: achieved pairs/s and the fraction of time the consumer waited for data."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sources = sorted(Path(args.images).glob('*.jpg'))[:args.limit]
+        if not sources:
+            raise FileNotFoundError(f'no .jpg files in {args.images}')
+        lines = []
+        for i, src in enumerate(sources):
+            (root / src.name).symlink_to(src.resolve())
+            lines.append(json.dumps({'filename': src.name, 'caption': f'a natural photo number {i} of something'}))
+        (root / 'meta.jsonl').write_text('\n'.join(lines) + '\n')
+        cfg = _load_config(args.config)
+        cfg.data.update(dict(train_root=str(root), train_meta=str(root / 'meta.jsonl'), workers=args.workers,
+                             batch_size=args.batch, prefetch=args.prefetch, image_size=args.size,
+                             eda_synonyms=Path(cfg.data.synonyms_path).is_file()))
+        loader = data.build_train_loader(cfg.data, rank=0, world=1, start_step=0,
+                                         max_iter=args.warmup + args.steps, pin_memory=False)
+        it = iter(loader)
+        for _ in range(args.warmup):
+            next(it)
+        wait, start = 0.0, time.perf_counter()
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            next(it)
+            wait += time.perf_counter() - t
+            time.sleep(args.step_ms / 1000)
+        elapsed = time.perf_counter() - start
+    pairs = args.steps * args.batch / elapsed
+    result = {'workers': args.workers, 'batch': args.batch, 'pairs_per_s': pairs,
+              'pairs_per_s_per_worker': pairs / max(args.workers, 1), 'data_wait_frac': wait / elapsed,
+              'step_ms': args.step_ms, 'size': args.size}
+    rows = [(f'loader, {args.workers} workers, batch {args.batch}, consumer {args.step_ms:.0f} ms/step',
+             f'{pairs:.1f} pairs/s', f'{result["pairs_per_s_per_worker"]:.1f} /worker',
+             f'wait {result["data_wait_frac"]:.1%}')]
+    return rows, result
+
+
 def print_table(title, rows):
     width = max(len(r[0]) for r in rows)
     print(f'\n{title}')
@@ -152,10 +304,29 @@ def main(argv=None):
     p.add_argument('--seconds', type=float, default=10.0)
     p.add_argument('--device-pairs', type=int, default=256)
     p.add_argument('--index-lines', type=int, default=1_000_000)
+    p = sub.add_parser('step', help='training-step throughput on synthetic batches')
+    p.add_argument('--config', default='configs/vitb32.py')
+    p.add_argument('--batch', type=int, default=256)
+    p.add_argument('--precision', default='auto')
+    p.add_argument('--compile', action='store_true')
+    p.add_argument('--warmup', type=int, default=5)
+    p.add_argument('--steps', type=int, default=20)
+    p.add_argument('--matmul-n', type=int, default=0)
+    p = sub.add_parser('e2e', help='the real loader over JPEG files')
+    p.add_argument('--config', default='configs/vitb32.py')
+    p.add_argument('--images', default=str(BENCH_IMAGES))
+    p.add_argument('--limit', type=int, default=240)
+    p.add_argument('--workers', type=int, default=os.cpu_count())
+    p.add_argument('--batch', type=int, default=256)
+    p.add_argument('--prefetch', type=int, default=4)
+    p.add_argument('--size', type=int, default=224)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--steps', type=int, default=10)
+    p.add_argument('--step-ms', type=float, default=0.0)
     for p in sub.choices.values():
         p.add_argument('--out', default='bench_out/bench.json')
     args = parser.parse_args(argv)
-    rows, result = {'data': bench_data}[args.mode](args)
+    rows, result = {'data': bench_data, 'step': bench_step, 'e2e': bench_e2e}[args.mode](args)
     print_table(f'bench.py {args.mode}', rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

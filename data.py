@@ -321,7 +321,6 @@ def open_image(source, max_pixels):
 
 def to_rgb(img):
     """Decode to RGB from L/LA/P/PA/CMYK/I;16/I/RGBA sources (truncated files raise)."""
-    from PIL import Image
     try:
         img.load()
     except (OSError, SyntaxError, ValueError) as e:

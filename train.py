@@ -195,6 +195,12 @@ def check_config(cfg):
 # The training loop
 # ----------------------------------------------------------------------------------------------
 
+def compile_encoders(model):
+    """torch.compile the towers in place (state-dict names unchanged)."""
+    model.visual.compile()
+    model.encode_text.compile()
+
+
 def peak_memory_gib(device_type):
     if device_type == 'cpu':
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
@@ -229,6 +235,8 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
     ckpt_dir = workdir / 'checkpoints'
     if is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob('*.tmp'):  # a write interrupted by a crash
+            stale.unlink()
 
     # Model, optimiser, NN queue (identical initial weights on every rank: same seed).
     torch.manual_seed(cfg.seed)
@@ -236,6 +244,11 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
     if cfg.model.vision == 'resnet' and device_type != 'cpu':
         model = model.to(memory_format=torch.channels_last)
     model.clamp_logit_scale_()
+    mode = str(cfg.compile).lower()
+    if mode not in ('auto', 'true', 'false'):
+        raise ValueError(f'config.compile: auto, true or false, got {cfg.compile!r}')
+    if mode == 'true' or (mode == 'auto' and device_type == 'cuda'):
+        compile_encoders(model)
     _, autocast, use_scaler = precision(cfg.precision, device_type)
     fused = device_type in ('cuda', 'cpu')
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.base_lr,
@@ -270,7 +283,7 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
     writer = None
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(workdir / 'tb'), purge_step=start)
+        writer = SummaryWriter(str(workdir / 'tb'), purge_step=start + 1)  # steps are logged 1-based
 
     weights = {k: cfg.loss[k] for k in ('clip', 'simsiam', 'mlm', 'nn')}
     batch_images = cfg.data.batch_size * world
@@ -300,7 +313,8 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
                 save_checkpoint(ckpt_dir / f'step_{step}.pt', state)
                 prune_copies(ckpt_dir, cfg.keep_copies)
 
-    for step in range(start, cfg.max_iter):
+    end = min(cfg.stop_at, cfg.max_iter) if cfg.stop_at else cfg.max_iter
+    for step in range(start, end):
         # 1. the loader's uint8 views, (masked) captions, MLM positions, EDA captions
         t0 = time.perf_counter()
         batch = next(it)
@@ -354,7 +368,8 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
         if use_queue:  # a skipped step leaves the queue's rows as they were
             rows = queue[ptr_before:ptr_before + saved_rows.shape[0]]
             rows.copy_(torch.where(bad_step > 0, saved_rows, rows))
-        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_iter
+        last = step + 1 == end
+        log_now = (step + 1) % cfg.log_every == 0 or last
         grad_norm = None
         if log_now:
             scaler.unscale_(opt)
@@ -379,12 +394,14 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
         # 6. logging, checkpoints, zero-shot evaluation
         if log_now:
             run_len = int(nonfinite_run)
+            if run_len:
+                logging.warning('step %d: non-finite loss, step skipped (%d in a row)', step + 1, run_len)
             if run_len >= cfg.max_nonfinite:
                 raise SystemExit(f'stopping: {run_len} consecutive non-finite losses at step {step + 1} '
                                  f'(config.max_nonfinite={cfg.max_nonfinite}); the last checkpoint in '
                                  f'{ckpt_dir} is intact')
-            n_good = max(float(good), 1.0)
-            values = {k: float(v) / n_good for k, v in sums.items()}
+            n_good = float(good)
+            values = {k: float(v) / n_good for k, v in sums.items()} if n_good else {}
             elapsed = time.perf_counter() - t_last
             step_s = elapsed / count
             img_s = batch_images / step_s
@@ -402,13 +419,13 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
                     scalars[f'data/bad_{kind}'] = n
                 for k, v in scalars.items():
                     writer.add_scalar(k, v, step + 1)
-                eta = datetime.timedelta(seconds=int(step_s * (cfg.max_iter - step - 1)))
+                eta = datetime.timedelta(seconds=int(step_s * (end - step - 1)))
                 print(f'step {step + 1}/{cfg.max_iter} | eta {eta} | {img_s:.0f} img/s | lr {scalars["train/lr"]:.2e} | '
                       + ' '.join(f'{k} {v:.4f}' for k, v in values.items()), flush=True)
             sums, count, t_data, t_last = {}, 0, 0.0, time.perf_counter()
             good.zero_()
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_iter:
-            save(step + 1)
+        if (step + 1) % cfg.ckpt_every == 0 or last:
+            save(step + 1)  # skipped steps changed nothing, so this is still the last good state
         if cfg.data.val_meta and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_iter):
             metrics = zero_shot(model, cfg, device, autocast, rank, world)
             if is_main:

@@ -17,8 +17,9 @@ def base_config(vision, *, declip=True):
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.max_iter = 128_001
+    c.stop_at = 0                 # end this invocation after this many steps (0: at max_iter)
     c.precision = 'auto'  # bf16 on accelerators, fp32 on CPU; or 'bf16' / 'fp16' / 'fp32'
-    c.compile = False
+    c.compile = 'auto'            # torch.compile the encoders: 'auto' (on CUDA), 'true' or 'false'
 
     c.model = ml_collections.ConfigDict(dict(
         vision, freeze_conv1=True, concat_views=False, context_length=77, vocab_size=49409,
@@ -64,14 +65,15 @@ DEMO = DATA / 'demo'
 
 
 def tiny(c):
-    """Shrink a config's encoders to CPU size (the same architecture family)."""
+    """Shrink a config's encoders to CPU size (the same architecture family; head counts follow
+    the width/64 rule that checkpoint loading infers them by)."""
     if c.model.vision == 'vit':
-        c.model.update(dict(image_size=64, patch_size=8, vision_width=192, vision_layers=4, vision_heads=3))
+        c.model.update(dict(image_size=64, patch_size=16, vision_width=128, vision_layers=4, vision_heads=2))
     else:
-        c.model.update(dict(image_size=64, vision_width=16, vision_layers=(1, 1, 1, 1), vision_heads=4))
-    c.model.update(dict(embed_dim=128, context_length=32, text_width=128, text_layers=4, text_heads=2,
+        c.model.update(dict(image_size=64, vision_width=16, vision_layers=(1, 1, 1, 1), vision_heads=8))
+    c.model.update(dict(embed_dim=128, context_length=24, text_width=128, text_layers=3, text_heads=2,
                         simsiam_dim=256, predictor_dim=64))
-    c.data.update(dict(image_size=64, context_length=32))
+    c.data.update(dict(image_size=64, context_length=24))
     c.eval.update(dict(image_size=64, resize=73, batch_size=200, workers=0))
     c.loss.queue_size = 4_096
     return c

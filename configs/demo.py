@@ -1,4 +1,4 @@
-"""The embedded demo: a tiny DeCLIP ViT on the generated shapes corpus, on CPU in minutes.
+"""The embedded demo: a tiny DeCLIP ViT on the generated shapes corpus, ~7 minutes on 2 CPU cores.
 
     python data.py make-demo                      # once: data/demo (20k train / 2k val pairs)
     python train.py --config configs/demo.py --workdir runs/demo
@@ -11,9 +11,9 @@ def get_config(arg=None):
     """`clip`: the CLIP-baseline twin (same data, budget and encoders); `smoke`: a few steps."""
     declip = arg != 'clip'
     c = common.on_demo_data(common.tiny(common.base_config(common.ViT_B32, declip=declip)))
-    c.max_iter = 1_000
+    c.max_iter = 600
     c.data.update(dict(batch_size=64, workers=1, prefetch=4))
     c.optim.update(dict(warmup_steps=100))
-    c.log_every, c.ckpt_every, c.keep_every, c.eval_every = 25, 250, 1_000, 500
+    c.log_every, c.ckpt_every, c.keep_every, c.eval_every = 25, 200, 600, 300
     c.eval.prompts = 'prompt6'
     return common.apply_arg(c, None if arg in (None, 'clip') else arg)

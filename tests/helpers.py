@@ -1,6 +1,9 @@
 """Shared test fixtures: tiny model configs and a 2-process gloo launcher."""
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import ml_collections
 import torch
@@ -64,3 +67,46 @@ def write_jpeg(path, size=(64, 48), color=(200, 30, 30), seed=0):
     rng = np.random.default_rng(seed)
     arr = (np.array(color) + rng.integers(-20, 20, (size[1], size[0], 3))).clip(0, 255).astype('uint8')
     Image.fromarray(arr).save(path, format='JPEG')
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, env=None, timeout=600):
+    """A repository script in a subprocess (one thread), captured."""
+    full_env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
+
+
+def smoke_overrides(demo_dir, **extra):
+    o = {'data.train_root': demo_dir / 'train', 'data.train_meta': demo_dir / 'train.jsonl',
+         'data.val_root': demo_dir / 'val', 'data.val_meta': demo_dir / 'val.jsonl',
+         'data.shards': demo_dir / 'shards' / '*.tar', 'log_every': 1, **extra}
+    return [f'--config.{k}={v}' for k, v in o.items()]
+
+
+def torchrun(workdir, overrides, nproc=2, env=None):
+    return run(['-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(free_port()),
+                'train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(workdir), *overrides], env=env)
+
+
+def scalars(workdir, tag):
+    """{step: value} of a TensorBoard scalar and all tags of a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(Path(workdir) / 'tb'), size_guidance={'scalars': 0, 'images': 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}, acc.Tags()
+
+
+
+
+def write_half_missing_corpus(folder, n=40):
+    """A meta file of n captions whose every other image is missing (a 50 %-bad corpus)."""
+    import json
+    lines = []
+    for i in range(n):
+        if i % 2:
+            write_jpeg(Path(folder) / f'{i}.jpg', seed=i)
+        lines.append(json.dumps({'filename': f'{i}.jpg', 'caption': 'a cat'}))
+    (Path(folder) / 'meta.jsonl').write_text('\n'.join(lines))

@@ -7,11 +7,10 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import data
-from helpers import data_config, write_jpeg
+from helpers import data_config, write_half_missing_corpus, write_jpeg
 
 
 def png_with_declared_size(width, height):
@@ -118,12 +117,7 @@ def test_webdataset_missing_text_and_corrupt_member(tmp_path):
 
 
 def test_mostly_bad_corpus_stops_with_examples(tmp_path):
-    lines = []
-    for i in range(40):
-        if i % 2:
-            write_jpeg(tmp_path / f'{i}.jpg', seed=i)
-        lines.append(json.dumps({'filename': f'{i}.jpg', 'caption': 'a cat'}))
-    (tmp_path / 'meta.jsonl').write_text('\n'.join(lines))
+    write_half_missing_corpus(tmp_path)
     cfg = data_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), bad_window=20,
                       max_bad_rate=0.2)
     with pytest.raises(data.DataError, match=r'(?s)could not be built.*missing: .*\.jpg'):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
+import bench
 import data
 from helpers import data_config, run_distributed, write_jpeg
 
@@ -210,19 +211,11 @@ def _t(imgs):
     return torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in imgs]).float() / 255
 
 
-def _pil_hue(img, shift):
-    h, s, v = img.convert('HSV').split()
-    nh = np.array(h, dtype=np.uint8)
-    with np.errstate(over='ignore'):
-        nh += np.array(shift * 255).astype(np.uint8)
-    return Image.merge('HSV', (Image.fromarray(nh, 'L'), s, v)).convert('RGB')
-
-
 PIL_OPS = {
     'brightness': (data.adjust_brightness, lambda im, f: ImageEnhance.Brightness(im).enhance(f), (0.6, 1.4)),
     'contrast': (data.adjust_contrast, lambda im, f: ImageEnhance.Contrast(im).enhance(f), (0.6, 1.4)),
     'saturation': (data.adjust_saturation, lambda im, f: ImageEnhance.Color(im).enhance(f), (0.6, 1.4)),
-    'hue': (data.adjust_hue, _pil_hue, (-0.1, 0.1)),
+    'hue': (data.adjust_hue, bench.pil_hue, (-0.1, 0.1)),
     'blur': (data.gaussian_blur, lambda im, f: im.filter(ImageFilter.GaussianBlur(radius=f)), (0.1, 2.0)),
 }
 

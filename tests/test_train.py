@@ -1,0 +1,207 @@
+"""Training loop, schedule, parameter groups, config errors, checkpoints/resume, evaluation, loading."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import data
+import declip
+import evaluate
+import train
+from configs import demo, r50, vitb32
+from helpers import run, scalars, smoke_overrides, torchrun
+
+# ---------------------------------------------------------------- schedule and groups
+
+def spec_lr(t):
+    """Reference 6.2 with its own numbers: 1e-4 -> 1e-3 over 2,500 steps, cosine to 0 at 128,001."""
+    if t < 2500:
+        return 1e-4 + (1e-3 - 1e-4) * (t - 1) / 2499
+    return 0 + (1e-3 - 0) * 0.5 * (1 + math.cos(math.pi * (t - 2500) / (128001 - 2500)))
+
+
+@pytest.mark.parametrize('t', [1, 2, 1250, 2499, 2500, 2501, 10_000, 64_000, 128_000, 128_001])
+def test_lr_schedule(t):
+    cfg = vitb32.get_config()
+    assert train.lr_at(t, cfg.optim, cfg.max_iter) == pytest.approx(spec_lr(t), rel=1e-12, abs=1e-15)
+
+
+def spec_no_decay(name):
+    """Reference 6.1, by name: biases of Linear/Conv/BN/LN, BN and LN weights, logit_scale."""
+    if name == 'logit_scale':
+        return True
+    if name.endswith('.bias') and not name.endswith('in_proj_bias'):
+        return True
+    leaf = name.split('.')[-2]
+    return name.endswith('.weight') and (leaf.startswith(('ln', 'bn')) or leaf in ('1',) and 'downsample' in name)
+
+
+@pytest.mark.parametrize('config', [vitb32, r50])
+def test_parameter_groups_follow_the_spec(config):
+    with torch.device('meta'):
+        model = declip.build_model(config.get_config().model)
+    decay, no_decay = train.param_groups(model, 0.1)
+    assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)]: False for p in decay['params']} | {names[id(p)]: True for p in no_decay['params']}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(got) == trainable
+    for name, flag in got.items():
+        assert flag == spec_no_decay(name), name
+    for name in ('encode_text.token_embedding.weight', 'encode_text.positional_embedding',
+                 'encode_text.transformer.resblocks.0.attn.in_proj_bias'):
+        assert got[name] is False
+
+
+# ---------------------------------------------------------------- config errors
+
+def test_unknown_override_key_names_it(tmp_path):
+    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path),
+               '--config.optim.lrr=3e-4'])
+    assert res.returncode != 0 and 'lrr' in res.stderr
+
+
+# ---------------------------------------------------------------- end to end (2 processes)
+
+def test_two_process_run_logs_checkpoints_and_resumes_exactly(tmp_path, demo_dir):
+    full, part = tmp_path / 'full', tmp_path / 'part'
+    res = torchrun(full, smoke_overrides(demo_dir))
+    assert res.returncode == 0, res.stderr[-3000:]
+    losses_full, tags = scalars(full, 'loss/total')
+    expected = {'loss/total', 'loss/clip', 'loss/nn', 'loss/simsiam', 'loss/mlm', 'train/lr', 'train/logit_scale',
+                'train/grad_norm', 'perf/img_per_s', 'perf/img_per_s_per_device', 'perf/step_ms',
+                'perf/data_wait_frac', 'mem/peak_gib', 'eval/zeroshot_top1', 'eval/zeroshot_top5'}
+    expected |= {f'data/bad_{k}' for k in data.BAD_KINDS}
+    assert expected <= set(tags['scalars'])
+    assert {'views/0', 'views/1'} <= set(tags['images'])
+    assert sorted(losses_full) == [1, 2, 3, 4, 5, 6]
+    state = evaluate.safe_load(full / 'checkpoints' / 'last.pt')
+    assert state['step'] == 6 and len(state['queues']) == 2 and state['world_size'] == 2
+    assert not torch.equal(state['queues'][0], state['queues'][1])
+    # the same run stopped after 3 steps and resumed: identical per-step losses
+    res = torchrun(part, smoke_overrides(demo_dir, stop_at=3))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = torchrun(part, smoke_overrides(demo_dir))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'resumed from' in res.stderr
+    losses_part, _ = scalars(part, 'loss/total')
+    for step in range(1, 7):
+        assert losses_part[step] == pytest.approx(losses_full[step], rel=1e-6, abs=1e-6), step
+
+
+def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, demo_dir):
+    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path),
+               *smoke_overrides(demo_dir, max_iter=2)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = tmp_path / 'checkpoints' / 'last.pt'
+    res = run(['evaluate.py', '--ckpt', str(ckpt), '--prompts', 'prompt8', '--workers', '0'])
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / 'checkpoints' / 'last.zeroshot.json').read_text())
+    assert metrics['images'] == 60 and metrics['kind'] == 'ours'
+    # the same number computed directly: prompt ensemble, argmax over classes
+    model, preprocess = evaluate.load_model(ckpt)
+    records = [json.loads(l) for l in (demo_dir / 'val.jsonl').read_text().splitlines()]
+    names = data.demo_class_names()
+    tok = data.get_tokenizer()
+    with torch.no_grad():
+        cls = []
+        for name in names:
+            emb = model.encode_text(tok([t.replace('{0}', name) for t in evaluate.load_prompts('prompt8')], 24))
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            mean = emb.mean(0)
+            cls.append(mean / mean.norm())
+        cls = torch.stack(cls)
+        from PIL import Image
+        correct = 0
+        for r in records:
+            img = preprocess(Image.open(demo_dir / 'val' / r['filename']))
+            f = model.encode_image(img[None])[0]
+            correct += int((cls @ (f / f.norm())).argmax() == r['label'])
+    # the CLI sees only the classes present in the validation file
+    present = sorted({r['label'] for r in records})
+    if present == list(range(len(names))):
+        assert metrics['zeroshot_top1'] == pytest.approx(100 * correct / len(records), abs=1e-6)
+    res = run(['evaluate.py', '--ckpt', str(ckpt), '--task', 'retrieval', '--workers', '0'])
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads((tmp_path / 'checkpoints' / 'last.retrieval.json').read_text())
+    assert r['pairs'] == 60 and 0 <= r['i2t_R@1'] <= r['i2t_R@5'] <= r['i2t_R@10'] <= 100
+
+
+def test_retrieval_metrics_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(img + 0.8 * torch.randn(30, 8, generator=g), dim=-1)
+    got = evaluate.retrieval_metrics(img, txt)
+    sims = (img @ txt.T).tolist()
+    for k in (1, 5, 10):
+        i2t = sum(sorted(range(30), key=lambda j: -sims[i][j]).index(i) < k for i in range(30)) / 30
+        t2i = sum(sorted(range(30), key=lambda j: -sims[j][i]).index(i) < k for i in range(30)) / 30
+        assert got[f'i2t_R@{k}'] == pytest.approx(100 * i2t) and got[f't2i_R@{k}'] == pytest.approx(100 * t2i)
+
+
+# ---------------------------------------------------------------- loading other checkpoint layouts
+
+def _tiny(vision='vit'):
+    cfg = demo.get_config('smoke')
+    if vision == 'resnet':
+        cfg = r50.get_config('smoke')
+    torch.manual_seed(1)
+    return declip.build_model(cfg.model).eval(), cfg
+
+
+def _agree(a, b, text_ids):
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(a.encode_image(images), b.encode_image(images), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.encode_text(text_ids), b.encode_text(text_ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('vision', ['vit', 'resnet'])
+def test_load_reference_pth_tar(tmp_path, vision):
+    model, _ = _tiny(vision)
+    sd = {f'module.{k}': v for k, v in model.state_dict().items()}
+    sd['module.logit_scale'] = sd['module.logit_scale'].reshape([])   # issue #18: scalar in some files
+    if vision == 'resnet':
+        sd['module.visual.fc.weight'] = torch.zeros(128, 128)
+        sd['module.visual.fc.bias'] = torch.zeros(128)
+    torch.save({'model': sd, 'optimizer': {}, 'last_iter': 10}, tmp_path / 'ckpt.pth.tar')
+    loaded, preprocess = evaluate.load_model(tmp_path / 'ckpt.pth.tar')
+    assert loaded.kind == 'reference'
+    text = data.tokenize(['a red circle'], 24)
+    _agree(model, loaded, text)
+
+
+def test_load_openai_state_dict(tmp_path):
+    model, _ = _tiny()
+    with torch.no_grad():
+        model.encode_text.text_projection.bias.zero_()   # OpenAI has no bias
+    sd = {k: v for k, v in model.state_dict().items() if k.startswith('visual.')}
+    for k, v in model.state_dict().items():
+        if k.startswith('encode_text.') and 'token_embedding' not in k and 'text_projection' not in k:
+            sd[k[len('encode_text.'):]] = v
+    emb = model.encode_text.token_embedding.weight.detach()
+    openai_emb = torch.cat([emb[:49406], emb[data.SOT_ID:data.SOT_ID + 1], emb[data.EOT_ID:]])  # 49408 rows
+    sd['token_embedding.weight'] = openai_emb
+    sd['text_projection'] = model.encode_text.text_projection.weight.detach().T.clone()
+    sd['logit_scale'] = torch.tensor(4.6052)
+    torch.save(sd, tmp_path / 'openai.pt')
+    loaded, preprocess = evaluate.load_model(tmp_path / 'openai.pt')
+    assert loaded.kind == 'openai' and loaded.mean == evaluate.OPENAI_MEAN
+    assert torch.equal(loaded.encode_text.token_embedding.weight[data.MASK_ID], torch.zeros(emb.shape[1]))
+    _agree(model, loaded, data.tokenize(['a blue cross', 'x'], 24))
+    from PIL import Image
+    x = preprocess(Image.new('RGB', (90, 70), (255, 0, 0)))
+    assert x.shape == (3, 64, 64)
+    assert x[0, 0, 0].item() == pytest.approx((1 - evaluate.OPENAI_MEAN[0]) / evaluate.OPENAI_STD[0], rel=1e-5)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ('echo owned',))
+
+
+def test_checkpoint_needing_code_execution_is_refused(tmp_path):
+    torch.save({'model': _Evil()}, tmp_path / 'evil.pt')
+    with pytest.raises(evaluate.UnsafeCheckpoint, match='refused'):
+        evaluate.load_model(tmp_path / 'evil.pt')
