@@ -965,10 +965,10 @@ class EvalDataset(torch.utils.data.Dataset):
         img = open_image(join_path(self.root, rec['filename']), self.max_pixels)
         return eval_view(img, size=self.image_size, resize=self.resize), int(rec.get('label', -1)), self.indices[i]
 
-    def class_names(self):
-        """label -> name, sorted by label (the reference's class order)."""
+    def classes(self):
+        """(label, name) pairs of the classes in the file, sorted by label (the reference's order)."""
         names = {int(r['label']): r['label_name'] for r in self.records}
-        return [names[k] for k in sorted(names)]
+        return [(k, names[k]) for k in sorted(names)]
 
 
 # ----------------------------------------------------------------------------------------------

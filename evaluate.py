@@ -60,9 +60,11 @@ def _all_reduce(t):
 
 
 @torch.no_grad()
-def zero_shot_eval(model, loader, classifier, *, device, mean, std, autocast):
+def zero_shot_eval(model, loader, classifier, *, label_ids, device, mean, std, autocast):
     """Top-1/top-5 accuracy (%) of image . classifier^T (no temperature) over this rank's share,
-    summed exactly over ranks (each image is counted once)."""
+    summed exactly over ranks (each image is counted once). Row k of the classifier is the class
+    whose label is label_ids[k]."""
+    label_ids = torch.as_tensor(label_ids, device=device)
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     for images, labels, _ in loader:
         images = normalize(images.to(device, non_blocking=True), mean, std)
@@ -70,7 +72,7 @@ def zero_shot_eval(model, loader, classifier, *, device, mean, std, autocast):
             feats = model.encode_image(images)
         logits = F.normalize(feats.float(), dim=-1) @ classifier.T
         labels = labels.to(device)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top5 = label_ids[logits.topk(min(5, logits.shape[1]), dim=1).indices]
         counts[0] += (top5[:, 0] == labels).sum()
         counts[1] += (top5 == labels[:, None]).any(dim=1).sum()
         counts[2] += labels.numel()
@@ -239,10 +241,13 @@ def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, wo
     mean, std = getattr(model, 'mean', data.IMAGENET_MEAN), getattr(model, 'std', data.IMAGENET_STD)
     ctx = model.cfg.context_length
     if task == 'zeroshot':
-        names = class_names or ds.class_names()
+        if class_names:  # a full list in label order, e.g. the 1,000 ImageNet names
+            label_ids, names = list(range(len(class_names))), class_names
+        else:            # the classes of the evaluation file, sorted by label (as the reference)
+            label_ids, names = map(list, zip(*ds.classes()))
         classifier = zero_shot_classifier(model, names, load_prompts(prompts), context_length=ctx, device=device)
-        return zero_shot_eval(model, _loader(ds, batch, workers), classifier, device=device, mean=mean,
-                              std=std, autocast=autocast)
+        return zero_shot_eval(model, _loader(ds, batch, workers), classifier, label_ids=label_ids, device=device,
+                              mean=mean, std=std, autocast=autocast)
     if task != 'retrieval':
         raise ValueError(f'unknown task {task!r} (zeroshot, retrieval)')
     if world > 1:

@@ -75,7 +75,7 @@ def test_eval_dataset_layout_and_sharding(tmp_path):
     assert sorted(i for ds in shards for i in ds.indices) == list(range(5))
     img, label, index = shards[1][0]
     assert img.shape == (3, 224, 224) and label == recs[1]['label'] and index == 1
-    assert shards[0].class_names() == ['c2', 'c3', 'c4']
+    assert shards[0].classes() == [(2, 'c2'), (3, 'c3'), (4, 'c4')]
 
 
 def test_eval_view_is_resize_then_centre_crop():
