@@ -263,7 +263,8 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
     if state is not None:
         model.load_state_dict(state['model'])
         opt.load_state_dict(state['optimizer'])
-        scaler.load_state_dict(state['scaler']) if state['scaler'] else None
+        if state['scaler']:
+            scaler.load_state_dict(state['scaler'])
         start, queue_ptr = state['step'], state['queue_ptr']
         if state['world_size'] != world:
             logging.warning('resuming a %d-process run with %d processes: data order and NN queues of '
@@ -273,10 +274,12 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
         torch.set_rng_state(state['rng'])
         if is_main:
             logging.info('resumed from %s at step %d', path, start)
+    weights = {k: cfg.loss[k] for k in ('clip', 'simsiam', 'mlm', 'nn')}
     ddp = model
-    if world > 1:
+    if world > 1:  # a DeCLIP head whose loss weight is 0 gets no gradient
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device_type == 'cuda' else None)
+            model, device_ids=[local_rank] if device_type == 'cuda' else None,
+            find_unused_parameters=cfg.model.declip and not all(weights[k] for k in ('simsiam', 'mlm')))
 
     loader = data.build_train_loader(cfg.data, rank=rank, world=world, start_step=start, max_iter=cfg.max_iter,
                                      pin_memory=device_type != 'cpu')
@@ -285,17 +288,28 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(workdir / 'tb'), purge_step=start + 1)  # steps are logged 1-based
 
-    weights = {k: cfg.loss[k] for k in ('clip', 'simsiam', 'mlm', 'nn')}
     batch_images = cfg.data.batch_size * world
     sums, count, good = {}, 0, torch.zeros((), device=device)
     nonfinite_run = torch.zeros((), dtype=torch.long, device=device)
     nonfinite_total = torch.zeros((), dtype=torch.long, device=device)
     bad_totals = torch.zeros(len(data.BAD_KINDS), dtype=torch.long)
+    if state is not None:  # counters continue across restarts (bad samples: all ranks' sum, kept by rank 0)
+        nonfinite_total += state['nonfinite_total']
+        if is_main:
+            bad_totals += torch.tensor(state['bad_totals'])
+
+    def all_bad_totals():
+        """Bad-sample counts summed over ranks (each rank's loader counts its own)."""
+        counts = bad_totals.to(device)
+        if world > 1:
+            dist.all_reduce(counts)
+        return counts.cpu()
     t_last, t_data, flops_per_step = time.perf_counter(), 0.0, None
     it = iter(loader)
 
     def save(step):
         """All ranks send their queue to rank 0, which writes last.pt (and a kept copy)."""
+        bad = all_bad_totals()
         queues = []
         if use_queue:
             queues = [torch.empty_like(queue) for _ in range(world)] if is_main else None
@@ -307,7 +321,7 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
             state = {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'scaler': scaler.state_dict(),
                      'step': step, 'queues': [q.cpu() for q in queues], 'queue_ptr': queue_ptr,
                      'rng': torch.get_rng_state(), 'config': cfg.to_dict(), 'world_size': world,
-                     'nonfinite_total': int(nonfinite_total)}
+                     'nonfinite_total': int(nonfinite_total), 'bad_totals': bad.tolist()}
             save_checkpoint(ckpt_dir / 'last.pt', state)
             if step % cfg.keep_every == 0 or step == cfg.max_iter:
                 save_checkpoint(ckpt_dir / f'step_{step}.pt', state)
@@ -402,6 +416,7 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
                                  f'{ckpt_dir} is intact')
             n_good = float(good)
             values = {k: float(v) / n_good for k, v in sums.items()} if n_good else {}
+            bad = all_bad_totals()
             elapsed = time.perf_counter() - t_last
             step_s = elapsed / count
             img_s = batch_images / step_s
@@ -415,7 +430,7 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
                     'mem/peak_gib': peak_memory_gib(device_type)})
                 if cfg.peak_tflops and flops_per_step:
                     scalars['perf/mfu'] = flops_per_step / step_s / (cfg.peak_tflops * 1e12)
-                for kind, n in zip(data.BAD_KINDS, bad_totals.tolist()):
+                for kind, n in zip(data.BAD_KINDS, bad.tolist()):
                     scalars[f'data/bad_{kind}'] = n
                 for k, v in scalars.items():
                     writer.add_scalar(k, v, step + 1)
