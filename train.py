@@ -435,7 +435,7 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
                 for k, v in scalars.items():
                     writer.add_scalar(k, v, step + 1)
                 eta = datetime.timedelta(seconds=int(step_s * (end - step - 1)))
-                print(f'step {step + 1}/{cfg.max_iter} | eta {eta} | {img_s:.0f} img/s | lr {scalars["train/lr"]:.2e} | '
+                print(f'step {step + 1}/{cfg.max_iter} | eta {eta} | {img_s:.1f} img/s | lr {scalars["train/lr"]:.2e} | '
                       + ' '.join(f'{k} {v:.4f}' for k, v in values.items()), flush=True)
             sums, count, t_data, t_last = {}, 0, 0.0, time.perf_counter()
             good.zero_()

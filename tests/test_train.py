@@ -89,6 +89,12 @@ def test_two_process_run_logs_checkpoints_and_resumes_exactly(tmp_path, demo_dir
     losses_part, _ = scalars(part, 'loss/total')
     for step in range(1, 7):
         assert losses_part[step] == pytest.approx(losses_full[step], rel=1e-6, abs=1e-6), step
+    # continuing the 2-process run with one process works, with a warning
+    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(part),
+               *smoke_overrides(demo_dir, max_iter=8)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'resuming a 2-process run with 1 processes' in res.stderr
+    assert evaluate.safe_load(part / 'checkpoints' / 'last.pt')['step'] == 8
 
 
 def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, demo_dir):
