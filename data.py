@@ -544,13 +544,23 @@ def device_augment(images, *, generator, jitter_p=0.8, brightness=0.4, contrast=
     return normalize_images(x) if normalize else x
 
 
-def normalize_images(x):
-    """Float [0, 1] (or uint8) images -> ImageNet-normalised."""
+def _stats(x, mean, std):
+    return (torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1),
+            torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1))
+
+
+def normalize_images(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Float [0, 1] (or uint8) images [N, 3, H, W] -> normalised (ImageNet mean/std by default)."""
     if x.dtype == torch.uint8:
         x = x.float() / 255
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean, std = _stats(x, mean, std)
     return (x - mean) / std
+
+
+def denormalize_images(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The inverse of normalize_images, clamped to [0, 1] (for looking at views)."""
+    mean, std = _stats(x, mean, std)
+    return (x * std + mean).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------

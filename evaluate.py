@@ -67,7 +67,7 @@ def zero_shot_eval(model, loader, classifier, *, label_ids, device, mean, std, a
     label_ids = torch.as_tensor(label_ids, device=device)
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     for images, labels, _ in loader:
-        images = normalize(images.to(device, non_blocking=True), mean, std)
+        images = data.normalize_images(images.to(device, non_blocking=True), mean, std)
         with autocast:
             feats = model.encode_image(images)
         logits = F.normalize(feats.float(), dim=-1) @ classifier.T
@@ -80,13 +80,6 @@ def zero_shot_eval(model, loader, classifier, *, label_ids, device, mean, std, a
     total = max(counts[2].item(), 1)
     return {'zeroshot_top1': 100 * counts[0].item() / total, 'zeroshot_top5': 100 * counts[1].item() / total,
             'images': int(counts[2].item())}
-
-
-def normalize(images, mean, std):
-    """uint8 [N, 3, H, W] -> float, normalised with the weights' mean/std."""
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
 
 
 def retrieval_metrics(image_emb, text_emb, ks=(1, 5, 10)):
@@ -222,7 +215,7 @@ def load_model(path, config=None):
     resize = round(size * 256 / 224)
 
     def preprocess(img):
-        return normalize(data.eval_view(img, size=size, resize=resize)[None], mean, std)[0]
+        return data.normalize_images(data.eval_view(img, size=size, resize=resize)[None], mean, std)[0]
     return model, preprocess
 
 
@@ -256,7 +249,7 @@ def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, wo
     img, txt = [], []
     with torch.no_grad():
         for images, _, index in _loader(ds, batch, workers):
-            images = normalize(images.to(device), mean, std)
+            images = data.normalize_images(images.to(device), mean, std)
             captions = [ds.records[i]['caption'] for i in index.tolist()]
             captions = [c[0] if isinstance(c, list) else c for c in captions]
             with autocast:

@@ -189,6 +189,8 @@ def check_config(cfg):
     if cfg.model.declip and (views != 2 or not cfg.data.mask):
         raise ValueError('config.model.declip needs data.views=2 and data.mask=True')
     precision(cfg.precision, 'cpu')
+    if str(cfg.compile).lower() not in ('auto', 'true', 'false'):
+        raise ValueError(f'config.compile: auto, true or false, got {cfg.compile!r}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,8 +247,6 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
         model = model.to(memory_format=torch.channels_last)
     model.clamp_logit_scale_()
     mode = str(cfg.compile).lower()
-    if mode not in ('auto', 'true', 'false'):
-        raise ValueError(f'config.compile: auto, true or false, got {cfg.compile!r}')
     if mode == 'true' or (mode == 'auto' and device_type == 'cuda'):
         compile_encoders(model)
     _, autocast, use_scaler = precision(cfg.precision, device_type)
@@ -343,10 +343,8 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
         views = data.device_augment(rearrange(images, 'b v c h w -> (b v) c h w'), generator=gen)
         views = rearrange(views, '(b v) c h w -> b v c h w', v=images.shape[1])
         if writer is not None and step == start and cfg.tb_images:
-            shown = views[:cfg.tb_images].float() * torch.tensor(data.IMAGENET_STD, device=device).view(3, 1, 1)
-            shown = shown + torch.tensor(data.IMAGENET_MEAN, device=device).view(3, 1, 1)
-            for v in range(shown.shape[1]):
-                writer.add_images(f'views/{v}', shown[:, v].clamp(0, 1).cpu(), step)
+            for v in range(views.shape[1]):
+                writer.add_images(f'views/{v}', data.denormalize_images(views[:cfg.tb_images, v].float()).cpu(), step)
         text = batch['text'].to(device, non_blocking=True)
         text_eda = batch['text_eda'].to(device, non_blocking=True) if 'text_eda' in batch else None
         mlm_index = batch['mlm_index'].to(device, non_blocking=True) if 'mlm_index' in batch else None
