@@ -8,6 +8,7 @@ Every mode also runs on CPU with tiny settings so that tests can smoke it (not t
 """
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 import data
+import losses
 
 ROOT = Path(__file__).resolve().parent
 BENCH_IMAGES = ROOT.parent / 'shared' / 'bench_images'
@@ -159,9 +161,9 @@ def bench_index(lines):
             'seconds_per_million': seconds / lines * 1e6, 'mb_per_million': offsets.nbytes / lines}
 
 
-def _synthetic_batch(cfg, batch, device):
+def _synthetic_batch(cfg, batch, device, seed=0):
     """uint8 views, captions with eot, EDA captions and MLM positions, as the loader yields them."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     size, length, views = cfg.model.image_size, cfg.model.context_length, cfg.data.views
     text = torch.randint(1, 40_000, (batch, length), generator=g)
     text[:, 0] = data.SOT_ID
@@ -193,33 +195,28 @@ def matmul_peak_tflops(device, dtype, n):
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def bench_step(args):
-    """Training-step throughput on synthetic in-memory batches: device augmentation, forward,
-    declip_loss, backward, fused AdamW step, logit-scale clamp; FLOPs counted by torch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def _trainer(cfg, precision, device, compile_model=False):
+    """(model, step): the training step of train.py without DDP or logging: device augmentation,
+    forward, declip_loss, backward, fused AdamW, logit-scale clamp. step(batch, generator) -> loss."""
     import declip
-    import losses
     import train
-    cfg = _load_config(args.config)
-    device, device_type = train.setup_device(0)
-    _, autocast, use_scaler = train.precision(args.precision, device_type)
+    device_type = device.type
+    _, autocast, use_scaler = train.precision(precision, device_type)
     torch.manual_seed(0)
     model = declip.build_model(cfg.model).to(device)
     if cfg.model.vision == 'resnet' and device_type != 'cpu':
         model = model.to(memory_format=torch.channels_last)
-    if args.compile:
+    if compile_model:
         train.compile_encoders(model)
     opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-8,
                             fused=device_type in ('cuda', 'cpu'))
     scaler = torch.amp.GradScaler(device_type, enabled=use_scaler)
-    queue = losses.init_queue(cfg.loss.queue_size, cfg.model.embed_dim, device=device) if cfg.model.declip else None
+    queue = losses.init_queue(cfg.loss.queue_size, cfg.model.embed_dim, device=device,
+                              generator=torch.Generator().manual_seed(0)) if cfg.model.declip else None
     weights = {k: cfg.loss[k] for k in ('clip', 'simsiam', 'mlm', 'nn')}
-    batch = _synthetic_batch(cfg, args.batch, device)
-    gen = torch.Generator(device).manual_seed(0)
     state = {'queue': queue, 'ptr': 0}
 
-    def step():
+    def step(batch, gen):
         views = data.device_augment(batch['images'].flatten(0, 1), generator=gen).view(batch['images'].shape)
         with autocast:
             out = model(views, batch['text'], text_eda=batch.get('text_eda'), mlm_index=batch.get('mlm_index'))
@@ -231,7 +228,58 @@ def bench_step(args):
         scaler.update()
         opt.zero_grad(set_to_none=True)
         model.clamp_logit_scale_()
-        return total
+        return total.detach()
+    return model, step
+
+
+def _jpeg_batch(cfg, batch, folder):
+    """A device-decode batch (JPEG bytes, boxes, flips) of `batch` files from `folder`, cycled."""
+    raws = _images(folder, batch)
+    rng = random.Random(0)
+    samples = []
+    for i in range(batch):
+        raw = raws[i % len(raws)]
+        img = data.open_image(raw, 1 << 30)
+        samples.append(data.jpeg_sample(raw, img.width, img.height, rng, views=cfg.data.views,
+                                        scale=tuple(cfg.data.crop_scale)))
+    return data.collate_jpeg(samples)
+
+
+def _host_syncs(step, device_type):
+    """Whether one step synchronises with the host (CUDA's sync debug mode raises if it does)."""
+    if device_type != 'cuda':
+        return None
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        step()
+        return False
+    except RuntimeError:
+        return True
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+
+
+def bench_step(args):
+    """Training-step throughput on synthetic in-memory batches: device augmentation, forward,
+    declip_loss, backward, fused AdamW step, logit-scale clamp; FLOPs counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import train
+    cfg = _load_config(args.config)
+    device, device_type = train.setup_device(0)
+    _, step_fn = _trainer(cfg, args.precision, device, args.compile)
+    batch = _synthetic_batch(cfg, args.batch, device)
+    gen = torch.Generator(device).manual_seed(0)
+    if args.decode == 'device':  # the step starts from JPEG bytes: nvjpeg decode, crop, resize
+        jpegs = _jpeg_batch(cfg, args.batch, args.images)
+        decode = data.nvjpeg_decoder(device)
+
+        def step():
+            images, _ = data.decode_views(jpegs, size=cfg.model.image_size, device=device, decode=decode)
+            return step_fn({**batch, 'images': images}, gen)
+    else:
+        def step():
+            return step_fn(batch, gen)
 
     sync = (lambda: torch.accelerator.synchronize()) if device_type != 'cpu' else (lambda: None)
     if device_type != 'cpu':
@@ -241,11 +289,12 @@ def bench_step(args):
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
+    syncs = _host_syncs(step, device_type)
     sync()
     start = time.perf_counter()
     for _ in range(args.steps):
         total = step()
-    float(total.detach())
+    float(total)
     sync()
     step_s = (time.perf_counter() - start) / args.steps
     peak = matmul_peak_tflops(device, torch.bfloat16 if device_type != 'cpu' else torch.float32,
@@ -253,12 +302,150 @@ def bench_step(args):
     mem = train.peak_memory_gib(device_type)
     tflops = flops / step_s / 1e12
     result = {'config': args.config, 'batch': args.batch, 'device': str(device), 'precision': args.precision,
-              'compile': args.compile, 'img_per_s': args.batch / step_s, 'step_ms': step_s * 1000,
+              'compile': args.compile, 'decode': args.decode, 'img_per_s': args.batch / step_s, 'step_ms': step_s * 1000,
               'tflops': tflops, 'matmul_peak_tflops': peak, 'mfu': tflops / peak, 'peak_mem_gib': mem,
-              'flops_per_step': flops}
-    rows = [(f'{args.config} batch {args.batch} {args.precision}{" compiled" if args.compile else ""}',
+              'flops_per_step': flops, 'host_syncs_in_step': syncs}
+    label = f'{args.config} batch {args.batch} {args.precision}' + ' compiled' * args.compile
+    rows = [(label + ' device JPEG decode' * (args.decode == 'device'),
              f'{result["img_per_s"]:.1f} img/s', f'{result["step_ms"]:.1f} ms/step',
              f'{tflops:.2f} TFLOP/s', f'MFU {result["mfu"]:.1%}', f'{mem:.2f} GiB')]
+    return rows, result
+
+
+def bench_precision(args):
+    """Low precision against fp32 from the same initial weights over the same batches: every
+    loss finite, and the first --compare losses within --rtol of fp32's."""
+    import train
+    cfg = _load_config(args.config)
+    device, device_type = train.setup_device(0)
+    names = ('fp32', args.precision if args.precision != 'auto' else 'bf16')
+    runs = {}
+    for name in names:
+        _, step = _trainer(cfg, name, device, args.compile)
+        gen = torch.Generator(device).manual_seed(0)
+        runs[name] = torch.stack([step(_synthetic_batch(cfg, args.batch, device, seed=t), gen)
+                                  for t in range(args.steps)]).float().cpu()
+    ref, low = runs[names[0]], runs[names[1]]
+    k = min(args.compare, args.steps)
+    rel = ((low[:k] - ref[:k]).abs() / ref[:k].abs()).max().item()
+    finite = bool(torch.isfinite(low).all() and torch.isfinite(ref).all())
+    ok = finite and rel <= args.rtol
+    result = {'config': args.config, 'batch': args.batch, 'device': str(device), 'steps': args.steps,
+              'compare': k, 'rtol': args.rtol, 'max_rel_diff': rel, 'finite': finite, 'ok': ok,
+              'losses': {name: runs[name].tolist() for name in names}}
+    rows = [(f'{args.config} batch {args.batch}: {names[1]} vs fp32, {args.steps} steps',
+             f'finite {"yes" if finite else "NO"}', f'max rel diff {rel:.2e} (first {k})',
+             'ok' if ok else 'FAIL')]
+    return rows, result
+
+
+def _timed_pairs(variants, device, rounds, inner=3):
+    """Mean seconds per call of each (before, after) callable, the two alternating each round."""
+    sync = torch.accelerator.synchronize if device.type != 'cpu' else (lambda: None)
+    spent = {}
+    for fn in [f for pair in variants.values() for f in pair]:
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, pair in variants.items():
+            for k, fn in enumerate(pair):
+                sync()
+                start = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                sync()
+                spent[name, k] = spent.get((name, k), 0.0) + (time.perf_counter() - start) / (rounds * inner)
+    return {name: (spent[name, 0], spent[name, 1]) for name in variants}
+
+
+def _math_attention(q, k, v, is_causal=False):
+    """Attention as plain matmul + softmax (the implementation SDPA replaces)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if is_causal:
+        n = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float('-inf'))
+    return scores.softmax(-1) @ v
+
+
+def _pairwise_clip_loss(*, images, texts, all_images, all_texts, logit_scale, labels):
+    """multiview_clip_loss with two matmuls per (image view, text view) pair."""
+    total = 0.0
+    for image, all_image in zip(images, all_images):
+        for text, all_text in zip(texts, all_texts):
+            total = total + losses.pair_loss(logit_scale * image @ all_text.T, logit_scale * text @ all_image.T, labels)
+    return total / (len(images) * len(texts))
+
+
+def bench_parts(args):
+    """Each speed choice of the step against the form it replaced, forward + backward (or the
+    optimiser step) of that part alone, in one run: ms before, ms after, ratio."""
+    from unittest import mock
+
+    import declip
+    import train
+    cfg = _load_config(args.config)
+    device, device_type = train.setup_device(0)
+    _, autocast, _ = train.precision(args.precision, device_type)
+    torch.manual_seed(0)
+    model = declip.build_model(cfg.model).to(device)
+    m, b = cfg.model, args.batch
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(b, cfg.data.views, 3, m.image_size, m.image_size, generator=g).to(device)
+    text = _synthetic_batch(cfg, b, device)['text']
+
+    def fwd_bwd(fn):
+        def run():
+            with autocast:
+                out = fn()
+            out.float().sum().backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    variants = {}
+    if m.vision == 'vit' and cfg.data.views > 1:
+        variants['image views: one forward per view -> one forward of all views'] = (
+            fwd_bwd(lambda: torch.stack([model.visual(images[:, v]) for v in range(images.shape[1])])),
+            fwd_bwd(lambda: model.encode_views(images)))
+    if m.vision == 'resnet' and device_type != 'cpu':
+        last = images[:, 0].contiguous(memory_format=torch.channels_last)
+        variants['ResNet: NCHW -> channels_last'] = (
+            fwd_bwd(lambda: model.visual(images[:, 0])),
+            fwd_bwd(lambda: model.to(memory_format=torch.channels_last).visual(last)))
+
+    def text_tower():
+        return model.encode_text(text)
+
+    def math_text_tower():
+        with mock.patch.object(torch.nn.functional, 'scaled_dot_product_attention', _math_attention):
+            return model.encode_text(text)
+    variants['text tower attention: matmul + softmax -> SDPA'] = (fwd_bwd(math_text_tower), fwd_bwd(text_tower))
+
+    if m.declip:
+        words = torch.randn(b, m.context_length, m.text_width, generator=g).to(device).requires_grad_()
+        index = _synthetic_batch(cfg, b, device)['mlm_index']
+        targets = torch.randint(0, m.vocab_size, (index.numel(),), generator=g).to(device)
+        head = model.text_label_predictor
+        variants['MLM head: all positions -> masked positions only'] = (
+            fwd_bwd(lambda: losses.mlm_loss(logits=head(words).flatten(0, 1)[index], targets=targets)),
+            fwd_bwd(lambda: losses.mlm_loss(logits=head(words.flatten(0, 1)[index]), targets=targets)))
+
+    feats = [losses.normalize_image(torch.randn(b, m.embed_dim, generator=g).to(device)).requires_grad_()
+             for _ in range(cfg.data.views + int(cfg.data.eda))]
+    views, texts = feats[:cfg.data.views], feats[cfg.data.views:] or feats[:1]
+    clip_args = dict(images=views, texts=texts, all_images=views, all_texts=texts,
+                     logit_scale=torch.tensor(14.3, device=device), labels=torch.arange(b, device=device))
+    variants['CLIP logits: 2 matmuls per pair -> 1 per image view + 1 per pair'] = (
+        fwd_bwd(lambda: _pairwise_clip_loss(**clip_args)), fwd_bwd(lambda: losses.multiview_clip_loss(**clip_args)))
+
+    params = [p.detach().clone().requires_grad_() for p in model.parameters() if p.requires_grad]
+    for p in params:  # copies: the forward/backward parts above reset the model's gradients
+        p.grad = torch.randn_like(p) * 1e-3
+    opts = [torch.optim.AdamW(params, lr=1e-6, foreach=False), torch.optim.AdamW(params, lr=1e-6, fused=True)]
+    variants['AdamW: per-tensor loop -> fused'] = (opts[0].step, opts[1].step)
+    times = _timed_pairs(variants, device, args.rounds)
+    result = {'config': args.config, 'batch': b, 'device': str(device), 'precision': args.precision,
+              'parts': {name: {'before_ms': t0 * 1000, 'after_ms': t1 * 1000, 'speedup': t0 / t1}
+                        for name, (t0, t1) in times.items()}}
+    rows = [(name, f'{t0 * 1000:.2f} ms', f'{t1 * 1000:.2f} ms', f'{t0 / t1:.2f}x') for name, (t0, t1) in times.items()]
     return rows, result
 
 
@@ -276,7 +463,7 @@ def _e2e_once(args, root):
     """Pairs/s and data-wait fraction of one loader run."""
     cfg = _load_config(args.config)
     cfg.data.update(dict(train_root=str(root), train_meta=str(root / 'meta.jsonl'), workers=args.workers,
-                         batch_size=args.batch, prefetch=args.prefetch, image_size=args.size,
+                         batch_size=args.batch, prefetch=args.prefetch, image_size=args.size, decode=args.decode,
                          eda_synonyms=Path(cfg.data.synonyms_path).is_file()))
     loader = data.build_train_loader(cfg.data, rank=0, world=1, start_step=0,
                                      max_iter=args.warmup + args.steps, pin_memory=False)
@@ -309,10 +496,11 @@ def bench_e2e(args):
         (root / 'meta.jsonl').write_text('\n'.join(lines) + '\n')
         runs = sorted(_e2e_once(args, root) for _ in range(args.repeats))
     pairs, wait = runs[len(runs) // 2]
-    result = {'workers': args.workers, 'batch': args.batch, 'pairs_per_s': pairs,
+    result = {'workers': args.workers, 'batch': args.batch, 'decode': args.decode, 'pairs_per_s': pairs,
               'pairs_per_s_per_worker': pairs / max(args.workers, 1), 'data_wait_frac': wait,
               'step_ms': args.step_ms, 'size': args.size, 'runs': runs}
-    rows = [(f'loader, {args.workers} workers, batch {args.batch}, consumer {args.step_ms:.0f} ms/step',
+    rows = [(f'loader ({args.decode} decode), {args.workers} workers, batch {args.batch}, '
+             f'consumer {args.step_ms:.0f} ms/step',
              f'{pairs:.1f} pairs/s', f'{result["pairs_per_s_per_worker"]:.1f} /worker', f'wait {wait:.1%}')]
     return rows, result
 
@@ -341,6 +529,22 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=5)
     p.add_argument('--steps', type=int, default=20)
     p.add_argument('--matmul-n', type=int, default=0)
+    p.add_argument('--decode', default='host', choices=('host', 'device'),
+                   help="'device': each step decodes --images JPEGs with nvjpeg first (torchvision)")
+    p.add_argument('--images', default=str(BENCH_IMAGES))
+    p = sub.add_parser('precision', help='bf16 (or fp16) losses against fp32 over the same batches')
+    p.add_argument('--config', default='configs/vitb32.py')
+    p.add_argument('--batch', type=int, default=128)
+    p.add_argument('--precision', default='bf16')
+    p.add_argument('--compile', action='store_true')
+    p.add_argument('--steps', type=int, default=200)
+    p.add_argument('--compare', type=int, default=20)
+    p.add_argument('--rtol', type=float, default=0.02)
+    p = sub.add_parser('parts', help='each speed choice of the step against the form it replaced')
+    p.add_argument('--config', default='configs/vitb32.py')
+    p.add_argument('--batch', type=int, default=256)
+    p.add_argument('--precision', default='auto')
+    p.add_argument('--rounds', type=int, default=5)
     p = sub.add_parser('e2e', help='the real loader over JPEG files')
     p.add_argument('--config', default='configs/vitb32.py')
     p.add_argument('--images', default=str(BENCH_IMAGES))
@@ -353,10 +557,13 @@ def main(argv=None):
     p.add_argument('--steps', type=int, default=10)
     p.add_argument('--step-ms', type=float, default=0.0)
     p.add_argument('--repeats', type=int, default=1)
+    p.add_argument('--decode', default='host', choices=('host', 'device'),
+                   help="'device': workers send JPEG bytes and crop boxes (nothing is decoded here)")
     for p in sub.choices.values():
         p.add_argument('--out', default='bench_out/bench.json')
     args = parser.parse_args(argv)
-    rows, result = {'data': bench_data, 'step': bench_step, 'e2e': bench_e2e}[args.mode](args)
+    rows, result = {'data': bench_data, 'step': bench_step, 'precision': bench_precision, 'parts': bench_parts,
+                          'e2e': bench_e2e}[args.mode](args)
     print_table(f'bench.py {args.mode}', rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -365,4 +572,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(0 if main().get('ok', True) else 1)  # `precision` fails when low precision drifts

@@ -295,19 +295,24 @@ BAD_KINDS = ('missing', 'empty_file', 'not_image', 'truncated', 'too_large', 'em
              'bad_json', 'bad_encoding', 'bad_tar', 'other')
 
 
-def open_image(source, max_pixels):
-    """Open (header only) a path or bytes as a PIL image; size checked before any decoding."""
-    import io
-    from PIL import Image, UnidentifiedImageError
+def read_bytes(source):
+    """The bytes of a path (or bytes as given); a missing or empty file is a BadSample."""
+    raw = source
     if isinstance(source, (str, Path)):
         try:
             raw = Path(source).read_bytes()
         except FileNotFoundError as e:
             raise BadSample('missing', str(source)) from e
-    else:
-        raw = source
     if not raw:
         raise BadSample('empty_file', str(source) if isinstance(source, (str, Path)) else '')
+    return raw
+
+
+def open_image(source, max_pixels):
+    """Open (header only) a path or bytes as a PIL image; size checked before any decoding."""
+    import io
+    from PIL import Image, UnidentifiedImageError
+    raw = read_bytes(source)
     try:
         img = Image.open(io.BytesIO(raw))
     except UnidentifiedImageError as e:
@@ -364,33 +369,63 @@ def _to_chw(img):
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def view_boxes(width, height, rng, *, views=2, scale=(0.2, 1.0)):
+    """RandomResizedCrop boxes (left, top, w, h) and horizontal flips (p 0.5) of `views` views."""
+    boxes = [rrc_params(width, height, rng, scale) for _ in range(views)]
+    return boxes, [rng.random() < 0.5 for _ in range(views)]
+
+
+def resize_crop(pixels, box, size, flip):
+    """One view of uint8 `pixels` [1, 3, H, W]: the box (x0, y0, x1, y1) resized to size x size
+    with antialiased bilinear filtering (Pillow's BILINEAR up to rounding), then flipped."""
+    x0, y0, x1, y1 = box
+    crop = pixels[:, :, y0:y1, x0:x1]
+    view = (_resize_uint8 if crop.is_cpu else _resize_float)(crop, size)[0]
+    return view.flip(-1) if flip else view
+
+
+def _resize_uint8(crop, size):
+    """torch's CPU uint8 kernel (it wants channels-last)."""
+    import torch.nn.functional as F
+    crop = crop.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(crop, size=(size, size), mode='bilinear', antialias=True)
+
+
+def _resize_float(crop, size):
+    """The same filter in float, rounded back to uint8 (accelerators)."""
+    import torch.nn.functional as F
+    view = F.interpolate(crop.float(), size=(size, size), mode='bilinear', antialias=True)
+    return view.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def train_views(img, *, size, rng, views=2, scale=(0.2, 1.0)):
     """Independent RandomResizedCrop(size, scale) + horizontal flip (p 0.5) views of one image,
     uint8 [views, 3, size, size]. Crops are drawn on the full-size geometry; JPEGs are then
-    decoded at the largest DCT reduction that keeps every crop >= size (draft mode). Each crop is
-    resized by torch's uint8 antialiased bilinear kernel: Pillow's BILINEAR resize (torchvision's
-    crop-then-resize) up to rounding (1 level, ~0.1 % of the values for photos), in half the time."""
-    import torch.nn.functional as F
+    decoded at the largest DCT reduction that keeps every crop >= size (draft mode). Resizing by
+    torch's uint8 kernel is Pillow's BILINEAR resize (torchvision's crop-then-resize) up to
+    rounding (1 level, ~0.1 % of the values for photos), in half the time."""
     width, height = img.size
-    boxes = [rrc_params(width, height, rng, scale) for _ in range(views)]
-    flips = [rng.random() < 0.5 for _ in range(views)]
+    boxes, flips = view_boxes(width, height, rng, views=views, scale=scale)
     if img.format == 'JPEG':
         factor = min(min(w, h) for _, _, w, h in boxes) / size
         if factor >= 2:
             img.draft('RGB', (int(width / factor) + 1, int(height / factor) + 1))
     img = to_rgb(img)
     sx, sy = img.width / width, img.height / height
-    with warnings.catch_warnings():  # read-only bytes: nothing writes to `pixels`
-        warnings.simplefilter('ignore', UserWarning)
-        pixels = torch.frombuffer(img.tobytes(), dtype=torch.uint8)
-    pixels = rearrange(pixels, '(h w c) -> 1 c h w', h=img.height, w=img.width)  # channels-last view
+    pixels = _pixels(img)
     out = torch.empty(views, 3, size, size, dtype=torch.uint8)
     for v, ((left, top, w, h), flip) in enumerate(zip(boxes, flips)):
-        x0, y0, x1, y1 = round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy)
-        crop = pixels[:, :, y0:y1, x0:x1].contiguous(memory_format=torch.channels_last)  # the fast kernel's layout
-        view = F.interpolate(crop, size=(size, size), mode='bilinear', antialias=True)[0]
-        out[v] = view.flip(-1) if flip else view
+        box = round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy)
+        out[v] = resize_crop(pixels, box, size, flip)
     return out
+
+
+def _pixels(img):
+    """An RGB PIL image as a uint8 [1, 3, H, W] (channels-last) view of one copy of its pixels."""
+    with warnings.catch_warnings():  # read-only bytes: nothing writes to them
+        warnings.simplefilter('ignore', UserWarning)
+        pixels = torch.frombuffer(img.tobytes(), dtype=torch.uint8)
+    return rearrange(pixels, '(h w c) -> 1 c h w', h=img.height, w=img.width)
 
 
 def eval_view(img, *, size=224, resize=256):
@@ -570,6 +605,92 @@ def denormalize_images(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 # ----------------------------------------------------------------------------------------------
+# Images, optional device JPEG decode (data.decode='device'): workers send bytes and crop boxes
+# ----------------------------------------------------------------------------------------------
+
+def device_decodable(raw, img):
+    """YCbCr or grayscale JPEGs that end with their end-of-image marker go to the device; others
+    (CMYK, truncated files, trailing bytes, other formats) are decoded here, where a bad file
+    becomes a bad sample that is replaced like any other."""
+    return img.format == 'JPEG' and img.mode in ('RGB', 'L') and raw[-2:] == b'\xff\xd9'
+
+
+def jpeg_sample(raw, width, height, rng, *, views=2, scale=(0.2, 1.0)):
+    """A JPEG's bytes with the crop boxes (x0, y0, x1, y1) and flips its views will get on the
+    device; the random draws are the host path's (train_views), so both modes crop alike."""
+    boxes, flips = view_boxes(width, height, rng, views=views, scale=scale)
+    return {'jpeg': torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+            'boxes': torch.tensor([(x, y, x + w, y + h) for x, y, w, h in boxes]),
+            'flips': torch.tensor(flips)}
+
+
+def collate_jpeg(samples):
+    """The device-decode part of a batch: all JPEG bytes in one tensor with per-sample sizes
+    (0 for samples decoded on the host), boxes, flips and the indices of host-decoded samples."""
+    views = next(s['boxes'].shape[0] for s in samples if 'jpeg' in s)
+    return {'jpeg': torch.cat([s['jpeg'] for s in samples if 'jpeg' in s]),
+            'jpeg_sizes': torch.tensor([s['jpeg'].numel() if 'jpeg' in s else 0 for s in samples]),
+            'boxes': torch.stack([s.get('boxes', torch.zeros(views, 4, dtype=torch.long)) for s in samples]),
+            'flips': torch.stack([s.get('flips', torch.zeros(views, dtype=torch.bool)) for s in samples]),
+            'host': torch.tensor([i for i, s in enumerate(samples) if 'jpeg' not in s], dtype=torch.long)}
+
+
+def nvjpeg_decoder(device):
+    """torchvision's batched decode_jpeg on `device` (nvjpeg on CUDA); imported only when used."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError as e:
+        raise RuntimeError("data.decode='device' needs torchvision (with its image extension)") from e
+    return lambda blobs: decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+
+
+def _pillow_decode(blob, device):
+    """The host fallback for one JPEG the device decoder refused: uint8 [3, H, W] or None."""
+    try:
+        img = to_rgb(open_image(bytes(blob.numpy()), 1 << 62))
+    except BadSample:
+        return None
+    return _pixels(img)[0].to(device)
+
+
+def decode_views(batch, *, size, device, decode=None):
+    """(uint8 views [B, V, 3, size, size] on `device`, number of undecodable images) of a
+    device-decode batch. JPEGs are decoded in one call of `decode` (default nvjpeg_decoder); when
+    it fails, each image is retried alone and then with Pillow. Views are resize_crop's of the
+    sent boxes; host-decoded samples are copied in; an image nothing decodes takes the views of
+    the batch's first good sample (and is counted, like any bad sample)."""
+    decode = decode or nvjpeg_decoder(device)
+    boxes, flips, sizes = batch['boxes'].tolist(), batch['flips'].tolist(), batch['jpeg_sizes'].tolist()
+    out = torch.empty(len(sizes), len(boxes[0]), 3, size, size, dtype=torch.uint8, device=device)
+    if 'images' in batch:
+        out[batch['host'].to(device)] = batch['images'].to(device, non_blocking=True)
+    index = [i for i, n in enumerate(sizes) if n]
+    blobs = list(torch.split(batch['jpeg'], [sizes[i] for i in index]))
+    try:
+        images = decode(blobs)
+    except RuntimeError:
+        images = []
+        for blob in blobs:
+            try:
+                images.append(decode([blob])[0])
+            except RuntimeError:
+                images.append(_pillow_decode(blob, device))
+    failed = []
+    for i, img in zip(index, images):
+        if img is None:
+            failed.append(i)
+            continue
+        for v, (box, flip) in enumerate(zip(boxes[i], flips[i])):
+            out[i, v] = resize_crop(img[None], box, size, flip)
+    if failed:
+        good = next((i for i in range(len(sizes)) if i not in failed), None)
+        if good is None:
+            raise DataError(f'no image of a {len(sizes)}-sample batch could be decoded')
+        out[failed] = out[good].clone()
+    return out, len(failed)
+
+
+# ----------------------------------------------------------------------------------------------
 # Formats: JSON Lines meta (YFCC15M / ImageNet-val layout), webdataset tar shards
 # ----------------------------------------------------------------------------------------------
 
@@ -738,10 +859,15 @@ class SampleBuilder:
 
     def __call__(self, caption, image, rng):
         caption = first_caption(caption)
-        views = train_views(open_image(image, self.cfg.max_pixels), size=self.cfg.image_size,
-                            rng=rng, views=self.cfg.views, scale=tuple(self.cfg.crop_scale))
+        raw = read_bytes(image)
+        img = open_image(raw, self.cfg.max_pixels)
+        views, scale = self.cfg.views, tuple(self.cfg.crop_scale)
+        if self.cfg.decode == 'device' and device_decodable(raw, img):
+            out = jpeg_sample(raw, img.width, img.height, rng, views=views, scale=scale)
+        else:
+            out = {'images': train_views(img, size=self.cfg.image_size, rng=rng, views=views, scale=scale)}
         length = self.cfg.context_length
-        out = {'images': views, 'text': self.tokenizer(caption, length)[0]}
+        out['text'] = self.tokenizer(caption, length)[0]
         if self.eda is not None:
             out['text_eda'] = self.tokenizer(self.eda(caption, rng), length)[0]
         return out
@@ -918,8 +1044,12 @@ class Collate:
 
     def __call__(self, samples):
         text = torch.stack([s['text'] for s in samples])
-        out = {'images': torch.stack([s['images'] for s in samples]),
-               'bad': torch.stack([s['bad'] for s in samples]).sum(0)}
+        out = {'bad': torch.stack([s['bad'] for s in samples]).sum(0)}
+        host = [s['images'] for s in samples if 'images' in s]
+        if len(host) < len(samples):  # data.decode='device': JPEG bytes and boxes, plus host views
+            out.update(collate_jpeg(samples))
+        if host:
+            out['images'] = torch.stack(host)
         if 'text_eda' in samples[0]:
             out['text_eda'] = torch.stack([s['text_eda'] for s in samples])
         if self.mask:

@@ -191,6 +191,10 @@ def check_config(cfg):
     precision(cfg.precision, 'cpu')
     if str(cfg.compile).lower() not in ('auto', 'true', 'false'):
         raise ValueError(f'config.compile: auto, true or false, got {cfg.compile!r}')
+    if cfg.data.decode not in ('host', 'device'):
+        raise ValueError(f'config.data.decode: "host" or "device", got {cfg.data.decode!r}')
+    if cfg.data.decode == 'device':
+        data.nvjpeg_decoder('cpu')  # torchvision must be importable before any work starts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,8 +341,13 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
         for group in opt.param_groups:
             group['lr'] = lr_at(step + 1, cfg.optim, cfg.max_iter)
 
-        # 2. colour jitter / grayscale / blur / normalise on the device, per sample
-        images = batch['images'].to(device, non_blocking=True)
+        # 2. (data.decode='device': JPEG decode, crop, resize) colour jitter / grayscale / blur /
+        #    normalise on the device, per sample
+        if 'jpeg' in batch:
+            images, undecodable = data.decode_views(batch, size=cfg.data.image_size, device=device)
+            bad_totals[data.BAD_KINDS.index('truncated')] += undecodable
+        else:
+            images = batch['images'].to(device, non_blocking=True)
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
         views = data.device_augment(rearrange(images, 'b v c h w -> (b v) c h w'), generator=gen)
         views = rearrange(views, '(b v) c h w -> b v c h w', v=images.shape[1])

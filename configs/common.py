@@ -35,6 +35,7 @@ def base_config(vision, *, declip=True):
         shards='',                 # comma-separated glob patterns of .tar shards
         val_root='', val_meta='',  # ImageNet-val layout (JSON Lines with filename/label/label_name)
         image_size=224, views=2 if declip else 1, crop_scale=(0.2, 1.0),
+        decode='host',             # 'device': JPEG decode + crop/resize on the accelerator (torchvision)
         eda=declip, mask=declip, eda_synonyms=True,
         bpe_path=str(DATA / 'bpe_simple_vocab_16e6.txt.gz'),
         synonyms_path=str(DATA / 'wordnet_synonyms.tsv.gz'),
@@ -87,11 +88,20 @@ def on_demo_data(c):
 
 
 def apply_arg(c, arg):
-    """`smoke`: a few steps of a tiny variant on the demo data (CPU friendly)."""
+    """`smoke`: a few steps of a tiny variant on the demo data (CPU friendly); `gpu_smoke`: 200
+    steps of the full-size encoders on the demo data (one accelerator)."""
     if not arg:
         return c
+    if arg == 'gpu_smoke':
+        on_demo_data(c)
+        c.max_iter = 200
+        c.data.update(dict(batch_size=128, workers=8))
+        c.eval.update(dict(prompts='prompt6', workers=8))
+        c.optim.warmup_steps = 50
+        c.log_every, c.ckpt_every, c.keep_every, c.eval_every = 10, 100, 200, 200
+        return c
     if arg != 'smoke':
-        raise ValueError(f'unknown config argument {arg!r} (known: smoke)')
+        raise ValueError(f'unknown config argument {arg!r} (known: smoke, gpu_smoke)')
     on_demo_data(tiny(c))
     c.max_iter = 6
     c.data.update(dict(batch_size=8, workers=0))

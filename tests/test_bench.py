@@ -1,4 +1,5 @@
-"""bench.py runs end to end on CPU with tiny settings (a smoke test: figures are not asserted)."""
+"""bench.py runs end to end on CPU with tiny settings (speed figures are not asserted; the
+bf16-against-fp32 check is)."""
 import json
 
 import bench
@@ -19,3 +20,18 @@ def test_bench_modes_smoke(tmp_path):
     r = bench.main(['e2e', '--config', 'configs/demo.py:smoke', '--images', str(tmp_path), '--workers', '0',
                     '--batch', '2', '--size', '32', '--warmup', '1', '--steps', '2', '--out', str(out)])
     assert r['pairs_per_s'] > 0 and 0 <= r['data_wait_frac'] <= 1
+    r = bench.main(['e2e', '--config', 'configs/demo.py:smoke', '--images', str(tmp_path), '--workers', '0',
+                    '--batch', '2', '--size', '32', '--warmup', '1', '--steps', '2', '--decode', 'device',
+                    '--out', str(out)])
+    assert r['decode'] == 'device' and r['pairs_per_s'] > 0
+
+
+def test_bench_parts_and_precision(tmp_path):
+    out = tmp_path / 'out.json'
+    r = bench.main(['parts', '--config', 'configs/demo.py:smoke', '--batch', '4', '--rounds', '1', '--out', str(out)])
+    assert len(r['parts']) == 5 and all(p['before_ms'] > 0 and p['after_ms'] > 0 for p in r['parts'].values())
+    r = bench.main(['precision', '--config', 'configs/demo.py:smoke', '--batch', '4', '--steps', '3',
+                    '--compare', '3', '--out', str(out)])
+    assert r['finite'] and r['ok'] and 0 < r['max_rel_diff'] < 0.02  # bf16 autocast really ran
+    assert len(r['losses']['fp32']) == len(r['losses']['bf16']) == 3
+

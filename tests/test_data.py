@@ -206,6 +206,96 @@ def test_train_views_are_crop_resize_flip(fmt):
     assert (diffs > 0).float().mean() < 0.05
 
 
+def test_float_resize_matches_uint8_kernel_and_pillow():
+    """The accelerator form of resize_crop (float, rounded) against the CPU uint8 kernel and Pillow."""
+    arr = np.random.default_rng(3).integers(0, 256, (60, 80, 3)).astype(np.uint8)
+    pixels = data._pixels(Image.fromarray(arr))
+    for box, size in [((5, 7, 70, 52), 32), ((0, 0, 80, 60), 48), ((10, 10, 40, 30), 64)]:
+        want = data._to_chw(Image.fromarray(arr).crop(box).resize((size, size), Image.BILINEAR)).int()
+        crop = pixels[:, :, box[1]:box[3], box[0]:box[2]]
+        for got in (data._resize_uint8(crop, size)[0], data._resize_float(crop, size)[0]):
+            assert (got.int() - want).abs().max() <= 1
+
+
+# ---------------------------------------------------------------- device JPEG decode (optional path)
+
+def pillow_decode(blobs):
+    """Stands in for nvjpeg: a list of JPEG byte tensors -> list of uint8 [3, H, W]."""
+    return [data._pixels(data.to_rgb(data.open_image(bytes(b.numpy()), 1 << 30)))[0] for b in blobs]
+
+
+def write_mixed_corpus(folder):
+    """JPEGs (RGB, grayscale) for the device, and files that stay on the host: PNG, CMYK JPEG,
+    a JPEG with bytes after its end marker. Small enough that no JPEG draft reduction applies."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(10):
+        arr = rng.integers(0, 256, (6, 8, 3)).astype(np.uint8)
+        img = Image.fromarray(arr).resize((90, 70), Image.BICUBIC)
+        name, kind = f'{i}.jpg', i % 5
+        if kind == 1:
+            img.convert('L').save(folder / name, format='JPEG')
+        elif kind == 2:
+            name = f'{i}.png'
+            img.save(folder / name, format='PNG')
+        elif kind == 3:
+            img.convert('CMYK').save(folder / name, format='JPEG')
+        else:
+            img.save(folder / name, format='JPEG')
+            if kind == 4:
+                (folder / name).write_bytes((folder / name).read_bytes() + b'trailing')
+        lines.append(json.dumps({'filename': name, 'caption': f'picture number {i}'}))
+    (folder / 'meta.jsonl').write_text('\n'.join(lines))
+
+
+def test_device_decode_batch_equals_host_batch(tmp_path):
+    write_mixed_corpus(tmp_path)
+    batches = {}
+    for mode in ('host', 'device'):
+        cfg = data_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), batch_size=10,
+                          image_size=40, decode=mode)
+        loader = data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=1)
+        batches[mode] = next(iter(loader))
+    host, dev = batches['host'], batches['device']
+    on_device = (dev['jpeg_sizes'] > 0).tolist()
+    assert sum(on_device) == 4 and len(dev['host']) == 6 and dev['images'].shape[0] == 6
+    views, undecodable = data.decode_views(dev, size=40, device=torch.device('cpu'), decode=pillow_decode)
+    assert undecodable == 0
+    assert torch.equal(views, host['images'])  # same crops, same pixels, same kernel
+    for key in ('text', 'text_eda', 'mlm_index', 'mlm_targets'):
+        assert torch.equal(dev[key], host[key])
+
+
+def test_device_decode_retries_then_falls_back_then_replaces():
+    """A failing batched decode is retried per image; an image the device refuses is decoded by
+    Pillow; one nothing decodes takes the first good sample's views and is counted."""
+    rng = np.random.default_rng(1)
+    blobs = []
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (50, 60, 3)).astype(np.uint8)).save(buf, format='JPEG')
+        blobs.append(buf.getvalue())
+    blobs.append(b'\xff\xd8 not a jpeg \xff\xd9')
+    samples = [data.jpeg_sample(raw, 60, 50, random.Random(i)) for i, raw in enumerate(blobs)]
+    batch = data.collate_jpeg(samples)
+    refused = {blobs[1], blobs[3]}
+    calls = []
+
+    def flaky(batch_blobs):
+        calls.append(len(batch_blobs))
+        if any(bytes(b.numpy()) in refused for b in batch_blobs):
+            raise RuntimeError('nvjpeg: unsupported')
+        return pillow_decode(batch_blobs)
+    views, undecodable = data.decode_views(batch, size=24, device=torch.device('cpu'), decode=flaky)
+    assert calls == [4, 1, 1, 1, 1] and undecodable == 1
+    for i in range(3):
+        pixels = data._pixels(data.to_rgb(data.open_image(blobs[i], 1 << 30)))
+        for v in range(2):
+            want = data.resize_crop(pixels, batch['boxes'][i, v].tolist(), 24, bool(batch['flips'][i, v]))
+            assert torch.equal(views[i, v], want)
+    assert torch.equal(views[3], views[0])
+
+
 # ---------------------------------------------------------------- device colour ops vs PIL
 
 def _images(n=12, seed=0):
