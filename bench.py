@@ -269,7 +269,7 @@ def bench_step(args):
     device, device_type = train.setup_device(0)
     _, step_fn = _trainer(cfg, args.precision, device, args.compile)
     batch = _synthetic_batch(cfg, args.batch, device)
-    gen = torch.Generator(device).manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     if args.decode == 'device':  # the step starts from JPEG bytes: nvjpeg decode, crop, resize
         jpegs = _jpeg_batch(cfg, args.batch, args.images)
         decode = data.nvjpeg_decoder(device)
@@ -322,7 +322,7 @@ def bench_precision(args):
     runs = {}
     for name in names:
         _, step = _trainer(cfg, name, device, args.compile)
-        gen = torch.Generator(device).manual_seed(0)
+        gen = torch.Generator().manual_seed(0)
         runs[name] = torch.stack([step(_synthetic_batch(cfg, args.batch, device, seed=t), gen)
                                   for t in range(args.steps)]).float().cpu()
     ref, low = runs[names[0]], runs[names[1]]
@@ -373,6 +373,17 @@ def _pairwise_clip_loss(*, images, texts, all_images, all_texts, logit_scale, la
         for text, all_text in zip(texts, all_texts):
             total = total + losses.pair_loss(logit_scale * image @ all_text.T, logit_scale * text @ all_image.T, labels)
     return total / (len(images) * len(texts))
+
+
+def _whole_batch_plan(plan, device):
+    """device_augment's former form: every op on the whole batch, kept by torch.where where the
+    sample's flag is set (what a device-side mask does without host-known subsets)."""
+    n = len(plan[0][1])
+    index = torch.arange(n, device=device)
+
+    def masked(op, mask):
+        return lambda y, f: torch.where(mask.view(-1, 1, 1, 1), op(y, f), y)
+    return [(masked(op, mask.to(device)), n, index, param.float().to(device)) for op, mask, param in plan]
 
 
 def bench_parts(args):
@@ -435,6 +446,18 @@ def bench_parts(args):
                      logit_scale=torch.tensor(14.3, device=device), labels=torch.arange(b, device=device))
     variants['CLIP logits: 2 matmuls per pair -> 1 per image view + 1 per pair'] = (
         fwd_bwd(lambda: _pairwise_clip_loss(**clip_args)), fwd_bwd(lambda: losses.multiview_clip_loss(**clip_args)))
+
+    uint8_views = torch.randint(0, 256, (b * cfg.data.views, 3, m.image_size, m.image_size), generator=g).to(
+        device, torch.uint8)
+
+    def augment():
+        return data.device_augment(uint8_views, generator=torch.Generator().manual_seed(0))
+
+    def augment_whole_batch():
+        with mock.patch.object(data, '_plan_on_device', _whole_batch_plan):
+            return augment()
+    variants['colour ops: every op on the whole batch (torch.where) -> each op on its samples'] = (
+        augment_whole_batch, augment)
 
     params = [p.detach().clone().requires_grad_() for p in model.parameters() if p.requires_grad]
     for p in params:  # copies: the forward/backward parts above reset the model's gradients

@@ -509,8 +509,9 @@ def adjust_hue(x, shift):
     return (out / 255).to(x.dtype)
 
 
-def to_grayscale(x, apply):
-    return torch.where(_per_sample(apply, x) > 0, _gray(x).expand_as(x), x)
+def to_grayscale(x, _param=None):
+    """Luma in all three channels (PIL convert('L') then 'RGB'); `_param` keeps the op signature."""
+    return _gray(x).expand_as(x)
 
 
 def _box_radius(sigma, passes=3):
@@ -547,41 +548,47 @@ def gaussian_blur(x, sigma, max_sigma=2.0):
     return y.view(n, c, h, w)
 
 
-def _where_active(x, active, op, factor):
-    """op(x, factor) on the samples flagged `active`, x elsewhere. On CPU only those samples are
-    computed; on accelerators the whole batch is (no host sync; compile fuses it cheaply)."""
-    if x.device.type == 'cpu':
-        idx = active.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            return x
-        x = x.clone()
-        x[idx] = op(x[idx], factor[idx])
-        return x
-    return torch.where(_per_sample(active, x) > 0, op(x, factor), x)
+def _plan_on_device(plan, device):
+    """[(op, host mask, host per-sample parameter)] -> [(op, count, indices, parameters)] with
+    the indices of the flagged samples and their parameters on `device`: one host-to-device
+    copy for all ops (pinned, asynchronous), and every count known on the host."""
+    index = [mask.nonzero().squeeze(1) for _, mask, _ in plan]
+    flat_index = torch.cat(index)
+    flat_param = torch.cat([param[i].float() for (_, _, param), i in zip(plan, index)])
+    if device.type != 'cpu':
+        flat_index = flat_index.pin_memory().to(device, non_blocking=True)
+        flat_param = flat_param.pin_memory().to(device, non_blocking=True)
+    counts = [len(i) for i in index]
+    return [(op, n, i, f) for (op, _, _), n, i, f in zip(plan, counts, flat_index.split(counts), flat_param.split(counts))]
 
 
 def device_augment(images, *, generator, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4,
                    hue=0.1, gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), normalize=True):
-    """MoCo v2 colour ops on a uint8 batch [N, 3, H, W] on its own device, per-sample parameters
-    from `generator`: with p jitter_p ColorJitter (the four ops in a random order per sample),
-    grayscale with p gray_p, PIL-style Gaussian blur with p blur_p; then ImageNet normalisation."""
-    x = images.float() / 255
-    n, dev = x.shape[0], x.device
+    """MoCo v2 colour ops on a uint8 batch [N, 3, H, W] on its own device: with p jitter_p
+    ColorJitter (the four ops in a random order per sample), grayscale with p gray_p, PIL-style
+    Gaussian blur with p blur_p; then ImageNet normalisation. The per-sample choices and
+    parameters are drawn on the host from the CPU `generator`, so each op runs only on the
+    samples that get it and nothing is read back from the device."""
+    n = images.shape[0]
 
     def u(lo, hi):
-        return torch.rand(n, device=dev, generator=generator) * (hi - lo) + lo
+        return torch.rand(n, generator=generator) * (hi - lo) + lo
 
-    jitter = torch.rand(n, device=dev, generator=generator) < jitter_p
+    jitter = torch.rand(n, generator=generator) < jitter_p
     factors = [u(1 - brightness, 1 + brightness), u(1 - contrast, 1 + contrast),
                u(1 - saturation, 1 + saturation), u(-hue, hue)]
-    order = torch.rand(n, 4, device=dev, generator=generator).argsort(dim=1)
+    order = torch.rand(n, 4, generator=generator).argsort(dim=1)
+    gray = torch.rand(n, generator=generator) < gray_p
+    blur = torch.rand(n, generator=generator) < blur_p
+    sigma = u(*blur_sigma)
     ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
-    for slot in range(4):
-        for k, op in enumerate(ops):
-            x = _where_active(x, jitter & (order[:, slot] == k), op, factors[k])
-    x = to_grayscale(x, torch.rand(n, device=dev, generator=generator) < gray_p)
-    blur = torch.rand(n, device=dev, generator=generator) < blur_p
-    x = _where_active(x, blur, lambda y, s: gaussian_blur(y, s, max_sigma=blur_sigma[1]), u(*blur_sigma))
+    plan = [(ops[k], jitter & (order[:, slot] == k), factors[k]) for slot in range(4) for k in range(4)]
+    plan += [(to_grayscale, gray, sigma),
+             (lambda y, s: gaussian_blur(y, s, max_sigma=blur_sigma[1]), blur, sigma)]
+    x = images.float() / 255
+    for op, count, index, param in _plan_on_device(plan, x.device):
+        if count:
+            x.index_copy_(0, index, op(x.index_select(0, index), param))
     return normalize_images(x) if normalize else x
 
 

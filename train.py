@@ -348,7 +348,7 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
             bad_totals[data.BAD_KINDS.index('truncated')] += undecodable
         else:
             images = batch['images'].to(device, non_blocking=True)
-        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
         views = data.device_augment(rearrange(images, 'b v c h w -> (b v) c h w'), generator=gen)
         views = rearrange(views, '(b v) c h w -> b v c h w', v=images.shape[1])
         if writer is not None and step == start and cfg.tb_images:

@@ -331,13 +331,37 @@ def test_device_op_matches_pil(name):
     assert (got - want).abs().max() <= 2 / 255
 
 
-def test_grayscale_matches_pil_and_respects_flag():
+def test_grayscale_matches_pil():
     imgs = _images(4)
-    flags = torch.tensor([True, False, True, False])
-    got = data.to_grayscale(_t(imgs), flags)
+    got = data.to_grayscale(_t(imgs))
     for k, im in enumerate(imgs):
-        want = _t([im.convert('L').convert('RGB') if flags[k] else im])[0]
+        want = _t([im.convert('L').convert('RGB')])[0]
         assert (got[k] - want).abs().max() <= 1 / 255
+
+
+def test_device_augment_is_the_per_sample_pipeline():
+    """Batched op-by-op on subsets == each sample on its own: its jitter order and factors,
+    grayscale, blur, drawn in device_augment's documented order from the same generator."""
+    imgs = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (24, 3, 12, 12)).astype(np.uint8))
+    got = data.device_augment(imgs, generator=torch.Generator().manual_seed(5), normalize=False)
+    g, n = torch.Generator().manual_seed(5), len(imgs)
+
+    def u(lo, hi):
+        return torch.rand(n, generator=g) * (hi - lo) + lo
+    jitter = torch.rand(n, generator=g) < 0.8
+    factors = [u(0.6, 1.4), u(0.6, 1.4), u(0.6, 1.4), u(-0.1, 0.1)]
+    order = torch.rand(n, 4, generator=g).argsort(dim=1)
+    gray, blur, sigma = torch.rand(n, generator=g) < 0.2, torch.rand(n, generator=g) < 0.5, u(0.1, 2.0)
+    ops = [data.adjust_brightness, data.adjust_contrast, data.adjust_saturation, data.adjust_hue]
+    for i in range(n):
+        x = imgs[i:i + 1].float() / 255
+        for k in (order[i].tolist() if jitter[i] else []):
+            x = ops[k](x, factors[k][i:i + 1])
+        if gray[i]:
+            x = data.to_grayscale(x)
+        if blur[i]:
+            x = data.gaussian_blur(x, sigma[i:i + 1])
+        torch.testing.assert_close(got[i:i + 1], x, rtol=0, atol=1e-6)
 
 
 def test_device_augment_statistics_and_determinism():
