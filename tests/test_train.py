@@ -55,6 +55,13 @@ def test_parameter_groups_follow_the_spec(config):
         assert got[name] is False
 
 
+@pytest.mark.parametrize('config', [vitb32, r50])
+def test_gpu_smoke_keeps_the_full_model_on_demo_data(config):
+    full, smoke = config.get_config(), config.get_config('gpu_smoke')
+    assert smoke.model.to_dict() == full.model.to_dict() and smoke.loss.to_dict() == full.loss.to_dict()
+    assert smoke.max_iter == 200 and smoke.data.train_meta.endswith('demo/train.jsonl')
+
+
 # ---------------------------------------------------------------- config errors
 
 def test_unknown_override_key_names_it(tmp_path):
