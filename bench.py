@@ -1,12 +1,15 @@
 """Speed and memory benchmarks; a table on stdout and JSON in --out.
 
-    python bench.py data                       # host pipeline per core, device ops on CPU, meta index
-    python bench.py step --config configs/vitb32.py --batch 256      # add --compile on CUDA
-    python bench.py e2e --workers 16 --step-ms 70                     # real loader over JPEG files
+    python bench.py data                       # host pipeline variants per core, device ops on CPU, meta index
+    python bench.py step --config configs/vitb32.py --batch 256      # add --compile on CUDA, --decode device
+    python bench.py parts --config configs/r50.py --batch 256        # each speed choice vs its former form
+    python bench.py precision --config configs/vitb32.py --batch 128 # bf16 losses against fp32
+    python bench.py e2e --workers 16 --step-ms 71                     # real loader over JPEG files
 
 Every mode also runs on CPU with tiny settings so that tests can smoke it (not time it).
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -403,12 +406,12 @@ def bench_parts(args):
     images = torch.randn(b, cfg.data.views, 3, m.image_size, m.image_size, generator=g).to(device)
     text = _synthetic_batch(cfg, b, device)['text']
 
-    def fwd_bwd(fn):
+    def fwd_bwd(fn, module=model):
         def run():
             with autocast:
                 out = fn()
             out.float().sum().backward()
-            model.zero_grad(set_to_none=True)
+            module.zero_grad(set_to_none=True)
         return run
 
     variants = {}
@@ -417,10 +420,10 @@ def bench_parts(args):
             fwd_bwd(lambda: torch.stack([model.visual(images[:, v]) for v in range(images.shape[1])])),
             fwd_bwd(lambda: model.encode_views(images)))
     if m.vision == 'resnet' and device_type != 'cpu':
-        last = images[:, 0].contiguous(memory_format=torch.channels_last)
+        visual_cl = copy.deepcopy(model.visual).to(memory_format=torch.channels_last)
+        first_cl = images[:, 0].contiguous(memory_format=torch.channels_last)
         variants['ResNet: NCHW -> channels_last'] = (
-            fwd_bwd(lambda: model.visual(images[:, 0])),
-            fwd_bwd(lambda: model.to(memory_format=torch.channels_last).visual(last)))
+            fwd_bwd(lambda: model.visual(images[:, 0])), fwd_bwd(lambda: visual_cl(first_cl), visual_cl))
 
     def text_tower():
         return model.encode_text(text)
