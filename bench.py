@@ -34,11 +34,15 @@ def _machine():
             'python': platform.python_version(), 'date': time.strftime('%Y-%m-%d')}
 
 
-def _images(folder, limit):
+def _image_files(folder, limit):
     files = sorted(Path(folder).glob('*.jpg'))[:limit]
     if not files:
         raise FileNotFoundError(f'no .jpg files in {folder} (--images)')
-    return [f.read_bytes() for f in files]
+    return files
+
+
+def _images(folder, limit):
+    return [f.read_bytes() for f in _image_files(folder, limit)]
 
 
 def _rates(fns, items, min_seconds, chunk=20):
@@ -175,13 +179,17 @@ def _synthetic_batch(cfg, batch, device, seed=0):
     out = {'images': torch.randint(0, 256, (batch, views, 3, size, size), dtype=torch.uint8, generator=g)}
     if cfg.data.mask:
         text, labels = data.mask_tokens(text, generator=g)
-        flat = labels.flatten()
-        out['mlm_index'] = (flat != data.IGNORE_INDEX).nonzero().squeeze(1)
-        out['mlm_targets'] = flat[out['mlm_index']]
+        out['mlm_index'], out['mlm_targets'] = data.mlm_positions(labels)
     out['text'] = text
     if cfg.data.eda:
         out['text_eda'] = text.roll(1, dims=0)
     return {k: v.to(device) for k, v in out.items()}
+
+
+def _sync(device):
+    """Wait for the accelerator's queued work (nothing to wait for on CPU)."""
+    if device.type != 'cpu':
+        torch.accelerator.synchronize()
 
 
 def matmul_peak_tflops(device, dtype, n):
@@ -190,29 +198,24 @@ def matmul_peak_tflops(device, dtype, n):
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    torch.accelerator.synchronize() if device.type != 'cpu' else None
+    _sync(device)
     reps, start = 10, time.perf_counter()
     for _ in range(reps):
         a @ b
-    torch.accelerator.synchronize() if device.type != 'cpu' else None
+    _sync(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def _trainer(cfg, precision, device, compile_model=False):
-    """(model, step): the training step of train.py without DDP or logging: device augmentation,
-    forward, declip_loss, backward, fused AdamW, logit-scale clamp. step(batch, generator) -> loss."""
-    import declip
+def _trainer(cfg, precision, device):
+    """(model, step): the training step of train.py without DDP or logging, on train.py's model
+    and optimiser (cfg.compile decides compilation): device augmentation, forward, declip_loss,
+    backward, fused AdamW, logit-scale clamp. step(batch, generator) -> loss."""
     import train
     device_type = device.type
     _, autocast, use_scaler = train.precision(precision, device_type)
     torch.manual_seed(0)
-    model = declip.build_model(cfg.model).to(device)
-    if cfg.model.vision == 'resnet' and device_type != 'cpu':
-        model = model.to(memory_format=torch.channels_last)
-    if compile_model:
-        train.compile_encoders(model)
-    opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-8,
-                            fused=device_type in ('cuda', 'cpu'))
+    model = train.build_model(cfg, device)
+    opt = train.build_optimizer(model, cfg.optim, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=use_scaler)
     queue = losses.init_queue(cfg.loss.queue_size, cfg.model.embed_dim, device=device,
                               generator=torch.Generator().manual_seed(0)) if cfg.model.declip else None
@@ -268,9 +271,9 @@ def bench_step(args):
     from torch.utils.flop_counter import FlopCounterMode
 
     import train
-    cfg = _load_config(args.config)
+    cfg = _load_config(args.config, compile=args.compile)
     device, device_type = train.setup_device(0)
-    _, step_fn = _trainer(cfg, args.precision, device, args.compile)
+    _, step_fn = _trainer(cfg, args.precision, device)
     batch = _synthetic_batch(cfg, args.batch, device)
     gen = torch.Generator().manual_seed(0)
     if args.decode == 'device':  # the step starts from JPEG bytes: nvjpeg decode, crop, resize
@@ -284,7 +287,6 @@ def bench_step(args):
         def step():
             return step_fn(batch, gen)
 
-    sync = (lambda: torch.accelerator.synchronize()) if device_type != 'cpu' else (lambda: None)
     if device_type != 'cpu':
         torch.accelerator.reset_peak_memory_stats()
     for _ in range(args.warmup):
@@ -293,12 +295,12 @@ def bench_step(args):
         step()
     flops = counter.get_total_flops()
     syncs = _host_syncs(step, device_type)
-    sync()
+    _sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
         total = step()
     float(total)
-    sync()
+    _sync(device)
     step_s = (time.perf_counter() - start) / args.steps
     peak = matmul_peak_tflops(device, torch.bfloat16 if device_type != 'cpu' else torch.float32,
                               args.matmul_n or (8192 if device_type != 'cpu' else 1024))
@@ -319,12 +321,12 @@ def bench_precision(args):
     """Low precision against fp32 from the same initial weights over the same batches: every
     loss finite, and the first --compare losses within --rtol of fp32's."""
     import train
-    cfg = _load_config(args.config)
+    cfg = _load_config(args.config, compile=args.compile)
     device, device_type = train.setup_device(0)
     names = ('fp32', args.precision if args.precision != 'auto' else 'bf16')
     runs = {}
     for name in names:
-        _, step = _trainer(cfg, name, device, args.compile)
+        _, step = _trainer(cfg, name, device)
         gen = torch.Generator().manual_seed(0)
         runs[name] = torch.stack([step(_synthetic_batch(cfg, args.batch, device, seed=t), gen)
                                   for t in range(args.steps)]).float().cpu()
@@ -344,18 +346,17 @@ def bench_precision(args):
 
 def _timed_pairs(variants, device, rounds, inner=3):
     """Mean seconds per call of each (before, after) callable, the two alternating each round."""
-    sync = torch.accelerator.synchronize if device.type != 'cpu' else (lambda: None)
     spent = {}
     for fn in [f for pair in variants.values() for f in pair]:
         fn()  # warm-up
     for _ in range(rounds):
         for name, pair in variants.items():
             for k, fn in enumerate(pair):
-                sync()
+                _sync(device)
                 start = time.perf_counter()
                 for _ in range(inner):
                     fn()
-                sync()
+                _sync(device)
                 spent[name, k] = spent.get((name, k), 0.0) + (time.perf_counter() - start) / (rounds * inner)
     return {name: (spent[name, 0], spent[name, 1]) for name in variants}
 
@@ -475,14 +476,17 @@ def bench_parts(args):
     return rows, result
 
 
-def _load_config(spec):
-    """A config file path with an optional `:arg`, as train.py takes it."""
+def _load_config(spec, compile=False):
+    """A config file path with an optional `:arg`, as train.py takes it; the towers are compiled
+    only when asked (--compile), whatever the file says."""
     import importlib.util
     path, _, arg = spec.partition(':')
     module_spec = importlib.util.spec_from_file_location('bench_config', path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    cfg = module.get_config(arg or None)
+    cfg.compile = str(compile).lower()
+    return cfg
 
 
 def _e2e_once(args, root):
@@ -512,11 +516,8 @@ def bench_e2e(args):
     --repeats runs)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        sources = sorted(Path(args.images).glob('*.jpg'))[:args.limit]
-        if not sources:
-            raise FileNotFoundError(f'no .jpg files in {args.images}')
         lines = []
-        for i, src in enumerate(sources):
+        for i, src in enumerate(_image_files(args.images, args.limit)):
             (root / src.name).symlink_to(src.resolve())
             lines.append(json.dumps({'filename': src.name, 'caption': f'a natural photo number {i} of something'}))
         (root / 'meta.jsonl').write_text('\n'.join(lines) + '\n')
@@ -541,16 +542,21 @@ def print_table(title, rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='mode', required=True)
+
+    def model_parser(mode, help, *, batch, precision):
+        p = sub.add_parser(mode, help=help)
+        p.add_argument('--config', default='configs/vitb32.py')
+        p.add_argument('--batch', type=int, default=batch)
+        p.add_argument('--precision', default=precision)
+        return p
+
     p = sub.add_parser('data', help='host pipeline per core, device ops on CPU, meta index')
     p.add_argument('--images', default=str(BENCH_IMAGES))
     p.add_argument('--limit', type=int, default=240)
     p.add_argument('--seconds', type=float, default=10.0)
     p.add_argument('--device-pairs', type=int, default=256)
     p.add_argument('--index-lines', type=int, default=1_000_000)
-    p = sub.add_parser('step', help='training-step throughput on synthetic batches')
-    p.add_argument('--config', default='configs/vitb32.py')
-    p.add_argument('--batch', type=int, default=256)
-    p.add_argument('--precision', default='auto')
+    p = model_parser('step', 'training-step throughput on synthetic batches', batch=256, precision='auto')
     p.add_argument('--compile', action='store_true')
     p.add_argument('--warmup', type=int, default=5)
     p.add_argument('--steps', type=int, default=20)
@@ -558,18 +564,14 @@ def main(argv=None):
     p.add_argument('--decode', default='host', choices=('host', 'device'),
                    help="'device': each step decodes --images JPEGs with nvjpeg first (torchvision)")
     p.add_argument('--images', default=str(BENCH_IMAGES))
-    p = sub.add_parser('precision', help='bf16 (or fp16) losses against fp32 over the same batches')
-    p.add_argument('--config', default='configs/vitb32.py')
-    p.add_argument('--batch', type=int, default=128)
-    p.add_argument('--precision', default='bf16')
+    p = model_parser('precision', 'bf16 (or fp16) losses against fp32 over the same batches', batch=128,
+                     precision='bf16')
     p.add_argument('--compile', action='store_true')
     p.add_argument('--steps', type=int, default=200)
     p.add_argument('--compare', type=int, default=20)
     p.add_argument('--rtol', type=float, default=0.02)
-    p = sub.add_parser('parts', help='each speed choice of the step against the form it replaced')
-    p.add_argument('--config', default='configs/vitb32.py')
-    p.add_argument('--batch', type=int, default=256)
-    p.add_argument('--precision', default='auto')
+    p = model_parser('parts', 'each speed choice of the step against the form it replaced', batch=256,
+                     precision='auto')
     p.add_argument('--rounds', type=int, default=5)
     p = sub.add_parser('e2e', help='the real loader over JPEG files')
     p.add_argument('--config', default='configs/vitb32.py')

@@ -178,6 +178,13 @@ def mask_tokens(tokens, *, generator, prob=0.15, mask_id=MASK_ID, vocab_size=VOC
     return masked, labels
 
 
+def mlm_positions(labels):
+    """(flat indices of the masked positions, their target ids) of mask_tokens' labels."""
+    flat = labels.flatten()
+    index = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    return index, flat[index]
+
+
 # ----------------------------------------------------------------------------------------------
 # Text augmentation (EDA), WordNet without nltk
 # ----------------------------------------------------------------------------------------------
@@ -365,8 +372,8 @@ def rrc_params(width, height, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 def _to_chw(img):
-    import numpy as np
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    """An RGB PIL image as its own contiguous uint8 [3, H, W] tensor (one copy of _pixels' view)."""
+    return _pixels(img)[0].contiguous()
 
 
 def view_boxes(width, height, rng, *, views=2, scale=(0.2, 1.0)):
@@ -1062,9 +1069,7 @@ class Collate:
         if self.mask:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + samples[0]['position'])
             text, labels = mask_tokens(text, generator=g)
-            flat = labels.flatten()
-            out['mlm_index'] = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-            out['mlm_targets'] = flat[out['mlm_index']]
+            out['mlm_index'], out['mlm_targets'] = mlm_positions(labels)
         out['text'] = text
         return out
 

@@ -201,6 +201,27 @@ def check_config(cfg):
 # The training loop
 # ----------------------------------------------------------------------------------------------
 
+def build_model(cfg, device):
+    """cfg.model on `device` as the step runs it: channels-last ResNet on accelerators, logit
+    scale clamped, both towers compiled when config.compile says so ('auto': on CUDA)."""
+    model = declip.build_model(cfg.model).to(device)
+    if cfg.model.vision == 'resnet' and device.type != 'cpu':
+        model = model.to(memory_format=torch.channels_last)
+    model.clamp_logit_scale_()
+    mode = str(cfg.compile).lower()
+    if mode == 'true' or (mode == 'auto' and device.type == 'cuda'):
+        compile_encoders(model)
+    return model
+
+
+def build_optimizer(model, optim, device_type):
+    """AdamW over the reference's parameter groups; fused where torch has it, so a step can be
+    skipped on the device (found_inf)."""
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.base_lr,
+                             betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                             fused=device_type in ('cuda', 'cpu'))
+
+
 def compile_encoders(model):
     """torch.compile the towers in place (state-dict names unchanged)."""
     model.visual.compile()
@@ -246,17 +267,10 @@ def _train(cfg, workdir, rank, world, local_rank, device, device_type):
 
     # Model, optimiser, NN queue (identical initial weights on every rank: same seed).
     torch.manual_seed(cfg.seed)
-    model = declip.build_model(cfg.model).to(device)
-    if cfg.model.vision == 'resnet' and device_type != 'cpu':
-        model = model.to(memory_format=torch.channels_last)
-    model.clamp_logit_scale_()
-    mode = str(cfg.compile).lower()
-    if mode == 'true' or (mode == 'auto' and device_type == 'cuda'):
-        compile_encoders(model)
+    model = build_model(cfg, device)
     _, autocast, use_scaler = precision(cfg.precision, device_type)
-    fused = device_type in ('cuda', 'cpu')
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.base_lr,
-                            betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, fused=fused)
+    opt = build_optimizer(model, cfg.optim, device_type)
+    fused = opt.defaults['fused']
     scaler = torch.amp.GradScaler(device_type, enabled=use_scaler)
     use_queue = cfg.model.declip and cfg.loss.nn > 0
     queue = losses.init_queue(cfg.loss.queue_size, cfg.model.embed_dim, device=device,
