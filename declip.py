@@ -7,10 +7,26 @@ The model returns features; the losses live in losses.py.
 import math
 from collections import OrderedDict
 
+import ml_collections
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+# The two image towers of the DeCLIP paper (OpenAI CLIP's ViT-B/32 and RN50).
+ViT_B32 = dict(vision='vit', embed_dim=512, image_size=224, patch_size=32, vision_width=768,
+               vision_layers=12, vision_heads=12)
+R50 = dict(vision='resnet', embed_dim=1024, image_size=224, patch_size=32, vision_width=64,
+           vision_layers=(3, 4, 6, 3), vision_heads=32)
+
+
+def model_config(vision, *, declip=True, **overrides):
+    """A config's `model` block: the image tower `vision` (ViT_B32, R50 or a variant), CLIP's
+    text tower (77 tokens, DeCLIP's 49,409 ids, width 512, 12 layers) and, with `declip`, the
+    SimSiam heads (1024 / 512) and the MLM head; the ViT patch embedding frozen (reference quirk)."""
+    fields = dict(vision, freeze_conv1=True, concat_views=False, context_length=77, vocab_size=49409,
+                  text_width=512, text_layers=12, text_heads=8, declip=declip, simsiam_dim=1024, predictor_dim=512)
+    return ml_collections.ConfigDict({**fields, **overrides})
 
 
 class QuickGELU(nn.Module):
@@ -57,7 +73,7 @@ class Transformer(nn.Module):
     def __init__(self, width, layers, heads):
         super().__init__()
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
-        # CLIP's text-tower init; DeCLIP applies it to the visual ViT too (reference 1.3).
+        # CLIP's text-tower init; the DeCLIP reference applies it to the visual ViT too.
         proj_std = width ** -0.5 * (2 * layers) ** -0.5
         for block in self.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)

@@ -14,10 +14,15 @@ import ml_collections
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from absl import app, flags
 
 import data
 import declip
+import images
+import runtime
+import text
 
+FLAGS = flags.FLAGS
 ROOT = Path(__file__).resolve().parent
 PROMPTS = ROOT / 'assets' / 'prompts'
 IMAGENET_CLASSNAMES = ROOT / 'assets' / 'imagenet_classnames.txt'
@@ -41,13 +46,12 @@ def load_prompts(name):
 
 
 @torch.no_grad()
-def zero_shot_classifier(model, class_names, templates, *, context_length, device, batch=1024):
+def zero_shot_classifier(model, class_names, templates, *, tokenizer, context_length, device, batch=1024):
     """[C, D] class embeddings: normalise(mean(normalise(embedding of each prompt)))."""
-    tok = data.get_tokenizer()
     rows = []
     for name in class_names:
         texts = [t.replace('{0}', name) for t in templates]
-        emb = torch.cat([model.encode_text(tok(texts[i:i + batch], context_length).to(device)).float()
+        emb = torch.cat([model.encode_text(tokenizer(texts[i:i + batch], context_length).to(device)).float()
                          for i in range(0, len(texts), batch)])
         rows.append(F.normalize(F.normalize(emb, dim=-1).mean(dim=0), dim=0))
     return torch.stack(rows)
@@ -66,10 +70,9 @@ def zero_shot_eval(model, loader, classifier, *, label_ids, device, mean, std, a
     whose label is label_ids[k]."""
     label_ids = torch.as_tensor(label_ids, device=device)
     counts = torch.zeros(3, dtype=torch.float64, device=device)
-    for images, labels, _ in loader:
-        images = data.normalize_images(images.to(device, non_blocking=True), mean, std)
+    for pixels, labels, _ in loader:
         with autocast:
-            feats = model.encode_image(images)
+            feats = model.encode_image(images.normalize_images(pixels.to(device, non_blocking=True), mean, std))
         logits = F.normalize(feats.float(), dim=-1) @ classifier.T
         labels = labels.to(device)
         top5 = label_ids[logits.topk(min(5, logits.shape[1]), dim=1).indices]
@@ -98,47 +101,28 @@ def retrieval_metrics(image_emb, text_emb, ks=(1, 5, 10)):
 # Checkpoint loading: ours, DeCLIP reference (.pth.tar), OpenAI CLIP state dicts
 # ----------------------------------------------------------------------------------------------
 
-class UnsafeCheckpoint(RuntimeError):
-    pass
-
-
-def safe_load(path):
-    """torch.load with weights_only=True: a checkpoint that needs code execution is refused."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        if 'weights_only' in str(e) or 'Unsupported global' in str(e) or 'GLOBAL' in str(e):
-            raise UnsafeCheckpoint(
-                f'{path}: refused, the file needs arbitrary code execution to load (only tensors and '
-                f'plain types are accepted): {str(e).splitlines()[0]}') from None
-        raise RuntimeError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e})') from e
-
-
 def _strip(sd, prefix):
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
 def infer_model_config(sd):
     """The model block of a config from state-dict shapes (reference and OpenAI layouts)."""
-    from configs import common
     text_width = sd['encode_text.token_embedding.weight'].shape[1]
     text_layers = len({k.split('.')[3] for k in sd if k.startswith('encode_text.transformer.resblocks.')})
     if 'visual.proj' in sd:
         width = sd['visual.conv1.weight'].shape[0]
         patch = sd['visual.conv1.weight'].shape[-1]
         grid = round(math.sqrt(sd['visual.positional_embedding'].shape[0] - 1))
-        vision = dict(common.ViT_B32, vision_width=width, patch_size=patch, image_size=grid * patch,
+        vision = dict(declip.ViT_B32, vision_width=width, patch_size=patch, image_size=grid * patch,
                       vision_layers=len({k.split('.')[3] for k in sd if k.startswith('visual.transformer.resblocks.')}),
                       vision_heads=width // 64, embed_dim=sd['visual.proj'].shape[1])
     else:
         layers = tuple(len({k.split('.')[2] for k in sd if k.startswith(f'visual.layer{i}.')}) for i in (1, 2, 3, 4))
         width = sd['visual.conv3.weight'].shape[0]
         grid = round(math.sqrt(sd['visual.attnpool.positional_embedding'].shape[0] - 1))
-        vision = dict(common.R50, vision_layers=layers, vision_width=width, vision_heads=width * 32 // 64,
+        vision = dict(declip.R50, vision_layers=layers, vision_width=width, vision_heads=width * 32 // 64,
                       image_size=grid * 32, embed_dim=sd['visual.attnpool.c_proj.weight'].shape[0])
-    cfg = common.base_config(vision, declip='text_label_predictor.weight' in sd).model
+    cfg = declip.model_config(vision, declip='text_label_predictor.weight' in sd)
     cfg.update(dict(text_width=text_width, text_layers=text_layers, text_heads=text_width // 64,
                     context_length=sd['encode_text.positional_embedding'].shape[0],
                     vocab_size=sd['encode_text.token_embedding.weight'].shape[0]))
@@ -157,9 +141,9 @@ def from_openai(sd):
         if k.startswith(('transformer.', 'ln_final.', 'positional_embedding')):
             out['encode_text.' + k] = v
     emb = sd['token_embedding.weight']
-    new = torch.zeros(data.VOCAB_SIZE, emb.shape[1], dtype=emb.dtype)
-    new[:data.MASK_ID] = emb[:data.MASK_ID]
-    new[data.SOT_ID], new[data.EOT_ID] = emb[49406], emb[49407]
+    new = torch.zeros(text.VOCAB_SIZE, emb.shape[1], dtype=emb.dtype)
+    new[:text.MASK_ID] = emb[:text.MASK_ID]
+    new[text.SOT_ID], new[text.EOT_ID] = emb[49406], emb[49407]
     out['encode_text.token_embedding.weight'] = new
     proj = sd['text_projection']
     out['encode_text.text_projection.weight'] = proj.T.contiguous()
@@ -184,9 +168,9 @@ def load_model(path, config=None):
     """(model in eval mode, preprocess) for our checkpoints, DeCLIP reference .pth.tar files and
     OpenAI CLIP RN50 / ViT-B/32 state dicts. `preprocess` maps a PIL image to the normalised
     [3, 224, 224] tensor the weights expect (ImageNet mean/std; OpenAI's for OpenAI weights)."""
-    obj = safe_load(path)
+    obj = runtime.safe_load(path)
     kind = checkpoint_kind(obj)
-    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    mean, std = images.IMAGENET_MEAN, images.IMAGENET_STD
     if kind == 'ours':
         cfg = ml_collections.ConfigDict(obj['config']).model
         sd = obj['model']
@@ -211,16 +195,17 @@ def load_model(path, config=None):
         raise RuntimeError(f'{path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}')
     model.eval()
     model.kind, model.mean, model.std = kind, mean, std
+    bpe_path = Path(obj['config']['data']['bpe_path']) if kind == 'ours' else None
+    model.bpe_path = bpe_path if bpe_path is not None and bpe_path.is_file() else data.BPE_PATH
     size = cfg.image_size
-    resize = round(size * 256 / 224)
 
     def preprocess(img):
-        return data.normalize_images(data.eval_view(img, size=size, resize=resize)[None], mean, std)[0]
+        return images.normalize_images(images.eval_view(img, size=size)[None], mean, std)[0]
     return model, preprocess
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI
+# Evaluation of a model, and the CLI
 # ----------------------------------------------------------------------------------------------
 
 def _loader(ds, batch, workers):
@@ -228,49 +213,54 @@ def _loader(ds, batch, workers):
 
 
 def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, workers, device,
-             autocast, rank=0, world=1, image_size=224, resize=256):
-    """Run one task on this rank's share; every rank gets the merged metrics."""
-    ds = data.EvalDataset(val_root, val_meta, rank=rank, world=world, image_size=image_size, resize=resize)
-    mean, std = getattr(model, 'mean', data.IMAGENET_MEAN), getattr(model, 'std', data.IMAGENET_STD)
+             autocast, tokenizer, rank=0, world=1):
+    """Run one task on this rank's share; every rank gets the merged metrics. `tokenizer` is the
+    model's own vocabulary (config.data.bpe_path)."""
+    ds = data.EvalDataset(val_root, val_meta, rank=rank, world=world, image_size=model.cfg.image_size)
+    mean, std = getattr(model, 'mean', images.IMAGENET_MEAN), getattr(model, 'std', images.IMAGENET_STD)
     ctx = model.cfg.context_length
     if task == 'zeroshot':
         if class_names:  # a full list in label order, e.g. the 1,000 ImageNet names
             label_ids, names = list(range(len(class_names))), class_names
         else:            # the classes of the evaluation file, sorted by label (as the reference)
             label_ids, names = map(list, zip(*ds.classes()))
-        classifier = zero_shot_classifier(model, names, load_prompts(prompts), context_length=ctx, device=device)
+        classifier = zero_shot_classifier(model, names, load_prompts(prompts), tokenizer=tokenizer,
+                                          context_length=ctx, device=device)
         return zero_shot_eval(model, _loader(ds, batch, workers), classifier, label_ids=label_ids, device=device,
                               mean=mean, std=std, autocast=autocast)
     if task != 'retrieval':
         raise ValueError(f'unknown task {task!r} (zeroshot, retrieval)')
     if world > 1:
         raise ValueError('retrieval runs in a single process')
-    tok = data.get_tokenizer()
     img, txt = [], []
     with torch.no_grad():
-        for images, _, index in _loader(ds, batch, workers):
-            images = data.normalize_images(images.to(device), mean, std)
+        for pixels, _, index in _loader(ds, batch, workers):
             captions = [ds.records[i]['caption'] for i in index.tolist()]
             captions = [c[0] if isinstance(c, list) else c for c in captions]
             with autocast:
-                img.append(F.normalize(model.encode_image(images).float(), dim=-1))
-                txt.append(F.normalize(model.encode_text(tok(captions, ctx).to(device)).float(), dim=-1))
+                feats = model.encode_image(images.normalize_images(pixels.to(device), mean, std))
+                img.append(F.normalize(feats.float(), dim=-1))
+                txt.append(F.normalize(model.encode_text(tokenizer(captions, ctx).to(device)).float(), dim=-1))
     return {**retrieval_metrics(torch.cat(img), torch.cat(txt)), 'pairs': len(ds)}
 
 
-def main(argv):
-    from absl import flags
+def report(metrics, ckpt, task):
+    """Print the metrics and write them as JSON (--out, else beside the checkpoint)."""
+    width = max(len(k) for k in metrics)
+    print('\n'.join(f'{k:<{width}}  {v:.2f}' if isinstance(v, float) else f'{k:<{width}}  {v}'
+                    for k, v in metrics.items()))
+    out = Path(FLAGS.out or (str(Path(ckpt).with_suffix('')) + f'.{task}.json'))
+    out.write_text(json.dumps(metrics, indent=2))
+    print(f'wrote {out}')
 
-    import train
-    FLAGS = flags.FLAGS
-    rank, world, local_rank = train.dist_env()
-    device, device_type = train.setup_device(local_rank)
-    if world > 1:
-        train.init_distributed(device_type, rank, world, FLAGS.timeout_s)
-    try:
+
+def main(argv):
+    del argv
+    device, device_type = runtime.setup_device(runtime.dist_env()[2])
+    with runtime.processes(device_type, FLAGS.timeout_s) as (rank, world):
         model, _ = load_model(FLAGS.ckpt)
         model.to(device)
-        cfg = safe_load(FLAGS.ckpt).get('config') if model.kind == 'ours' else None
+        cfg = runtime.safe_load(FLAGS.ckpt).get('config') if model.kind == 'ours' else None
         val_root = FLAGS.val_root or (cfg or {}).get('data', {}).get('val_root', '')
         val_meta = FLAGS.val_meta or (cfg or {}).get('data', {}).get('val_meta', '')
         if not val_meta:
@@ -278,27 +268,16 @@ def main(argv):
         names = None
         if FLAGS.classnames:
             names = [n.strip() for n in Path(FLAGS.classnames).read_text().splitlines() if n.strip()]
-        _, autocast, _ = train.precision(FLAGS.precision, device_type)
-        size = model.cfg.image_size
+        _, autocast, _ = runtime.precision(FLAGS.precision, device_type)
         metrics = evaluate(model, val_root=val_root, val_meta=val_meta, task=FLAGS.task, prompts=FLAGS.prompts,
                            class_names=names, batch=FLAGS.batch_size, workers=FLAGS.workers, device=device,
-                           autocast=autocast, rank=rank, world=world, image_size=size,
-                           resize=round(size * 256 / 224))
+                           autocast=autocast, tokenizer=data.get_tokenizer(model.bpe_path), rank=rank, world=world)
         if rank == 0:
-            metrics = {'checkpoint': str(FLAGS.ckpt), 'kind': model.kind, 'task': FLAGS.task,
-                       'prompts': FLAGS.prompts if FLAGS.task == 'zeroshot' else None, **metrics}
-            width = max(len(k) for k in metrics)
-            print('\n'.join(f'{k:<{width}}  {v:.2f}' if isinstance(v, float) else f'{k:<{width}}  {v}'
-                            for k, v in metrics.items()))
-            out = Path(FLAGS.out or (str(Path(FLAGS.ckpt).with_suffix('')) + f'.{FLAGS.task}.json'))
-            out.write_text(json.dumps(metrics, indent=2))
-            print(f'wrote {out}')
-    finally:
-        train.finish_distributed()
+            report({'checkpoint': str(FLAGS.ckpt), 'kind': model.kind, 'task': FLAGS.task,
+                    'prompts': FLAGS.prompts if FLAGS.task == 'zeroshot' else None, **metrics}, FLAGS.ckpt, FLAGS.task)
 
 
 def define_flags():
-    from absl import flags
     flags.DEFINE_string('ckpt', None, 'checkpoint: ours (.pt), DeCLIP reference (.pth.tar) or OpenAI state dict')
     flags.DEFINE_enum('task', 'zeroshot', ['zeroshot', 'retrieval'], 'what to evaluate')
     flags.DEFINE_string('val_root', '', 'image folder (default: the checkpoint config\'s data.val_root)')
@@ -315,6 +294,5 @@ def define_flags():
 
 
 if __name__ == '__main__':
-    from absl import app
     define_flags()
     app.run(main)

@@ -1,7 +1,8 @@
-"""DeCLIP losses as pure functions of features and explicit state (reference section 2).
+"""DeCLIP losses as pure functions of features and explicit state (the NN queue goes in and comes out).
 
-Gradient accounting (DESIGN 2): features are gathered with gradient and DDP averages parameter
-gradients, so no term is divided by the world size. Only torch is imported here.
+Gradient accounting: features are gathered with gradient and DDP averages parameter gradients,
+so no term is divided by the world size (the reference divides because its framework sums
+gradients). Only torch is imported here.
 """
 import torch
 import torch.distributed as dist
@@ -80,16 +81,18 @@ def nn_lookup(*, queries, queue):
     return queue[(queries.to(queue.dtype) @ queue.T).argmax(dim=1)]
 
 
-def nn_queue_push(*, queue, ptr, feats):
-    """FIFO write of `feats` at `ptr` (in place); the reference's overflow rule: when the write
-    reaches or passes the end, fill to the end, drop the rest and restart at 0.
-    Returns (queue, new ptr); ptr is a Python int because it depends only on batch sizes."""
+def nn_queue_push(*, queue, ptr, feats, skip=None):
+    """The queue after a FIFO write of `feats` at `ptr`, and the new pointer (a new tensor: the
+    given queue is not changed). The reference's overflow rule: when the write reaches or passes
+    the end, fill to the end, drop the rest and restart at 0. Where `skip` (a 0-dim device
+    tensor) is non-zero the rows keep their values, so a skipped step changes no row without a
+    host sync; the pointer, a Python int that depends only on batch sizes, advances either way."""
     size, n = queue.shape[0], feats.shape[0]
-    if ptr + n >= size:
-        queue[ptr:] = feats[:size - ptr].to(queue.dtype)
-        return queue, 0
-    queue[ptr:ptr + n] = feats.to(queue.dtype)
-    return queue, ptr + n
+    end = min(ptr + n, size)
+    rows = feats[:end - ptr].to(queue.dtype)
+    if skip is not None:
+        rows = torch.where(skip > 0, queue[ptr:end], rows)
+    return torch.cat([queue[:ptr], rows, queue[end:]]), (0 if ptr + n >= size else ptr + n)
 
 
 def nn_clip_loss(*, images, neighbours, logit_scale, labels):
@@ -115,14 +118,15 @@ def mlm_loss(*, logits, targets):
     return F.cross_entropy(upcast(logits), targets)
 
 
-def declip_loss(features, *, queue, queue_ptr, mlm_targets=None, weights, rank=None, world_size=None):
-    """Weighted DeCLIP objective (reference 2.17): w_clip*MVS-CLIP + w_ss*SimSiam + w_mlm*MLM + w_nn*NN.
+def declip_loss(features, *, queue, mlm_targets=None, weights, rank=None, world_size=None):
+    """Weighted DeCLIP objective: w_clip*MVS-CLIP + w_ss*SimSiam + w_mlm*MLM + w_nn*NN.
 
     `features` is the model's output dict; terms whose weight is 0 or whose features are absent are
     skipped (so the CLIP baseline is this function with one view, one caption and weights (1,0,0,0)).
-    `queue` [Q, D] (unit-norm fp32) and `queue_ptr` are this rank's NN memory as it was before
-    this step; neighbours are looked up first, then the EDA and masked caption features are pushed
-    in that order. Returns (total, {term: detached value}, queue, queue_ptr).
+    `queue` [Q, D] (unit-norm fp32) is this rank's NN memory as it was before this step; the
+    neighbours are looked up in it. Returns (total, {term: detached value}, keys): `keys` are the
+    caption features to push into the queue afterwards, in the reference's order (EDA caption
+    first, then the masked caption; empty without the NN term), see nn_queue_push.
     """
     if rank is None or world_size is None:
         rank, world_size = world_info()
@@ -135,7 +139,7 @@ def declip_loss(features, *, queue, queue_ptr, mlm_targets=None, weights, rank=N
     all_images = [gather_with_grad(u) for u in images]
     all_texts = [gather_with_grad(t) for t in texts]
 
-    terms = {}
+    terms, keys = {}, []
     if weights.get('clip', 0):
         terms['clip'] = multiview_clip_loss(images=images, texts=texts, all_images=all_images,
                                             all_texts=all_texts, logit_scale=s, labels=labels)
@@ -152,10 +156,9 @@ def declip_loss(features, *, queue, queue_ptr, mlm_targets=None, weights, rank=N
         if len(neighbours) == 1:
             neighbours = neighbours * 2
         terms['nn'] = nn_clip_loss(images=images, neighbours=neighbours, logit_scale=s, labels=labels)
-        for k in reversed(keys):  # EDA view first, then the masked caption (reference order)
-            queue, queue_ptr = nn_queue_push(queue=queue, ptr=queue_ptr, feats=k)
+        keys = keys[::-1]
     total = sum(weights[name] * value for name, value in terms.items())
-    return total, {name: value.detach() for name, value in terms.items()}, queue, queue_ptr
+    return total, {name: value.detach() for name, value in terms.items()}, keys
 
 
 def init_queue(size, dim, *, generator=None, device=None):

@@ -1,30 +1,30 @@
-"""Shared defaults of every config: the reference's YFCC15M DeCLIP recipe (spec sections 1, 2, 6, 7)."""
-from pathlib import Path
+"""Shared defaults of every config: the reference's YFCC15M DeCLIP recipe (model, loss weights,
+data pipeline, optimiser and schedule).
 
+Facts used in several blocks are set once: the image size and the context length are field
+references shared by `model` and `data` (overriding either changes both), and every default path
+follows data.DATA_DIR (`data/` beside the code, or $DECLIP_DATA).
+"""
 import ml_collections
 
-DATA = Path(__file__).resolve().parents[1] / 'data'
-
-ViT_B32 = dict(vision='vit', embed_dim=512, image_size=224, patch_size=32, vision_width=768,
-               vision_layers=12, vision_heads=12)
-R50 = dict(vision='resnet', embed_dim=1024, image_size=224, patch_size=32, vision_width=64,
-           vision_layers=(3, 4, 6, 3), vision_heads=32)
+import data
+from declip import R50, ViT_B32, model_config  # noqa: F401  (R50, ViT_B32: the configs' towers)
 
 
 def base_config(vision, *, declip=True):
     """The reference run (ViT-B/32 or R50 DeCLIP, YFCC15M) as a ConfigDict; `declip=False` is the
     CLIP baseline: same data and schedule, one view, the plain caption, the CLIP loss only."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    image_size = ml_collections.FieldReference(vision['image_size'])
+    context_length = ml_collections.FieldReference(77)
+    seed = ml_collections.FieldReference(0)
+    c.seed = seed                 # weights, NN queues, augmentation streams; also data.seed
     c.max_iter = 128_001
     c.stop_at = 0                 # end this invocation after this many steps (0: at max_iter)
     c.precision = 'auto'  # bf16 on accelerators, fp32 on CPU; or 'bf16' / 'fp16' / 'fp32'
     c.compile = 'auto'            # torch.compile the encoders: 'auto' (on CUDA), 'true' or 'false'
 
-    c.model = ml_collections.ConfigDict(dict(
-        vision, freeze_conv1=True, concat_views=False, context_length=77, vocab_size=49409,
-        text_width=512, text_layers=12, text_heads=8, declip=declip, simsiam_dim=1024,
-        predictor_dim=512))
+    c.model = model_config(vision, declip=declip, image_size=image_size, context_length=context_length)
 
     weights = dict(clip=0.4, simsiam=0.2, mlm=0.2, nn=0.2) if declip else dict(clip=1.0, simsiam=0.0, mlm=0.0, nn=0.0)
     c.loss = ml_collections.ConfigDict(dict(weights, queue_size=65_536))
@@ -34,17 +34,16 @@ def base_config(vision, *, declip=True):
         train_root='', train_meta='',  # comma-separated lists of equal length
         shards='',                 # comma-separated glob patterns of .tar shards
         val_root='', val_meta='',  # ImageNet-val layout (JSON Lines with filename/label/label_name)
-        image_size=224, views=2 if declip else 1, crop_scale=(0.2, 1.0),
+        image_size=image_size, views=2 if declip else 1, crop_scale=(0.2, 1.0),
         decode='host',             # 'device': JPEG decode + crop/resize on the accelerator (torchvision)
         eda=declip, mask=declip, eda_synonyms=True,
-        bpe_path=str(DATA / 'bpe_simple_vocab_16e6.txt.gz'),
-        synonyms_path=str(DATA / 'wordnet_synonyms.tsv.gz'),
-        batch_size=128, workers=8, prefetch=4, seed=0, context_length=77,
+        bpe_path=str(data.BPE_PATH), synonyms_path=str(data.SYNONYMS_PATH),
+        batch_size=128, workers=8, prefetch=4, seed=seed, context_length=context_length,
         max_pixels=89_478_485,     # larger images are rejected as decompression bombs
         bad_window=1_000, max_bad_rate=0.1))
 
-    c.eval = ml_collections.ConfigDict(dict(
-        prompts='prompt80', batch_size=256, workers=8, image_size=224, resize=256))
+    c.eval = ml_collections.ConfigDict(dict(  # at model.image_size, shorter side resized to 256/224 of it
+        prompts='prompt80', batch_size=256, workers=8))
 
     c.log_every = 50
     c.ckpt_every = 1_000          # last.pt
@@ -62,7 +61,7 @@ def base_config(vision, *, declip=True):
     return c
 
 
-DEMO = DATA / 'demo'
+DEMO = data.DATA_DIR / 'demo'
 
 
 def tiny(c):
@@ -74,8 +73,7 @@ def tiny(c):
         c.model.update(dict(image_size=64, vision_width=16, vision_layers=(1, 1, 1, 1), vision_heads=8))
     c.model.update(dict(embed_dim=128, context_length=24, text_width=128, text_layers=3, text_heads=2,
                         simsiam_dim=256, predictor_dim=64))
-    c.data.update(dict(image_size=64, context_length=24))
-    c.eval.update(dict(image_size=64, resize=73, batch_size=200, workers=0))
+    c.eval.update(dict(batch_size=200, workers=0))
     c.loss.queue_size = 4_096
     return c
 

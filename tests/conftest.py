@@ -9,8 +9,8 @@ import pytest  # noqa: E402
 @pytest.fixture(scope='session')
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp('demo')
-    import data
-    data.make_demo(out, train=240, val=60, workers=2)
+    import prepare
+    prepare.make_demo(out, train=240, val=60, workers=2)
     return out
 
 

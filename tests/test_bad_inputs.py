@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import data
+import text
 from helpers import data_config, write_half_missing_corpus, write_jpeg
 
 
@@ -80,8 +81,8 @@ def test_every_bad_kind_is_counted_and_replaced(tmp_path):
         else:
             assert bad[kind] >= 1, (i, kind, bad)
     long = ds[(13, 5)]['text']
-    assert long[0] == data.SOT_ID and long[76] == data.EOT_ID           # truncated, not rejected
-    assert ds[(12, 5)]['text'][1] != data.EOT_ID                        # CJK caption kept
+    assert long[0] == text.SOT_ID and long[76] == text.EOT_ID           # truncated, not rejected
+    assert ds[(12, 5)]['text'][1] != text.EOT_ID                        # CJK caption kept
 
 
 def test_loader_sums_counts_per_batch(tmp_path):

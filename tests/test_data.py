@@ -12,6 +12,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 import bench
 import data
+import images
+import text
 from helpers import data_config, run_distributed, write_jpeg
 
 
@@ -82,7 +84,7 @@ def test_eval_view_is_resize_then_centre_crop():
     arr = np.random.default_rng(0).integers(0, 256, (300, 400, 3)).astype(np.uint8)
     img = Image.fromarray(arr)
     want = img.resize((341, 256), Image.BILINEAR).crop((58, 16, 282, 240))
-    assert torch.equal(data.eval_view(img), torch.from_numpy(np.asarray(want).copy()).permute(2, 0, 1))
+    assert torch.equal(images.eval_view(img), torch.from_numpy(np.asarray(want).copy()).permute(2, 0, 1))
 
 
 def write_shards(tmp_path, counts):
@@ -160,7 +162,7 @@ def test_random_resized_crop_distribution():
     W, H = 1000, 1000
     areas, logs = [], []
     for _ in range(20000):
-        left, top, w, h = data.rrc_params(W, H, rng, scale=(0.2, 0.5))
+        left, top, w, h = images.rrc_params(W, H, rng, scale=(0.2, 0.5))
         assert 0 <= left and left + w <= W and 0 <= top and top + h <= H
         areas.append(w * h / (W * H))
         logs.append(math.log(w / h))
@@ -172,10 +174,10 @@ def test_random_resized_crop_distribution():
     assert abs(np.quantile(logs, 0.75) - math.log(4 / 3) / 2) < 0.01
     # full scale range on a 500x375 photo: always inside the declared ranges
     for _ in range(2000):
-        _, _, w, h = data.rrc_params(500, 375, rng)
+        _, _, w, h = images.rrc_params(500, 375, rng)
         assert 0.2 * 187500 * 0.97 <= w * h <= 187500 and 0.74 <= w / h <= 1.35
     # an extreme aspect never fits: centre fallback clipped to the ratio range
-    assert data.rrc_params(1000, 10, rng) == ((1000 - 13) // 2, 0, 13, 10)
+    assert images.rrc_params(1000, 10, rng) == ((1000 - 13) // 2, 0, 13, 10)
 
 
 @pytest.mark.parametrize('fmt', ['PNG', 'JPEG'])
@@ -188,19 +190,19 @@ def test_train_views_are_crop_resize_flip(fmt):
     arr = (np.asarray(smooth).astype(int) + rng.integers(-20, 21, (150, 200, 3))).clip(0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format=fmt, quality=95)
-    decoded = data.to_rgb(data.open_image(buf.getvalue(), 1 << 30))
+    decoded = images.to_rgb(images.open_image(buf.getvalue(), 1 << 30))
     diffs = []
     for seed in range(8):
-        views = data.train_views(data.open_image(buf.getvalue(), 1 << 30), size=96, rng=random.Random(seed))  # < 2x: no JPEG draft
+        views = images.train_views(images.open_image(buf.getvalue(), 1 << 30), size=96, rng=random.Random(seed))  # < 2x: no JPEG draft
         rng = random.Random(seed)
-        boxes = [data.rrc_params(200, 150, rng) for _ in range(2)]
+        boxes = [images.rrc_params(200, 150, rng) for _ in range(2)]
         flips = [rng.random() < 0.5 for _ in range(2)]
         for v in range(2):
             left, top, w, h = boxes[v]
             want = decoded.crop((left, top, left + w, top + h)).resize((96, 96), Image.BILINEAR)
             if flips[v]:
                 want = want.transpose(Image.FLIP_LEFT_RIGHT)
-            diffs.append((views[v].int() - data._to_chw(want).int()).abs())
+            diffs.append((views[v].int() - images._to_chw(want).int()).abs())
     diffs = torch.stack(diffs)
     assert diffs.max() <= 1
     assert (diffs > 0).float().mean() < 0.05
@@ -209,11 +211,11 @@ def test_train_views_are_crop_resize_flip(fmt):
 def test_float_resize_matches_uint8_kernel_and_pillow():
     """The accelerator form of resize_crop (float, rounded) against the CPU uint8 kernel and Pillow."""
     arr = np.random.default_rng(3).integers(0, 256, (60, 80, 3)).astype(np.uint8)
-    pixels = data._pixels(Image.fromarray(arr))
+    pixels = images._pixels(Image.fromarray(arr))
     for box, size in [((5, 7, 70, 52), 32), ((0, 0, 80, 60), 48), ((10, 10, 40, 30), 64)]:
-        want = data._to_chw(Image.fromarray(arr).crop(box).resize((size, size), Image.BILINEAR)).int()
+        want = images._to_chw(Image.fromarray(arr).crop(box).resize((size, size), Image.BILINEAR)).int()
         crop = pixels[:, :, box[1]:box[3], box[0]:box[2]]
-        for got in (data._resize_uint8(crop, size)[0], data._resize_float(crop, size)[0]):
+        for got in (images._resize_uint8(crop, size)[0], images._resize_float(crop, size)[0]):
             assert (got.int() - want).abs().max() <= 1
 
 
@@ -221,7 +223,7 @@ def test_float_resize_matches_uint8_kernel_and_pillow():
 
 def pillow_decode(blobs):
     """Stands in for nvjpeg: a list of JPEG byte tensors -> list of uint8 [3, H, W]."""
-    return [data._pillow_decode(b, torch.device('cpu')) for b in blobs]
+    return [images._pillow_decode(b, torch.device('cpu')) for b in blobs]
 
 
 def write_mixed_corpus(folder):
@@ -259,7 +261,7 @@ def test_device_decode_batch_equals_host_batch(tmp_path):
     host, dev = batches['host'], batches['device']
     on_device = (dev['jpeg_sizes'] > 0).tolist()
     assert sum(on_device) == 4 and len(dev['host']) == 6 and dev['images'].shape[0] == 6
-    views, undecodable = data.decode_views(dev, size=40, device=torch.device('cpu'), decode=pillow_decode)
+    views, undecodable = images.decode_views(dev, size=40, device=torch.device('cpu'), decode=pillow_decode)
     assert undecodable == 0
     assert torch.equal(views, host['images'])  # same crops, same pixels, same kernel
     for key in ('text', 'text_eda', 'mlm_index', 'mlm_targets'):
@@ -276,8 +278,8 @@ def test_device_decode_retries_then_falls_back_then_replaces():
         Image.fromarray(rng.integers(0, 256, (50, 60, 3)).astype(np.uint8)).save(buf, format='JPEG')
         blobs.append(buf.getvalue())
     blobs.append(b'\xff\xd8 not a jpeg \xff\xd9')
-    samples = [data.jpeg_sample(raw, 60, 50, random.Random(i)) for i, raw in enumerate(blobs)]
-    batch = data.collate_jpeg(samples)
+    samples = [images.jpeg_sample(raw, 60, 50, random.Random(i)) for i, raw in enumerate(blobs)]
+    batch = images.collate_jpeg(samples)
     refused = {blobs[1], blobs[3]}
     calls = []
 
@@ -286,12 +288,12 @@ def test_device_decode_retries_then_falls_back_then_replaces():
         if any(bytes(b.numpy()) in refused for b in batch_blobs):
             raise RuntimeError('nvjpeg: unsupported')
         return pillow_decode(batch_blobs)
-    views, undecodable = data.decode_views(batch, size=24, device=torch.device('cpu'), decode=flaky)
+    views, undecodable = images.decode_views(batch, size=24, device=torch.device('cpu'), decode=flaky)
     assert calls == [4, 1, 1, 1, 1] and undecodable == 1
     for i in range(3):
-        pixels = data._pixels(data.to_rgb(data.open_image(blobs[i], 1 << 30)))
+        pixels = images._pixels(images.to_rgb(images.open_image(blobs[i], 1 << 30)))
         for v in range(2):
-            want = data.resize_crop(pixels, batch['boxes'][i, v].tolist(), 24, bool(batch['flips'][i, v]))
+            want = images.resize_crop(pixels, batch['boxes'][i, v].tolist(), 24, bool(batch['flips'][i, v]))
             assert torch.equal(views[i, v], want)
     assert torch.equal(views[3], views[0])
 
@@ -313,11 +315,11 @@ def _t(imgs):
 
 
 PIL_OPS = {
-    'brightness': (data.adjust_brightness, lambda im, f: ImageEnhance.Brightness(im).enhance(f), (0.6, 1.4)),
-    'contrast': (data.adjust_contrast, lambda im, f: ImageEnhance.Contrast(im).enhance(f), (0.6, 1.4)),
-    'saturation': (data.adjust_saturation, lambda im, f: ImageEnhance.Color(im).enhance(f), (0.6, 1.4)),
-    'hue': (data.adjust_hue, bench.pil_hue, (-0.1, 0.1)),
-    'blur': (data.gaussian_blur, lambda im, f: im.filter(ImageFilter.GaussianBlur(radius=f)), (0.1, 2.0)),
+    'brightness': (images.adjust_brightness, lambda im, f: ImageEnhance.Brightness(im).enhance(f), (0.6, 1.4)),
+    'contrast': (images.adjust_contrast, lambda im, f: ImageEnhance.Contrast(im).enhance(f), (0.6, 1.4)),
+    'saturation': (images.adjust_saturation, lambda im, f: ImageEnhance.Color(im).enhance(f), (0.6, 1.4)),
+    'hue': (images.adjust_hue, bench.pil_hue, (-0.1, 0.1)),
+    'blur': (images.gaussian_blur, lambda im, f: im.filter(ImageFilter.GaussianBlur(radius=f)), (0.1, 2.0)),
 }
 
 
@@ -333,7 +335,7 @@ def test_device_op_matches_pil(name):
 
 def test_grayscale_matches_pil():
     imgs = _images(4)
-    got = data.to_grayscale(_t(imgs))
+    got = images.to_grayscale(_t(imgs))
     for k, im in enumerate(imgs):
         want = _t([im.convert('L').convert('RGB')])[0]
         assert (got[k] - want).abs().max() <= 1 / 255
@@ -343,7 +345,7 @@ def test_device_augment_is_the_per_sample_pipeline():
     """Batched op-by-op on subsets == each sample on its own: its jitter order and factors,
     grayscale, blur, drawn in device_augment's documented order from the same generator."""
     imgs = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (24, 3, 12, 12)).astype(np.uint8))
-    got = data.device_augment(imgs, generator=torch.Generator().manual_seed(5), normalize=False)
+    got = images.device_augment(imgs, generator=torch.Generator().manual_seed(5), normalize=False)
     g, n = torch.Generator().manual_seed(5), len(imgs)
 
     def u(lo, hi):
@@ -352,22 +354,22 @@ def test_device_augment_is_the_per_sample_pipeline():
     factors = [u(0.6, 1.4), u(0.6, 1.4), u(0.6, 1.4), u(-0.1, 0.1)]
     order = torch.rand(n, 4, generator=g).argsort(dim=1)
     gray, blur, sigma = torch.rand(n, generator=g) < 0.2, torch.rand(n, generator=g) < 0.5, u(0.1, 2.0)
-    ops = [data.adjust_brightness, data.adjust_contrast, data.adjust_saturation, data.adjust_hue]
+    ops = [images.adjust_brightness, images.adjust_contrast, images.adjust_saturation, images.adjust_hue]
     for i in range(n):
         x = imgs[i:i + 1].float() / 255
         for k in (order[i].tolist() if jitter[i] else []):
             x = ops[k](x, factors[k][i:i + 1])
         if gray[i]:
-            x = data.to_grayscale(x)
+            x = images.to_grayscale(x)
         if blur[i]:
-            x = data.gaussian_blur(x, sigma[i:i + 1])
+            x = images.gaussian_blur(x, sigma[i:i + 1])
         torch.testing.assert_close(got[i:i + 1], x, rtol=0, atol=1e-6)
 
 
 def test_device_augment_statistics_and_determinism():
     imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (400, 3, 8, 8)).astype(np.uint8))
-    a = data.device_augment(imgs, generator=torch.Generator().manual_seed(0), normalize=False)
-    b = data.device_augment(imgs, generator=torch.Generator().manual_seed(0), normalize=False)
+    a = images.device_augment(imgs, generator=torch.Generator().manual_seed(0), normalize=False)
+    b = images.device_augment(imgs, generator=torch.Generator().manual_seed(0), normalize=False)
     assert torch.equal(a, b)
     x = imgs.float() / 255
     unchanged = (a - x).abs().amax(dim=(1, 2, 3)) < 1e-6
@@ -375,9 +377,9 @@ def test_device_augment_statistics_and_determinism():
     assert 0.04 < unchanged.float().mean() < 0.12
     gray = (a[:, 0] == a[:, 1]).all(dim=(1, 2)) & (a[:, 1] == a[:, 2]).all(dim=(1, 2))
     assert 0.15 < gray.float().mean() < 0.25
-    n = data.device_augment(imgs[:2], generator=torch.Generator().manual_seed(0))
-    raw = data.device_augment(imgs[:2], generator=torch.Generator().manual_seed(0), normalize=False)
-    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    n = images.device_augment(imgs[:2], generator=torch.Generator().manual_seed(0))
+    raw = images.device_augment(imgs[:2], generator=torch.Generator().manual_seed(0), normalize=False)
+    mean, std = torch.tensor(images.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(images.IMAGENET_STD).view(3, 1, 1)
     torch.testing.assert_close(n, (raw - mean) / std)
 
 
@@ -385,7 +387,7 @@ def test_device_augment_statistics_and_determinism():
 
 @pytest.fixture(scope='module')
 def eda():
-    return data.EDA()
+    return text.EDA(data.SYNONYMS_PATH)
 
 
 def test_synonyms_follow_wordnet_morphology(eda):
@@ -424,8 +426,8 @@ def test_swap_and_deletion(eda):
 
 def test_missing_synonym_table_message(tmp_path):
     with pytest.raises(FileNotFoundError, match='eda_synonyms=False'):
-        data.EDA(tmp_path / 'none.tsv.gz')
-    assert data.EDA(tmp_path / 'none.tsv.gz', use_synonyms=False).ops[0].__name__ == 'random_swap'
+        text.EDA(tmp_path / 'none.tsv.gz')
+    assert text.EDA(tmp_path / 'none.tsv.gz', use_synonyms=False).ops[0].__name__ == 'random_swap'
 
 
 # ---------------------------------------------------------------- loader

@@ -3,15 +3,15 @@
 The CLIP loss has no per-rank state, so world 2 must equal world 1 x batch 8 directly. The full
 DeCLIP loss has per-rank state by design (BatchNorm statistics in the SimSiam heads, per-rank MLM
 means and NN queues), so its world-1 twin evaluates the two ranks' forwards separately and
-assembles the objective the spec defines (mean over ranks of each rank's loss against all ranks'
+assembles the DeCLIP objective (mean over ranks of each rank's loss against all ranks'
 features) from the tested component losses, with plain autograd instead of collectives.
 """
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import data
 import declip
 import losses
+import text
 from helpers import run_distributed, tiny_config
 
 B, WORLD = 4, 2
@@ -21,24 +21,24 @@ def batch(declip_on):
     g = torch.Generator().manual_seed(0)
     n = B * WORLD
     images = torch.randn(n, 2 if declip_on else 1, 3, 32, 32, generator=g)
-    text = torch.randint(1, 5000, (n, 16), generator=g)
-    text[:, 0] = data.SOT_ID
+    tokens = torch.randint(1, 5000, (n, 16), generator=g)
+    tokens[:, 0] = text.SOT_ID
     for i in range(n):
-        text[i, 6 + i % 5] = data.EOT_ID
-        text[i, 7 + i % 5:] = 0
-    eda = text.roll(1, dims=1)
-    eda[:, 0] = data.SOT_ID
-    masked, labels = data.mask_tokens(text, generator=g, prob=0.3)
-    return images, text, masked, eda, labels
+        tokens[i, 6 + i % 5] = text.EOT_ID
+        tokens[i, 7 + i % 5:] = 0
+    eda = tokens.roll(1, dims=1)
+    eda[:, 0] = text.SOT_ID
+    masked, labels = text.mask_tokens(tokens, generator=g, prob=0.3)
+    return images, tokens, masked, eda, labels
 
 
 def local_inputs(rank, declip_on):
-    images, text, masked, eda, labels = batch(declip_on)
+    images, tokens, masked, eda, labels = batch(declip_on)
     sl = slice(rank * B, (rank + 1) * B)
     lab = labels[sl].flatten()
-    index = (lab != data.IGNORE_INDEX).nonzero().squeeze(1)
+    index = (lab != text.IGNORE_INDEX).nonzero().squeeze(1)
     if not declip_on:
-        return dict(images=images[sl], text=text[sl]), None
+        return dict(images=images[sl], text=tokens[sl]), None
     return dict(images=images[sl], text=masked[sl], text_eda=eda[sl], mlm_index=index), lab[index]
 
 
@@ -59,8 +59,8 @@ def worker(rank, world, declip_on, path):
     ddp = DDP(model)
     inputs, targets = local_inputs(rank, declip_on)
     out = ddp(**inputs)
-    total, terms, queue, ptr = losses.declip_loss(out, queue=queue_of(rank, cfg), queue_ptr=0,
-                                                  mlm_targets=targets, weights=dict(cfg.loss))
+    total, terms, keys = losses.declip_loss(out, queue=queue_of(rank, cfg), mlm_targets=targets,
+                                            weights=dict(cfg.loss))
     total.backward()
     value = total.detach().clone()
     torch.distributed.all_reduce(value)
@@ -73,9 +73,9 @@ def reference(declip_on):
     model, cfg = make(declip_on)
     w = dict(cfg.loss)
     if not declip_on:
-        images, text, _, _, _ = batch(False)
-        out = model(images, text)
-        total = losses.declip_loss(out, queue=None, queue_ptr=0, weights=w, rank=0, world_size=1)[0]
+        images, tokens, _, _, _ = batch(False)
+        out = model(images, tokens)
+        total = losses.declip_loss(out, queue=None, weights=w, rank=0, world_size=1)[0]
     else:
         per_rank = [local_inputs(r, True) for r in range(WORLD)]
         outs = [model(**inputs) for inputs, _ in per_rank]

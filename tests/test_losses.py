@@ -1,4 +1,4 @@
-"""Every loss term against a plain-loop float64 implementation of the spec's formulas."""
+"""Every loss term against a plain-loop float64 implementation of the reference's formulas."""
 import math
 
 import pytest
@@ -87,6 +87,21 @@ def test_queue_push_fifo_and_overflow():
     assert ptr == 0 and torch.equal(queue[4:], feats)
 
 
+def test_queue_push_is_pure_and_skip_keeps_every_row():
+    """The given queue is never written; with skip set no row changes (also when the write wraps),
+    while the pointer advances as for a normal step."""
+    queue = torch.arange(20.).reshape(10, 2)
+    before = queue.clone()
+    feats = -torch.ones(4, 2)
+    for ptr, want_ptr in ((2, 6), (8, 0), (6, 0)):   # inside, past the end, exactly to the end
+        new, new_ptr = losses.nn_queue_push(queue=queue, ptr=ptr, feats=feats, skip=torch.tensor(1.0))
+        assert new_ptr == want_ptr and torch.equal(new, before) and torch.equal(queue, before)
+        new, _ = losses.nn_queue_push(queue=queue, ptr=ptr, feats=feats, skip=torch.tensor(0.0))
+        end = min(ptr + 4, 10)
+        assert torch.equal(new[ptr:end], feats[:end - ptr]) and torch.equal(queue, before)
+        assert torch.equal(new[:ptr], before[:ptr]) and torch.equal(new[end:], before[end:])
+
+
 def test_nn_clip_loss():
     B, D, s, rank, world = 3, 4, 9.0, 1, 2
     views = [losses.normalize_image(rand(B, D, seed=k)) for k in (9, 10)]
@@ -134,8 +149,11 @@ def test_declip_loss_combines_weighted_terms_and_updates_queue():
     targets = torch.tensor([1, 2, 3, 4, 5])
     queue0 = losses.init_queue(10, D, generator=torch.Generator().manual_seed(0)).double()
     weights = dict(clip=0.4, simsiam=0.2, mlm=0.2, nn=0.2)
-    total, terms, queue, ptr = losses.declip_loss(feats, queue=queue0.clone(), queue_ptr=0, mlm_targets=targets,
-                                                  weights=weights, rank=0, world_size=1)
+    total, terms, keys = losses.declip_loss(feats, queue=queue0.clone(), mlm_targets=targets,
+                                            weights=weights, rank=0, world_size=1)
+    queue, ptr = queue0, 0
+    for k in keys:
+        queue, ptr = losses.nn_queue_push(queue=queue, ptr=ptr, feats=k)
     u = [losses.normalize_image(f) for f in feats['image']]
     t = [losses.normalize_text(feats['text']), losses.normalize_text(feats['text_eda'])]
     lab = torch.arange(B)

@@ -1,4 +1,4 @@
-"""State-dict layout against the spec's section 8 lists, parameter counts, conv1 freeze, features."""
+"""State-dict layout against the reference's key lists, parameter counts, conv1 freeze, features."""
 import pytest
 import torch
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import data
+import text
 
 KNOWN = {
     'a photo of a cat.': [320, 1125, 539, 320, 2368, 269],
@@ -16,20 +17,20 @@ def tok():
     return data.get_tokenizer()
 
 
-@pytest.mark.parametrize('text', list(KNOWN))
-def test_known_vectors(tok, text):
-    assert tok.encode(text) == KNOWN[text]
-    row = data.tokenize([text])[0].tolist()
-    n = len(KNOWN[text])
-    assert row[:n + 2] == [data.SOT_ID] + KNOWN[text] + [data.EOT_ID]
+@pytest.mark.parametrize('caption', list(KNOWN))
+def test_known_vectors(tok, caption):
+    assert tok.encode(caption) == KNOWN[caption]
+    row = data.tokenize([caption])[0].tolist()
+    n = len(KNOWN[caption])
+    assert row[:n + 2] == [text.SOT_ID] + KNOWN[caption] + [text.EOT_ID]
     assert row[n + 2:] == [0] * (77 - n - 2)
 
 
 def test_specials_and_vocab(tok):
-    assert len(tok.decoder) == data.VOCAB_SIZE == 49409
-    assert tok.encoder['<|mask|>'] == data.MASK_ID == 49406
-    assert tok.encoder['<|startoftext|>'] == data.SOT_ID == 49407
-    assert tok.encoder['<|endoftext|>'] == data.EOT_ID == 49408
+    assert len(tok.decoder) == text.VOCAB_SIZE == 49409
+    assert tok.encoder['<|mask|>'] == text.MASK_ID == 49406
+    assert tok.encoder['<|startoftext|>'] == text.SOT_ID == 49407
+    assert tok.encoder['<|endoftext|>'] == text.EOT_ID == 49408
     assert len(tok.ranks) == 48894
 
 
@@ -37,19 +38,19 @@ def test_batch_dtype_shape_and_truncation(tok):
     long = ' '.join(['cat'] * 200)
     out = data.tokenize(['a photo of a cat.', long])
     assert out.dtype == torch.int64 and out.shape == (2, 77)
-    assert out[1, 0] == data.SOT_ID and out[1, 76] == data.EOT_ID
+    assert out[1, 0] == text.SOT_ID and out[1, 76] == text.EOT_ID
     assert out[1, 1:76].tolist() == tok.encode(long)[:75]
     assert out[1].argmax() == 76
     short = data.tokenize(['a b'], context_length=5)[0].tolist()
-    assert short == [data.SOT_ID] + tok.encode('a b') + [data.EOT_ID, 0]
+    assert short == [text.SOT_ID] + tok.encode('a b') + [text.EOT_ID, 0]
 
 
 def test_decode_round_trip(tok):
-    for text in ['a photo of a red circle next to a blue square.', 'naïve café 🐶', 'x <|mask|> y']:
-        ids = data.tokenize([text])[0]
-        assert tok.decode(ids).replace(' .', '.') == data._clean(text)
+    for caption in ['a photo of a red circle next to a blue square.', 'naïve café 🐶', 'x <|mask|> y']:
+        ids = data.tokenize([caption])[0]
+        assert tok.decode(ids).replace(' .', '.') == text._clean(caption)
 
 
 def test_missing_vocabulary_message(tmp_path):
-    with pytest.raises(FileNotFoundError, match='data.py setup'):
+    with pytest.raises(FileNotFoundError, match='prepare.py setup'):
         data.Tokenizer(tmp_path / 'nope.txt.gz')

@@ -9,6 +9,8 @@ import torch
 import data
 import declip
 import evaluate
+import runtime
+import text
 import train
 from configs import demo, r50, vitb32
 from helpers import run, scalars, smoke_overrides, torchrun
@@ -16,7 +18,7 @@ from helpers import run, scalars, smoke_overrides, torchrun
 # ---------------------------------------------------------------- schedule and groups
 
 def spec_lr(t):
-    """Reference 6.2 with its own numbers: 1e-4 -> 1e-3 over 2,500 steps, cosine to 0 at 128,001."""
+    """The reference's CosineLRScheduler with its own numbers: 1e-4 -> 1e-3 over 2,500 steps, cosine to 0 at 128,001."""
     if t < 2500:
         return 1e-4 + (1e-3 - 1e-4) * (t - 1) / 2499
     return 0 + (1e-3 - 0) * 0.5 * (1 + math.cos(math.pi * (t - 2500) / (128001 - 2500)))
@@ -29,7 +31,7 @@ def test_lr_schedule(t):
 
 
 def spec_no_decay(name):
-    """Reference 6.1, by name: biases of Linear/Conv/BN/LN, BN and LN weights, logit_scale."""
+    """The reference's param_group_all, by name: biases of Linear/Conv/BN/LN, BN and LN weights, logit_scale."""
     if name == 'logit_scale':
         return True
     if name.endswith('.bias') and not name.endswith('in_proj_bias'):
@@ -84,7 +86,7 @@ def test_two_process_run_logs_checkpoints_and_resumes_exactly(tmp_path, demo_dir
     assert expected <= set(tags['scalars'])
     assert {'views/0', 'views/1'} <= set(tags['images'])
     assert sorted(losses_full) == [1, 2, 3, 4, 5, 6]
-    state = evaluate.safe_load(full / 'checkpoints' / 'last.pt')
+    state = runtime.safe_load(full / 'checkpoints' / 'last.pt')
     assert state['step'] == 6 and len(state['queues']) == 2 and state['world_size'] == 2
     assert not torch.equal(state['queues'][0], state['queues'][1])
     # the same run stopped after 3 steps and resumed: identical per-step losses
@@ -101,7 +103,7 @@ def test_two_process_run_logs_checkpoints_and_resumes_exactly(tmp_path, demo_dir
                *smoke_overrides(demo_dir, max_iter=8)])
     assert res.returncode == 0, res.stderr[-3000:]
     assert 'resuming a 2-process run with 1 processes' in res.stderr
-    assert evaluate.safe_load(part / 'checkpoints' / 'last.pt')['step'] == 8
+    assert runtime.safe_load(part / 'checkpoints' / 'last.pt')['step'] == 8
 
 
 FAKE_TORCHVISION_IO = """# stand-in for torchvision.io.decode_jpeg in tests (Pillow underneath)
@@ -218,7 +220,7 @@ def _agree(a, b, text_ids):
 def test_load_reference_pth_tar(tmp_path, vision):
     model, _ = _tiny(vision)
     sd = {f'module.{k}': v for k, v in model.state_dict().items()}
-    sd['module.logit_scale'] = sd['module.logit_scale'].reshape([])   # issue #18: scalar in some files
+    sd['module.logit_scale'] = sd['module.logit_scale'].reshape([])   # a scalar in some released files
     if vision == 'resnet':
         sd['module.visual.fc.weight'] = torch.zeros(128, 128)
         sd['module.visual.fc.bias'] = torch.zeros(128)
@@ -238,14 +240,14 @@ def test_load_openai_state_dict(tmp_path):
         if k.startswith('encode_text.') and 'token_embedding' not in k and 'text_projection' not in k:
             sd[k[len('encode_text.'):]] = v
     emb = model.encode_text.token_embedding.weight.detach()
-    openai_emb = torch.cat([emb[:49406], emb[data.SOT_ID:data.SOT_ID + 1], emb[data.EOT_ID:]])  # 49408 rows
+    openai_emb = torch.cat([emb[:49406], emb[text.SOT_ID:text.SOT_ID + 1], emb[text.EOT_ID:]])  # 49408 rows
     sd['token_embedding.weight'] = openai_emb
     sd['text_projection'] = model.encode_text.text_projection.weight.detach().T.clone()
     sd['logit_scale'] = torch.tensor(4.6052)
     torch.save(sd, tmp_path / 'openai.pt')
     loaded, preprocess = evaluate.load_model(tmp_path / 'openai.pt')
     assert loaded.kind == 'openai' and loaded.mean == evaluate.OPENAI_MEAN
-    assert torch.equal(loaded.encode_text.token_embedding.weight[data.MASK_ID], torch.zeros(emb.shape[1]))
+    assert torch.equal(loaded.encode_text.token_embedding.weight[text.MASK_ID], torch.zeros(emb.shape[1]))
     _agree(model, loaded, data.tokenize(['a blue cross', 'x'], 24))
     from PIL import Image
     x = preprocess(Image.new('RGB', (90, 70), (255, 0, 0)))
@@ -260,7 +262,7 @@ class _Evil:
 
 def test_checkpoint_needing_code_execution_is_refused(tmp_path):
     torch.save({'model': _Evil()}, tmp_path / 'evil.pt')
-    with pytest.raises(evaluate.UnsafeCheckpoint, match='refused'):
+    with pytest.raises(runtime.UnsafeCheckpoint, match='refused'):
         evaluate.load_model(tmp_path / 'evil.pt')
 
 

@@ -1,0 +1,427 @@
+"""Images: host decode and RandomResizedCrop/flip/resize to uint8 (loader workers), batched
+device-side colour jitter / grayscale / blur / normalisation, optional device JPEG decode."""
+import io
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+# ----------------------------------------------------------------------------------------------
+# Images, CPU part: decode, RandomResizedCrop, flip, resize -> uint8 (loader workers)
+# ----------------------------------------------------------------------------------------------
+
+class BadSample(Exception):
+    """A sample that cannot be built; `kind` names the failure for the counters."""
+
+    def __init__(self, kind, detail=''):
+        super().__init__(f'{kind}: {detail}')
+        self.kind = kind
+
+
+def read_bytes(source):
+    """The bytes of a path (or bytes as given); a missing or empty file is a BadSample."""
+    raw = source
+    if isinstance(source, (str, Path)):
+        try:
+            raw = Path(source).read_bytes()
+        except FileNotFoundError as e:
+            raise BadSample('missing', str(source)) from e
+    if not raw:
+        raise BadSample('empty_file', str(source) if isinstance(source, (str, Path)) else '')
+    return raw
+
+
+def open_image(source, max_pixels):
+    """Open (header only) a path or bytes as a PIL image; size checked before any decoding."""
+    from PIL import Image, UnidentifiedImageError
+    raw = read_bytes(source)
+    try:
+        img = Image.open(io.BytesIO(raw))
+    except UnidentifiedImageError as e:
+        raise BadSample('not_image', str(e)) from e
+    except Image.DecompressionBombError as e:
+        raise BadSample('too_large', str(e)) from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # header cut short
+        raise BadSample('truncated', str(e)) from e
+    if img.width * img.height > max_pixels:
+        raise BadSample('too_large', f'{img.width}x{img.height}')
+    return img
+
+
+def to_rgb(img):
+    """Decode to RGB from L/LA/P/PA/CMYK/I;16/I/RGBA sources (truncated files raise)."""
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSample('truncated', str(e)) from e
+    if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
+        img = img.point(lambda v: v * (1 / 256)).convert('L')
+    elif img.mode == 'F':
+        img = img.convert('L')
+    if img.mode in ('P', 'PA') and 'transparency' in img.info or img.mode == 'PA':
+        img = img.convert('RGBA')
+    return img.convert('RGB') if img.mode != 'RGB' else img
+
+
+def rrc_params(width, height, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision RandomResizedCrop.get_params: 10 tries, then the centre fallback.
+    Returns (left, top, w, h)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _to_chw(img):
+    """An RGB PIL image as its own contiguous uint8 [3, H, W] tensor (one copy of _pixels' view)."""
+    return _pixels(img)[0].contiguous()
+
+
+def view_boxes(width, height, rng, *, views=2, scale=(0.2, 1.0)):
+    """RandomResizedCrop boxes (left, top, w, h) and horizontal flips (p 0.5) of `views` views."""
+    boxes = [rrc_params(width, height, rng, scale) for _ in range(views)]
+    return boxes, [rng.random() < 0.5 for _ in range(views)]
+
+
+def resize_crop(pixels, box, size, flip):
+    """One view of uint8 `pixels` [1, 3, H, W]: the box (x0, y0, x1, y1) resized to size x size
+    with antialiased bilinear filtering (Pillow's BILINEAR up to rounding), then flipped."""
+    x0, y0, x1, y1 = box
+    crop = pixels[:, :, y0:y1, x0:x1]
+    view = (_resize_uint8 if crop.is_cpu else _resize_float)(crop, size)[0]
+    return view.flip(-1) if flip else view
+
+
+def _resize_uint8(crop, size):
+    """torch's CPU uint8 kernel (it wants channels-last)."""
+    crop = crop.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(crop, size=(size, size), mode='bilinear', antialias=True)
+
+
+def _resize_float(crop, size):
+    """The same filter in float, rounded back to uint8 (accelerators)."""
+    view = F.interpolate(crop.float(), size=(size, size), mode='bilinear', antialias=True)
+    return view.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def train_views(img, *, size, rng, views=2, scale=(0.2, 1.0)):
+    """Independent RandomResizedCrop(size, scale) + horizontal flip (p 0.5) views of one image,
+    uint8 [views, 3, size, size]. Crops are drawn on the full-size geometry; JPEGs are then
+    decoded at the largest DCT reduction that keeps every crop >= size (draft mode). Resizing by
+    torch's uint8 kernel is Pillow's BILINEAR resize (torchvision's crop-then-resize) up to
+    rounding (1 level, ~0.1 % of the values for photos), in half the time."""
+    width, height = img.size
+    boxes, flips = view_boxes(width, height, rng, views=views, scale=scale)
+    if img.format == 'JPEG':
+        factor = min(min(w, h) for _, _, w, h in boxes) / size
+        if factor >= 2:
+            img.draft('RGB', (int(width / factor) + 1, int(height / factor) + 1))
+    img = to_rgb(img)
+    sx, sy = img.width / width, img.height / height
+    pixels = _pixels(img)
+    out = torch.empty(views, 3, size, size, dtype=torch.uint8)
+    for v, ((left, top, w, h), flip) in enumerate(zip(boxes, flips)):
+        box = round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy)
+        out[v] = resize_crop(pixels, box, size, flip)
+    return out
+
+
+def _pixels(img):
+    """An RGB PIL image as a uint8 [1, 3, H, W] (channels-last) view of one copy of its pixels."""
+    with warnings.catch_warnings():  # read-only bytes: nothing writes to them
+        warnings.simplefilter('ignore', UserWarning)
+        pixels = torch.frombuffer(img.tobytes(), dtype=torch.uint8)
+    return rearrange(pixels, '(h w c) -> 1 c h w', h=img.height, w=img.width)
+
+
+def eval_resize(size):
+    """The shorter side before the centre crop: 256 for 224, the ImageNet convention, scaled."""
+    return round(size * 256 / 224)
+
+
+def eval_view(img, *, size=224, resize=None):
+    """Resize the shorter side to `resize` (default eval_resize(size); bilinear), centre-crop
+    `size`: uint8 [3, size, size]."""
+    from PIL import Image
+    resize = resize or eval_resize(size)
+    img = to_rgb(img)
+    w, h = img.size
+    if w <= h:
+        nw, nh = resize, int(resize * h / w)
+    else:
+        nw, nh = int(resize * w / h), resize
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    return _to_chw(img.crop((left, top, left + size, top + size)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Images, device part: batched colour jitter / grayscale / blur / normalise
+# ----------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _gray(x):
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _per_sample(v, x):
+    return v.to(x.dtype).view(-1, 1, 1, 1)
+
+
+def adjust_brightness(x, factor):
+    return (x * _per_sample(factor, x)).clamp(0, 1)
+
+
+def adjust_contrast(x, factor):
+    """Blend with the mean of the grayscale image (PIL ImageEnhance.Contrast)."""
+    f = _per_sample(factor, x)
+    return (x * f + _gray(x).mean(dim=(1, 2, 3), keepdim=True) * (1 - f)).clamp(0, 1)
+
+
+def adjust_saturation(x, factor):
+    f = _per_sample(factor, x)
+    return (x * f + _gray(x) * (1 - f)).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """Rotate hue by `shift` (fraction of the circle) exactly as PIL does it for torchvision's
+    adjust_hue: RGB -> 8-bit HSV (H and S truncated, a 255-step hue circle), H += trunc(255*shift)
+    with uint8 wrap-around, HSV -> RGB with rounding. Pillow's mix of float32 and float64
+    arithmetic is reproduced, so results match it to the bit on 8-bit inputs."""
+    q = torch.round(x.float() * 255)
+    maxc, _ = q.max(dim=1)
+    minc, _ = q.min(dim=1)
+    delta = maxc - minc
+    d = delta.clamp_min(1)
+    r, g, b = q.unbind(1)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d          # float32, as Pillow
+    rc, gc, bc, h0 = rc.double(), gc.double(), bc.double(), (bc - gc).double()
+    h = torch.where(r == maxc, h0, torch.where(g == maxc, 2.0 + rc - bc, 4.0 + gc - rc)).float()
+    h = torch.fmod(h.double() / 6.0 + 1.0, 1.0).float()                   # double, stored as float
+    gray = delta == 0
+    hq = torch.where(gray, 0.0, torch.floor(h.double() * 255.0))
+    sq = torch.where(gray, 0.0, torch.floor((delta / maxc.clamp_min(1)).double() * 255.0))
+    step = torch.trunc(_per_sample(shift, x)[:, 0].double() * 255)
+    hq = torch.remainder(hq + step, 256)
+    i = torch.floor(hq * 6.0 / 255.0)
+    f = (hq * 6.0 / 255.0 - i).float().double()
+    fs = (sq / 255.0).float().double()
+    v = maxc.double()
+    p = torch.floor(v * (1.0 - fs) + 0.5)
+    qq = torch.floor(v * (1.0 - fs * f) + 0.5)
+    t = torch.floor(v * (1.0 - fs * (1.0 - f)) + 0.5)
+    # the six hue sectors pick (v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)
+    i = i.remainder(6)
+    red = torch.where((i == 0) | (i == 5), v, torch.where(i == 1, qq, torch.where(i == 4, t, p)))
+    green = torch.where((i == 1) | (i == 2), v, torch.where(i == 0, t, torch.where(i == 3, qq, p)))
+    blue = torch.where((i == 3) | (i == 4), v, torch.where(i == 2, t, torch.where(i == 5, qq, p)))
+    out = torch.where((sq == 0).unsqueeze(1), v.unsqueeze(1), torch.stack([red, green, blue], dim=1))
+    return (out / 255).to(x.dtype)
+
+
+def to_grayscale(x, _param=None):
+    """Luma in all three channels (PIL convert('L') then 'RGB'); `_param` keeps the op signature."""
+    return _gray(x).expand_as(x)
+
+
+def _box_radius(sigma, passes=3):
+    """Pillow's extended-box radius whose `passes` box blurs have variance sigma^2."""
+    sigma2 = sigma * sigma / passes
+    big_l = torch.sqrt(12.0 * sigma2 + 1.0)
+    l = torch.floor((big_l - 1.0) / 2.0)
+    a = (2 * l + 1) * (l * (l + 1) - 3 * sigma2) / (6 * (sigma2 - (l + 1) * (l + 1)))
+    return l + a
+
+
+def gaussian_blur(x, sigma, max_sigma=2.0):
+    """PIL ImageFilter.GaussianBlur(radius=sigma) semantics: three extended box blurs along rows,
+    then three along columns, edges extended, 8-bit rounding after each pass; per-sample
+    sigma <= max_sigma.
+    The kernel width comes from max_sigma, so nothing is read back from the device."""
+    n, c, h, w = x.shape
+    radius = _box_radius(sigma.to(torch.float64)).to(x.dtype)
+    taps = int(_box_radius(torch.tensor(float(max_sigma), dtype=torch.float64))) + 1
+    offsets = torch.arange(-taps, taps + 1, device=x.device, dtype=x.dtype)
+    r = radius.view(-1, 1)
+    inner = torch.floor(r)
+    weight = torch.where(offsets.abs() <= inner, torch.ones_like(offsets * r),
+                         torch.where(offsets.abs() == inner + 1, r - inner, torch.zeros_like(offsets * r)))
+    weight = weight / (2 * r + 1)
+    kernel = weight.repeat_interleave(c, dim=0)  # [n*c, 2*taps+1]
+    y = x.reshape(1, n * c, h, w)
+    for dim in (3, 2):
+        k = kernel.view(n * c, 1, 1, -1) if dim == 3 else kernel.view(n * c, 1, -1, 1)
+        pad = (taps, taps, 0, 0) if dim == 3 else (0, 0, taps, taps)
+        for _ in range(3):  # PIL rounds to 8 bits after every pass
+            y = F.conv2d(F.pad(y, pad, mode='replicate'), k, groups=n * c)
+            y = torch.floor(y * 255 + 0.5) / 255
+    return y.view(n, c, h, w)
+
+
+def _plan_on_device(plan, device):
+    """[(op, host mask, host per-sample parameter)] -> [(op, count, indices, parameters)] with
+    the indices of the flagged samples and their parameters on `device`: one host-to-device
+    copy for all ops (pinned, asynchronous), and every count known on the host."""
+    index = [mask.nonzero().squeeze(1) for _, mask, _ in plan]
+    flat_index = torch.cat(index)
+    flat_param = torch.cat([param[i].float() for (_, _, param), i in zip(plan, index)])
+    if device.type != 'cpu':
+        flat_index = flat_index.pin_memory().to(device, non_blocking=True)
+        flat_param = flat_param.pin_memory().to(device, non_blocking=True)
+    counts = [len(i) for i in index]
+    return [(op, n, i, f) for (op, _, _), n, i, f in zip(plan, counts, flat_index.split(counts), flat_param.split(counts))]
+
+
+def device_augment(images, *, generator, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4,
+                   hue=0.1, gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), normalize=True):
+    """MoCo v2 colour ops on a uint8 batch [N, 3, H, W] on its own device: with p jitter_p
+    ColorJitter (the four ops in a random order per sample), grayscale with p gray_p, PIL-style
+    Gaussian blur with p blur_p; then ImageNet normalisation. The per-sample choices and
+    parameters are drawn on the host from the CPU `generator`, so each op runs only on the
+    samples that get it and nothing is read back from the device."""
+    n = images.shape[0]
+
+    def u(lo, hi):
+        return torch.rand(n, generator=generator) * (hi - lo) + lo
+
+    jitter = torch.rand(n, generator=generator) < jitter_p
+    factors = [u(1 - brightness, 1 + brightness), u(1 - contrast, 1 + contrast),
+               u(1 - saturation, 1 + saturation), u(-hue, hue)]
+    order = torch.rand(n, 4, generator=generator).argsort(dim=1)
+    gray = torch.rand(n, generator=generator) < gray_p
+    blur = torch.rand(n, generator=generator) < blur_p
+    sigma = u(*blur_sigma)
+    ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
+    plan = [(ops[k], jitter & (order[:, slot] == k), factors[k]) for slot in range(4) for k in range(4)]
+    plan += [(to_grayscale, gray, sigma),
+             (lambda y, s: gaussian_blur(y, s, max_sigma=blur_sigma[1]), blur, sigma)]
+    x = images.float() / 255
+    for op, count, index, param in _plan_on_device(plan, x.device):
+        if count:
+            x.index_copy_(0, index, op(x.index_select(0, index), param))
+    return normalize_images(x) if normalize else x
+
+
+def _stats(x, mean, std):
+    return (torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1),
+            torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1))
+
+
+def normalize_images(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Float [0, 1] (or uint8) images [N, 3, H, W] -> normalised (ImageNet mean/std by default)."""
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    mean, std = _stats(x, mean, std)
+    return (x - mean) / std
+
+
+def denormalize_images(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The inverse of normalize_images, clamped to [0, 1] (for looking at views)."""
+    mean, std = _stats(x, mean, std)
+    return (x * std + mean).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images, optional device JPEG decode (data.decode='device'): workers send bytes and crop boxes
+# ----------------------------------------------------------------------------------------------
+
+def device_decodable(raw, img):
+    """YCbCr or grayscale JPEGs that end with their end-of-image marker go to the device; others
+    (CMYK, truncated files, trailing bytes, other formats) are decoded here, where a bad file
+    becomes a bad sample that is replaced like any other."""
+    return img.format == 'JPEG' and img.mode in ('RGB', 'L') and raw[-2:] == b'\xff\xd9'
+
+
+def jpeg_sample(raw, width, height, rng, *, views=2, scale=(0.2, 1.0)):
+    """A JPEG's bytes with the crop boxes (x0, y0, x1, y1) and flips its views will get on the
+    device; the random draws are the host path's (train_views), so both modes crop alike."""
+    boxes, flips = view_boxes(width, height, rng, views=views, scale=scale)
+    return {'jpeg': torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+            'boxes': torch.tensor([(x, y, x + w, y + h) for x, y, w, h in boxes]),
+            'flips': torch.tensor(flips)}
+
+
+def collate_jpeg(samples):
+    """The device-decode part of a batch: all JPEG bytes in one tensor with per-sample sizes
+    (0 for samples decoded on the host), boxes, flips and the indices of host-decoded samples."""
+    views = next(s['boxes'].shape[0] for s in samples if 'jpeg' in s)
+    return {'jpeg': torch.cat([s['jpeg'] for s in samples if 'jpeg' in s]),
+            'jpeg_sizes': torch.tensor([s['jpeg'].numel() if 'jpeg' in s else 0 for s in samples]),
+            'boxes': torch.stack([s.get('boxes', torch.zeros(views, 4, dtype=torch.long)) for s in samples]),
+            'flips': torch.stack([s.get('flips', torch.zeros(views, dtype=torch.bool)) for s in samples]),
+            'host': torch.tensor([i for i, s in enumerate(samples) if 'jpeg' not in s], dtype=torch.long)}
+
+
+def nvjpeg_decoder(device):
+    """torchvision's batched decode_jpeg on `device` (nvjpeg on CUDA); imported only when used."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError as e:
+        raise RuntimeError("data.decode='device' needs torchvision (with its image extension)") from e
+    return lambda blobs: decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+
+
+def _pillow_decode(blob, device):
+    """The host fallback for one JPEG the device decoder refused: uint8 [3, H, W] or None."""
+    try:
+        img = to_rgb(open_image(bytes(blob.numpy()), 1 << 62))
+    except BadSample:
+        return None
+    return _pixels(img)[0].to(device)
+
+
+def decode_views(batch, *, size, device, decode=None):
+    """(uint8 views [B, V, 3, size, size] on `device`, number of undecodable images) of a
+    device-decode batch. JPEGs are decoded in one call of `decode` (default nvjpeg_decoder); when
+    it fails, each image is retried alone and then with Pillow. Views are resize_crop's of the
+    sent boxes; host-decoded samples are copied in; an image nothing decodes takes the views of
+    the batch's first good sample (and is counted, like any bad sample)."""
+    decode = decode or nvjpeg_decoder(device)
+    boxes, flips, sizes = batch['boxes'].tolist(), batch['flips'].tolist(), batch['jpeg_sizes'].tolist()
+    out = torch.empty(len(sizes), len(boxes[0]), 3, size, size, dtype=torch.uint8, device=device)
+    if 'images' in batch:
+        out[batch['host'].to(device)] = batch['images'].to(device, non_blocking=True)
+    index = [i for i, n in enumerate(sizes) if n]
+    blobs = list(torch.split(batch['jpeg'], [sizes[i] for i in index]))
+    try:
+        images = decode(blobs)
+    except RuntimeError:
+        images = []
+        for blob in blobs:
+            try:
+                images.append(decode([blob])[0])
+            except RuntimeError:
+                images.append(_pillow_decode(blob, device))
+    failed = []
+    for i, img in zip(index, images):
+        if img is None:
+            failed.append(i)
+            continue
+        for v, (box, flip) in enumerate(zip(boxes[i], flips[i])):
+            out[i, v] = resize_crop(img[None], box, size, flip)
+    if failed:
+        good = next((i for i in range(len(sizes)) if i not in failed), None)
+        if good is None:
+            raise RuntimeError(f'no image of a {len(sizes)}-sample batch could be decoded')
+        out[failed] = out[good].clone()
+    return out, len(failed)
+
