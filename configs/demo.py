@@ -1,6 +1,6 @@
 """The embedded demo: a tiny DeCLIP ViT on the generated shapes corpus, ~7 minutes on 2 CPU cores.
 
-    python data.py make-demo                      # once: data/demo (20k train / 2k val pairs)
+    python prepare.py make-demo                   # once: data/demo (20k train / 2k val pairs)
     python train.py --config configs/demo.py --workdir runs/demo
     python train.py --config configs/demo.py:clip --workdir runs/demo_clip   # CLIP-baseline twin
 """

@@ -64,6 +64,20 @@ def test_gpu_smoke_keeps_the_full_model_on_demo_data(config):
     assert smoke.max_iter == 200 and smoke.data.train_meta.endswith('demo/train.jsonl')
 
 
+def test_each_config_fact_is_set_once(tmp_path):
+    """Image size, context length and seed are one value each; every default path follows the
+    data-folder rule ($DECLIP_DATA)."""
+    for config in (demo.get_config('smoke'), r50.get_config()):
+        config.data.image_size, config.model.context_length, config.data.seed = 48, 20, 7
+        assert (config.model.image_size, config.data.context_length, config.seed) == (48, 20, 7)
+    code = ('from configs import demo; c = demo.get_config(); '
+            'print(c.data.bpe_path, c.data.synonyms_path, c.data.train_meta, c.data.val_root)')
+    res = run(['-c', code], env={'DECLIP_DATA': str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    paths = res.stdout.split()
+    assert len(paths) == 4 and all(p.startswith(str(tmp_path)) for p in paths), paths
+
+
 # ---------------------------------------------------------------- config errors
 
 def test_unknown_override_key_names_it(tmp_path):
@@ -153,10 +167,14 @@ def test_device_decode_without_torchvision_fails_before_work(tmp_path, demo_dir)
 
 
 def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, demo_dir):
+    vocabulary = tmp_path / 'vocab' / data.BPE_PATH.name   # the run's own copy of the vocabulary
+    vocabulary.parent.mkdir()
+    vocabulary.write_bytes(data.BPE_PATH.read_bytes())
     res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path),
-               *smoke_overrides(demo_dir, max_iter=2)])
+               *smoke_overrides(demo_dir, max_iter=2, **{'data.bpe_path': vocabulary})])
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = tmp_path / 'checkpoints' / 'last.pt'
+    assert evaluate.load_model(ckpt)[0].bpe_path == vocabulary   # evaluation tokenizes with it
     res = run(['evaluate.py', '--ckpt', str(ckpt), '--prompts', 'prompt8', '--workers', '0'])
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / 'checkpoints' / 'last.zeroshot.json').read_text())
