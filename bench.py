@@ -1,14 +1,14 @@
 """Speed and memory benchmarks; a table on stdout and JSON in --out.
 
-    python bench.py data                       # host pipeline variants per core, device ops on CPU, meta index
-    python bench.py step --config configs/vitb32.py --batch 256      # add --compile on CUDA, --decode device
-    python bench.py parts --config configs/r50.py --batch 256        # each speed choice vs its former form
-    python bench.py precision --config configs/vitb32.py --batch 128 # bf16 losses against fp32
-    python bench.py e2e --workers 16 --step-ms 71                     # real loader over JPEG files
+    python bench.py data                                       # host pipeline per core, device ops on CPU, meta index
+    python bench.py step --config=configs/vitb32.py --batch=256  # add --compile on CUDA, --decode=device
+    python bench.py parts --config=configs/r50.py --batch=256    # each speed choice vs its former form
+    python bench.py precision --config=configs/vitb32.py --batch=128  # bf16 losses against fp32
+    python bench.py e2e --workers=16 --step_ms=71                # real loader over JPEG files
 
-Every mode also runs on CPU with tiny settings so that tests can smoke it (not time it).
+The mode comes first; flags a mode does not use are ignored. `step` and `precision` time
+train.train_step, the loop's own step. Every mode runs on CPU with tiny settings (tests smoke it).
 """
-import argparse
 import copy
 import json
 import math
@@ -18,20 +18,24 @@ import random
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
+from unittest import mock
 
 import torch
+from absl import app, flags
 
 import data
+import declip
+import images
 import losses
+import runtime
+import text
+import train
 
+FLAGS = flags.FLAGS
 ROOT = Path(__file__).resolve().parent
 BENCH_IMAGES = ROOT.parent / 'shared' / 'bench_images'
-
-
-def _machine():
-    return {'machine': platform.machine(), 'cpu_count': os.cpu_count(), 'torch': torch.__version__,
-            'python': platform.python_version(), 'date': time.strftime('%Y-%m-%d')}
 
 
 def _image_files(folder, limit):
@@ -39,10 +43,6 @@ def _image_files(folder, limit):
     if not files:
         raise FileNotFoundError(f'no .jpg files in {folder} (--images)')
     return files
-
-
-def _images(folder, limit):
-    return [f.read_bytes() for f in _image_files(folder, limit)]
 
 
 def _rates(fns, items, min_seconds, chunk=20):
@@ -61,17 +61,17 @@ def _rates(fns, items, min_seconds, chunk=20):
 
 
 def pil_views(raw, rng, size=224):
-    """The previous CPU part, for comparison: like data.train_views, but Pillow's crop + BILINEAR
+    """The previous CPU part, for comparison: like images.train_views, but Pillow's crop + BILINEAR
     resize + flip (torchvision's RandomResizedCrop on PIL images, exactly)."""
     from PIL import Image
-    img = data.to_rgb(data.open_image(raw, 1 << 30))
+    img = images.to_rgb(images.open_image(raw, 1 << 30))
     out = torch.empty(2, 3, size, size, dtype=torch.uint8)
     for v in range(2):
-        left, top, w, h = data.rrc_params(img.width, img.height, rng)
+        left, top, w, h = images.rrc_params(img.width, img.height, rng)
         view = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
         if rng.random() < 0.5:
             view = view.transpose(Image.FLIP_LEFT_RIGHT)
-        out[v] = data._to_chw(view)
+        out[v] = images._to_chw(view)
     return out
 
 
@@ -85,7 +85,7 @@ def moco_pil_views(raw, rng, size=224):
     img = Image.open(io.BytesIO(raw)).convert('RGB')
     out = []
     for _ in range(2):
-        left, top, w, h = data.rrc_params(img.width, img.height, rng)
+        left, top, w, h = images.rrc_params(img.width, img.height, rng)
         v = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
         if rng.random() < 0.8:
             ops = [lambda x: ImageEnhance.Brightness(x).enhance(rng.uniform(0.6, 1.4)),
@@ -102,7 +102,7 @@ def moco_pil_views(raw, rng, size=224):
         if rng.random() < 0.5:
             v = v.transpose(Image.FLIP_LEFT_RIGHT)
         arr = np.asarray(v, dtype=np.float32) / 255
-        out.append(torch.from_numpy((arr - data.IMAGENET_MEAN) / data.IMAGENET_STD).permute(2, 0, 1))
+        out.append(torch.from_numpy((arr - images.IMAGENET_MEAN) / images.IMAGENET_STD).permute(2, 0, 1))
     return torch.cat(out)
 
 
@@ -118,19 +118,19 @@ def pil_hue(img, shift):
 
 
 def bench_data(args):
+    """Host pipeline variants per core (one thread), the device colour ops on CPU, the meta index."""
     torch.set_num_threads(1)
-    images = _images(args.images, args.limit)
+    raws = [f.read_bytes() for f in _image_files(args.images, args.limit)]
     rng = random.Random(0)
     rates = _rates({
         'full': lambda raw: moco_pil_views(raw, rng),
         'pil': lambda raw: pil_views(raw, rng),
-        'cpu_part': lambda raw: data.train_views(data.open_image(raw, 1 << 30), size=224, rng=rng),
-        'decode': lambda raw: data.to_rgb(data.open_image(raw, 1 << 30))}, images, args.seconds)
+        'cpu_part': lambda raw: images.train_views(images.open_image(raw, 1 << 30), size=224, rng=rng),
+        'decode': lambda raw: images.to_rgb(images.open_image(raw, 1 << 30))}, raws, args.seconds)
     batch = torch.randint(0, 256, (2 * args.device_pairs, 3, 224, 224), dtype=torch.uint8)
-    gen = torch.Generator().manual_seed(0)
-    data.device_augment(batch[:4], generator=gen)
-    start = time.perf_counter()
-    data.device_augment(batch, generator=gen)
+    for views in (batch[:4], batch):  # warm-up, then timed
+        start = time.perf_counter()
+        images.device_augment(views, generator=torch.Generator().manual_seed(0))
     device_s = time.perf_counter() - start
     index = bench_index(args.index_lines)
     full = rates['full']
@@ -147,7 +147,7 @@ def bench_data(args):
     return rows, {'cpu_part_pairs_per_s_core': rates['cpu_part'], 'pil_views_pairs_per_s_core': rates['pil'],
                   'full_pil_pairs_per_s_core': full, 'decode_img_per_s_core': rates['decode'],
                   'device_ops_ms': device_s * 1000, 'device_pairs': args.device_pairs, 'index': index,
-                  'images': len(images)}
+                  'images': len(raws)}
 
 
 def bench_index(lines):
@@ -172,83 +172,53 @@ def _synthetic_batch(cfg, batch, device, seed=0):
     """uint8 views, captions with eot, EDA captions and MLM positions, as the loader yields them."""
     g = torch.Generator().manual_seed(seed)
     size, length, views = cfg.model.image_size, cfg.model.context_length, cfg.data.views
-    text = torch.randint(1, 40_000, (batch, length), generator=g)
-    text[:, 0] = data.SOT_ID
-    text[:, length // 2] = data.EOT_ID
-    text[:, length // 2 + 1:] = 0
+    tokens = torch.randint(1, 40_000, (batch, length), generator=g)
+    tokens[:, 0] = text.SOT_ID
+    tokens[:, length // 2] = text.EOT_ID
+    tokens[:, length // 2 + 1:] = 0
     out = {'images': torch.randint(0, 256, (batch, views, 3, size, size), dtype=torch.uint8, generator=g)}
     if cfg.data.mask:
-        text, labels = data.mask_tokens(text, generator=g)
-        out['mlm_index'], out['mlm_targets'] = data.mlm_positions(labels)
-    out['text'] = text
+        tokens, labels = text.mask_tokens(tokens, generator=g)
+        out['mlm_index'], out['mlm_targets'] = text.mlm_positions(labels)
+    out['text'] = tokens
     if cfg.data.eda:
-        out['text_eda'] = text.roll(1, dims=0)
+        out['text_eda'] = tokens.roll(1, dims=0)
     return {k: v.to(device) for k, v in out.items()}
-
-
-def _sync(device):
-    """Wait for the accelerator's queued work (nothing to wait for on CPU)."""
-    if device.type != 'cpu':
-        torch.accelerator.synchronize()
 
 
 def matmul_peak_tflops(device, dtype, n):
     """Measured dense matmul throughput (the MFU denominator), TFLOP/s."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    reps, start = 10, time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for reps in (3, 10):  # warm-up, then timed
+        runtime.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        runtime.synchronize(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def _trainer(cfg, precision, device):
-    """(model, step): the training step of train.py without DDP or logging, on train.py's model
-    and optimiser (cfg.compile decides compilation): device augmentation, forward, declip_loss,
-    backward, fused AdamW, logit-scale clamp. step(batch, generator) -> loss."""
-    import train
-    device_type = device.type
-    _, autocast, use_scaler = train.precision(precision, device_type)
-    torch.manual_seed(0)
-    model = train.build_model(cfg, device)
-    opt = train.build_optimizer(model, cfg.optim, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=use_scaler)
-    queue = losses.init_queue(cfg.loss.queue_size, cfg.model.embed_dim, device=device,
-                              generator=torch.Generator().manual_seed(0)) if cfg.model.declip else None
-    weights = {k: cfg.loss[k] for k in ('clip', 'simsiam', 'mlm', 'nn')}
-    state = {'queue': queue, 'ptr': 0}
+def trainer(cfg, device):
+    """step(batch) -> the step's loss (a device tensor): train.train_step, the training loop's own
+    step (device views and colour ops, forward, declip_loss, non-finite skip, NN queue push,
+    backward, AdamW with found_inf, logit-scale clamp), from train.build_state's fresh state
+    (initial weights from cfg.seed, cfg.precision and cfg.compile as the loop takes them). Each
+    call is the next step: its own LR and augmentation stream, (cfg.seed, step)."""
+    state = train.build_state(cfg, device)
+    _, autocast, _ = runtime.precision(cfg.precision, device.type)
 
-    def step(batch, gen):
-        views = data.device_augment(batch['images'].flatten(0, 1), generator=gen).view(batch['images'].shape)
-        with autocast:
-            out = model(views, batch['text'], text_eda=batch.get('text_eda'), mlm_index=batch.get('mlm_index'))
-        total, _, state['queue'], state['ptr'] = losses.declip_loss(
-            out, queue=state['queue'], queue_ptr=state['ptr'], mlm_targets=batch.get('mlm_targets'),
-            weights=weights, rank=0, world_size=1)
-        scaler.scale(total).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        model.clamp_logit_scale_()
-        return total.detach()
-    return model, step
+    def step(batch):
+        return train.train_step(state, batch, cfg=cfg, autocast=autocast)['loss']['total']
+    return step
 
 
 def _jpeg_batch(cfg, batch, folder):
     """A device-decode batch (JPEG bytes, boxes, flips) of `batch` files from `folder`, cycled."""
-    raws = _images(folder, batch)
-    rng = random.Random(0)
-    samples = []
-    for i in range(batch):
-        raw = raws[i % len(raws)]
-        img = data.open_image(raw, 1 << 30)
-        samples.append(data.jpeg_sample(raw, img.width, img.height, rng, views=cfg.data.views,
-                                        scale=tuple(cfg.data.crop_scale)))
-    return data.collate_jpeg(samples)
+    raws = [f.read_bytes() for f in _image_files(folder, batch)]
+    raws = [(raw, *images.open_image(raw, 1 << 30).size) for raw in raws]
+    rng, scale = random.Random(0), tuple(cfg.data.crop_scale)
+    return images.collate_jpeg([images.jpeg_sample(*raws[i % len(raws)], rng, views=cfg.data.views, scale=scale)
+                                for i in range(batch)])
 
 
 def _host_syncs(step, device_type):
@@ -265,51 +235,42 @@ def _host_syncs(step, device_type):
         torch.cuda.set_sync_debug_mode('default')
 
 
-def bench_step(args):
-    """Training-step throughput on synthetic in-memory batches: device augmentation, forward,
-    declip_loss, backward, fused AdamW step, logit-scale clamp; FLOPs counted by torch."""
+def _time_step(step, device, warmup, steps):
+    """(seconds per step, FLOPs of one step, whether a step synchronises with the host)."""
     from torch.utils.flop_counter import FlopCounterMode
-
-    import train
-    cfg = _load_config(args.config, compile=args.compile)
-    device, device_type = train.setup_device(0)
-    _, step_fn = _trainer(cfg, args.precision, device)
-    batch = _synthetic_batch(cfg, args.batch, device)
-    gen = torch.Generator().manual_seed(0)
-    if args.decode == 'device':  # the step starts from JPEG bytes: nvjpeg decode, crop, resize
-        jpegs = _jpeg_batch(cfg, args.batch, args.images)
-        decode = data.nvjpeg_decoder(device)
-
-        def step():
-            images, _ = data.decode_views(jpegs, size=cfg.model.image_size, device=device, decode=decode)
-            return step_fn({**batch, 'images': images}, gen)
-    else:
-        def step():
-            return step_fn(batch, gen)
-
-    if device_type != 'cpu':
-        torch.accelerator.reset_peak_memory_stats()
-    for _ in range(args.warmup):
+    runtime.reset_peak_memory(device.type)
+    for _ in range(warmup):
         step()
     with FlopCounterMode(display=False) as counter:
         step()
-    flops = counter.get_total_flops()
-    syncs = _host_syncs(step, device_type)
-    _sync(device)
+    syncs = _host_syncs(step, device.type)
+    runtime.synchronize(device)
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         total = step()
     float(total)
-    _sync(device)
-    step_s = (time.perf_counter() - start) / args.steps
+    runtime.synchronize(device)
+    return (time.perf_counter() - start) / steps, counter.get_total_flops(), syncs
+
+
+def bench_step(args):
+    """Throughput of train.train_step on one synthetic in-memory batch (with --decode=device its
+    JPEG bytes: decode, crop and resize happen in the step); FLOPs counted by torch."""
+    cfg = _load_config(args.config, compile=args.compile, precision=args.precision)
+    device, device_type = runtime.setup_device(0)
+    batch = _synthetic_batch(cfg, args.batch, device)
+    if args.decode == 'device':
+        batch = {**{k: v for k, v in batch.items() if k != 'images'}, **_jpeg_batch(cfg, args.batch, args.images)}
+    step = trainer(cfg, device)
+    step_s, flops, syncs = _time_step(lambda: step(batch), device, args.warmup, args.steps)
     peak = matmul_peak_tflops(device, torch.bfloat16 if device_type != 'cpu' else torch.float32,
                               args.matmul_n or (8192 if device_type != 'cpu' else 1024))
-    mem = train.peak_memory_gib(device_type)
+    mem = runtime.peak_memory_gib(device_type)
     tflops = flops / step_s / 1e12
     result = {'config': args.config, 'batch': args.batch, 'device': str(device), 'precision': args.precision,
-              'compile': args.compile, 'decode': args.decode, 'img_per_s': args.batch / step_s, 'step_ms': step_s * 1000,
-              'tflops': tflops, 'matmul_peak_tflops': peak, 'mfu': tflops / peak, 'peak_mem_gib': mem,
-              'flops_per_step': flops, 'host_syncs_in_step': syncs}
+              'compile': args.compile, 'decode': args.decode, 'img_per_s': args.batch / step_s,
+              'step_ms': step_s * 1000, 'tflops': tflops, 'matmul_peak_tflops': peak, 'mfu': tflops / peak,
+              'peak_mem_gib': mem, 'flops_per_step': flops, 'host_syncs_in_step': syncs}
     label = f'{args.config} batch {args.batch} {args.precision}' + ' compiled' * args.compile
     rows = [(label + ' device JPEG decode' * (args.decode == 'device'),
              f'{result["img_per_s"]:.1f} img/s', f'{result["step_ms"]:.1f} ms/step',
@@ -318,17 +279,15 @@ def bench_step(args):
 
 
 def bench_precision(args):
-    """Low precision against fp32 from the same initial weights over the same batches: every
-    loss finite, and the first --compare losses within --rtol of fp32's."""
-    import train
-    cfg = _load_config(args.config, compile=args.compile)
-    device, device_type = train.setup_device(0)
+    """Low precision against fp32 from the same initial weights over the same batches (the same
+    train.train_step): every loss finite, and the first --compare losses within --rtol of fp32's."""
+    device, _ = runtime.setup_device(0)
     names = ('fp32', args.precision if args.precision != 'auto' else 'bf16')
     runs = {}
     for name in names:
-        _, step = _trainer(cfg, name, device)
-        gen = torch.Generator().manual_seed(0)
-        runs[name] = torch.stack([step(_synthetic_batch(cfg, args.batch, device, seed=t), gen)
+        cfg = _load_config(args.config, compile=args.compile, precision=name)
+        step = trainer(cfg, device)
+        runs[name] = torch.stack([step(_synthetic_batch(cfg, args.batch, device, seed=t))
                                   for t in range(args.steps)]).float().cpu()
     ref, low = runs[names[0]], runs[names[1]]
     k = min(args.compare, args.steps)
@@ -352,11 +311,11 @@ def _timed_pairs(variants, device, rounds, inner=3):
     for _ in range(rounds):
         for name, pair in variants.items():
             for k, fn in enumerate(pair):
-                _sync(device)
+                runtime.synchronize(device)
                 start = time.perf_counter()
                 for _ in range(inner):
                     fn()
-                _sync(device)
+                runtime.synchronize(device)
                 spent[name, k] = spent.get((name, k), 0.0) + (time.perf_counter() - start) / (rounds * inner)
     return {name: (spent[name, 0], spent[name, 1]) for name in variants}
 
@@ -374,8 +333,8 @@ def _pairwise_clip_loss(*, images, texts, all_images, all_texts, logit_scale, la
     """multiview_clip_loss with two matmuls per (image view, text view) pair."""
     total = 0.0
     for image, all_image in zip(images, all_images):
-        for text, all_text in zip(texts, all_texts):
-            total = total + losses.pair_loss(logit_scale * image @ all_text.T, logit_scale * text @ all_image.T, labels)
+        for txt, all_text in zip(texts, all_texts):
+            total = total + losses.pair_loss(logit_scale * image @ all_text.T, logit_scale * txt @ all_image.T, labels)
     return total / (len(images) * len(texts))
 
 
@@ -390,95 +349,117 @@ def _whole_batch_plan(plan, device):
     return [(masked(op, mask.to(device)), n, index, param.float().to(device)) for op, mask, param in plan]
 
 
+def _view_variants(p):
+    """Image tower: both views in one forward (ViT); channels-last ResNet (accelerators only)."""
+    m, model = p.cfg.model, p.model
+    views = torch.randn(p.batch, p.cfg.data.views, 3, m.image_size, m.image_size, generator=p.g).to(p.device)
+    out = {}
+    if m.vision == 'vit' and p.cfg.data.views > 1:
+        out['image views: one forward per view -> one forward of all views'] = (
+            p.fwd_bwd(lambda: torch.stack([model.visual(views[:, v]) for v in range(views.shape[1])])),
+            p.fwd_bwd(lambda: model.encode_views(views)))
+    if m.vision == 'resnet' and p.device.type != 'cpu':
+        visual_cl = copy.deepcopy(model.visual).to(memory_format=torch.channels_last)
+        first_cl = views[:, 0].contiguous(memory_format=torch.channels_last)
+        out['ResNet: NCHW -> channels_last'] = (
+            p.fwd_bwd(lambda: model.visual(views[:, 0])), p.fwd_bwd(lambda: visual_cl(first_cl), visual_cl))
+    return out
+
+
+def _text_variants(p):
+    """Text tower attention: SDPA against matmul + softmax."""
+    def math_text_tower():
+        with mock.patch.object(torch.nn.functional, 'scaled_dot_product_attention', _math_attention):
+            return p.model.encode_text(p.inputs['text'])
+    return {'text tower attention: matmul + softmax -> SDPA': (
+        p.fwd_bwd(math_text_tower), p.fwd_bwd(lambda: p.model.encode_text(p.inputs['text'])))}
+
+
+def _mlm_variants(p):
+    """MLM head on the masked positions only, against all positions (DeCLIP only)."""
+    m = p.cfg.model
+    if not m.declip:
+        return {}
+    words = torch.randn(p.batch, m.context_length, m.text_width, generator=p.g).to(p.device).requires_grad_()
+    index = p.inputs['mlm_index']
+    targets = torch.randint(0, m.vocab_size, (index.numel(),), generator=p.g).to(p.device)
+    head = p.model.text_label_predictor
+    return {'MLM head: all positions -> masked positions only': (
+        p.fwd_bwd(lambda: losses.mlm_loss(logits=head(words).flatten(0, 1)[index], targets=targets)),
+        p.fwd_bwd(lambda: losses.mlm_loss(logits=head(words.flatten(0, 1)[index]), targets=targets)))}
+
+
+def _clip_variants(p):
+    """CLIP logits: one matmul per image view against all captions, against two per pair."""
+    views, eda = p.cfg.data.views, int(p.cfg.data.eda)
+    feats = [losses.normalize_image(torch.randn(p.batch, p.cfg.model.embed_dim, generator=p.g).to(p.device))
+             .requires_grad_() for _ in range(views + eda)]
+    image, caption = feats[:views], feats[views:] or feats[:1]
+    args = dict(images=image, texts=caption, all_images=image, all_texts=caption,
+                logit_scale=torch.tensor(14.3, device=p.device), labels=torch.arange(p.batch, device=p.device))
+    return {'CLIP logits: 2 matmuls per pair -> 1 per image view + 1 per pair': (
+        p.fwd_bwd(lambda: _pairwise_clip_loss(**args)), p.fwd_bwd(lambda: losses.multiview_clip_loss(**args)))}
+
+
+def _colour_variants(p):
+    """Colour ops on each op's samples only, against every op on the whole batch."""
+    size = p.cfg.model.image_size
+    uint8_views = torch.randint(0, 256, (p.batch * p.cfg.data.views, 3, size, size), generator=p.g).to(
+        p.device, torch.uint8)
+
+    def augment():
+        return images.device_augment(uint8_views, generator=torch.Generator().manual_seed(0))
+
+    def augment_whole_batch():
+        with mock.patch.object(images, '_plan_on_device', _whole_batch_plan):
+            return augment()
+    return {'colour ops: every op on the whole batch (torch.where) -> each op on its samples': (
+        augment_whole_batch, augment)}
+
+
+def _adamw_variants(p):
+    """AdamW fused against its per-tensor loop, on copies of the parameters with fixed gradients."""
+    params = [q.detach().clone().requires_grad_() for q in p.model.parameters() if q.requires_grad]
+    for q in params:  # copies: the forward/backward parts reset the model's gradients
+        q.grad = torch.randn_like(q) * 1e-3
+    opts = [torch.optim.AdamW(params, lr=1e-6, foreach=False), torch.optim.AdamW(params, lr=1e-6, fused=True)]
+    return {'AdamW: per-tensor loop -> fused': (opts[0].step, opts[1].step)}
+
+
+def _fwd_bwd(fn, module, autocast):
+    """A callable running forward (under autocast) + backward of fn, then clearing the gradients."""
+    def run():
+        with autocast:
+            out = fn()
+        out.float().sum().backward()
+        module.zero_grad(set_to_none=True)
+    return run
+
+
 def bench_parts(args):
     """Each speed choice of the step against the form it replaced, forward + backward (or the
     optimiser step) of that part alone, in one run: ms before, ms after, ratio."""
-    from unittest import mock
-
-    import declip
-    import train
     cfg = _load_config(args.config)
-    device, device_type = train.setup_device(0)
-    _, autocast, _ = train.precision(args.precision, device_type)
+    device, device_type = runtime.setup_device(0)
+    _, autocast, _ = runtime.precision(args.precision, device_type)
     torch.manual_seed(0)
     model = declip.build_model(cfg.model).to(device)
-    m, b = cfg.model, args.batch
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(b, cfg.data.views, 3, m.image_size, m.image_size, generator=g).to(device)
-    text = _synthetic_batch(cfg, b, device)['text']
-
-    def fwd_bwd(fn, module=model):
-        def run():
-            with autocast:
-                out = fn()
-            out.float().sum().backward()
-            module.zero_grad(set_to_none=True)
-        return run
-
-    variants = {}
-    if m.vision == 'vit' and cfg.data.views > 1:
-        variants['image views: one forward per view -> one forward of all views'] = (
-            fwd_bwd(lambda: torch.stack([model.visual(images[:, v]) for v in range(images.shape[1])])),
-            fwd_bwd(lambda: model.encode_views(images)))
-    if m.vision == 'resnet' and device_type != 'cpu':
-        visual_cl = copy.deepcopy(model.visual).to(memory_format=torch.channels_last)
-        first_cl = images[:, 0].contiguous(memory_format=torch.channels_last)
-        variants['ResNet: NCHW -> channels_last'] = (
-            fwd_bwd(lambda: model.visual(images[:, 0])), fwd_bwd(lambda: visual_cl(first_cl), visual_cl))
-
-    def text_tower():
-        return model.encode_text(text)
-
-    def math_text_tower():
-        with mock.patch.object(torch.nn.functional, 'scaled_dot_product_attention', _math_attention):
-            return model.encode_text(text)
-    variants['text tower attention: matmul + softmax -> SDPA'] = (fwd_bwd(math_text_tower), fwd_bwd(text_tower))
-
-    if m.declip:
-        words = torch.randn(b, m.context_length, m.text_width, generator=g).to(device).requires_grad_()
-        index = _synthetic_batch(cfg, b, device)['mlm_index']
-        targets = torch.randint(0, m.vocab_size, (index.numel(),), generator=g).to(device)
-        head = model.text_label_predictor
-        variants['MLM head: all positions -> masked positions only'] = (
-            fwd_bwd(lambda: losses.mlm_loss(logits=head(words).flatten(0, 1)[index], targets=targets)),
-            fwd_bwd(lambda: losses.mlm_loss(logits=head(words.flatten(0, 1)[index]), targets=targets)))
-
-    feats = [losses.normalize_image(torch.randn(b, m.embed_dim, generator=g).to(device)).requires_grad_()
-             for _ in range(cfg.data.views + int(cfg.data.eda))]
-    views, texts = feats[:cfg.data.views], feats[cfg.data.views:] or feats[:1]
-    clip_args = dict(images=views, texts=texts, all_images=views, all_texts=texts,
-                     logit_scale=torch.tensor(14.3, device=device), labels=torch.arange(b, device=device))
-    variants['CLIP logits: 2 matmuls per pair -> 1 per image view + 1 per pair'] = (
-        fwd_bwd(lambda: _pairwise_clip_loss(**clip_args)), fwd_bwd(lambda: losses.multiview_clip_loss(**clip_args)))
-
-    uint8_views = torch.randint(0, 256, (b * cfg.data.views, 3, m.image_size, m.image_size), generator=g).to(
-        device, torch.uint8)
-
-    def augment():
-        return data.device_augment(uint8_views, generator=torch.Generator().manual_seed(0))
-
-    def augment_whole_batch():
-        with mock.patch.object(data, '_plan_on_device', _whole_batch_plan):
-            return augment()
-    variants['colour ops: every op on the whole batch (torch.where) -> each op on its samples'] = (
-        augment_whole_batch, augment)
-
-    params = [p.detach().clone().requires_grad_() for p in model.parameters() if p.requires_grad]
-    for p in params:  # copies: the forward/backward parts above reset the model's gradients
-        p.grad = torch.randn_like(p) * 1e-3
-    opts = [torch.optim.AdamW(params, lr=1e-6, foreach=False), torch.optim.AdamW(params, lr=1e-6, fused=True)]
-    variants['AdamW: per-tensor loop -> fused'] = (opts[0].step, opts[1].step)
+    p = types.SimpleNamespace(cfg=cfg, model=model, device=device, batch=args.batch,
+                              g=torch.Generator().manual_seed(0), inputs=_synthetic_batch(cfg, args.batch, device),
+                              fwd_bwd=lambda fn, module=model: _fwd_bwd(fn, module, autocast))
+    families = (_view_variants, _text_variants, _mlm_variants, _clip_variants, _colour_variants, _adamw_variants)
+    variants = {name: pair for family in families for name, pair in family(p).items()}
     times = _timed_pairs(variants, device, args.rounds)
-    result = {'config': args.config, 'batch': b, 'device': str(device), 'precision': args.precision,
+    result = {'config': args.config, 'batch': args.batch, 'device': str(device), 'precision': args.precision,
               'parts': {name: {'before_ms': t0 * 1000, 'after_ms': t1 * 1000, 'speedup': t0 / t1}
                         for name, (t0, t1) in times.items()}}
     rows = [(name, f'{t0 * 1000:.2f} ms', f'{t1 * 1000:.2f} ms', f'{t0 / t1:.2f}x') for name, (t0, t1) in times.items()]
     return rows, result
 
 
-def _load_config(spec, compile=False):
+def _load_config(spec, compile=False, precision=None):
     """A config file path with an optional `:arg`, as train.py takes it; the towers are compiled
-    only when asked (--compile), whatever the file says."""
+    only when asked (--compile), whatever the file says; `precision` replaces the file's."""
     import importlib.util
     path, _, arg = spec.partition(':')
     module_spec = importlib.util.spec_from_file_location('bench_config', path)
@@ -486,6 +467,8 @@ def _load_config(spec, compile=False):
     module_spec.loader.exec_module(module)
     cfg = module.get_config(arg or None)
     cfg.compile = str(compile).lower()
+    if precision:
+        cfg.precision = precision
     return cfg
 
 
@@ -511,7 +494,7 @@ def _e2e_once(args, root):
 
 
 def bench_e2e(args):
-    """The real loader over JPEG files with N workers feeding a consumer that takes --step-ms per
+    """The real loader over JPEG files with N workers feeding a consumer that takes --step_ms per
     batch: achieved pairs/s and the fraction of time the consumer waited for data (the median of
     --repeats runs)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -539,65 +522,75 @@ def print_table(title, rows):
         print(f'  {row[0]:<{width}}  ' + '  '.join(f'{c:>18}' for c in row[1:]))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest='mode', required=True)
+MODES = {'data': bench_data, 'step': bench_step, 'precision': bench_precision, 'parts': bench_parts, 'e2e': bench_e2e}
+# The defaults that differ between modes: flags left unset (None or '') take their mode's value.
+MODE_DEFAULTS = {'step': dict(batch=256, precision='auto', warmup=5, steps=20),
+                 'precision': dict(batch=128, precision='bf16', steps=200),
+                 'parts': dict(batch=256, precision='auto'),
+                 'e2e': dict(batch=256, warmup=2, steps=10)}
 
-    def model_parser(mode, help, *, batch, precision):
-        p = sub.add_parser(mode, help=help)
-        p.add_argument('--config', default='configs/vitb32.py')
-        p.add_argument('--batch', type=int, default=batch)
-        p.add_argument('--precision', default=precision)
-        return p
 
-    p = sub.add_parser('data', help='host pipeline per core, device ops on CPU, meta index')
-    p.add_argument('--images', default=str(BENCH_IMAGES))
-    p.add_argument('--limit', type=int, default=240)
-    p.add_argument('--seconds', type=float, default=10.0)
-    p.add_argument('--device-pairs', type=int, default=256)
-    p.add_argument('--index-lines', type=int, default=1_000_000)
-    p = model_parser('step', 'training-step throughput on synthetic batches', batch=256, precision='auto')
-    p.add_argument('--compile', action='store_true')
-    p.add_argument('--warmup', type=int, default=5)
-    p.add_argument('--steps', type=int, default=20)
-    p.add_argument('--matmul-n', type=int, default=0)
-    p.add_argument('--decode', default='host', choices=('host', 'device'),
-                   help="'device': each step decodes --images JPEGs with nvjpeg first (torchvision)")
-    p.add_argument('--images', default=str(BENCH_IMAGES))
-    p = model_parser('precision', 'bf16 (or fp16) losses against fp32 over the same batches', batch=128,
-                     precision='bf16')
-    p.add_argument('--compile', action='store_true')
-    p.add_argument('--steps', type=int, default=200)
-    p.add_argument('--compare', type=int, default=20)
-    p.add_argument('--rtol', type=float, default=0.02)
-    p = model_parser('parts', 'each speed choice of the step against the form it replaced', batch=256,
-                     precision='auto')
-    p.add_argument('--rounds', type=int, default=5)
-    p = sub.add_parser('e2e', help='the real loader over JPEG files')
-    p.add_argument('--config', default='configs/vitb32.py')
-    p.add_argument('--images', default=str(BENCH_IMAGES))
-    p.add_argument('--limit', type=int, default=240)
-    p.add_argument('--workers', type=int, default=os.cpu_count())
-    p.add_argument('--batch', type=int, default=256)
-    p.add_argument('--prefetch', type=int, default=4)
-    p.add_argument('--size', type=int, default=224)
-    p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--steps', type=int, default=10)
-    p.add_argument('--step-ms', type=float, default=0.0)
-    p.add_argument('--repeats', type=int, default=1)
-    p.add_argument('--decode', default='host', choices=('host', 'device'),
-                   help="'device': workers send JPEG bytes and crop boxes (nothing is decoded here)")
-    for p in sub.choices.values():
-        p.add_argument('--out', default='bench_out/bench.json')
-    args = parser.parse_args(argv)
-    rows, result = {'data': bench_data, 'step': bench_step, 'precision': bench_precision, 'parts': bench_parts,
-                          'e2e': bench_e2e}[args.mode](args)
-    print_table(f'bench.py {args.mode}', rows)
+def define_flags():
+    """bench.py's flags, defined once per process (main defines them when a test calls it)."""
+    if 'matmul_n' in FLAGS:
+        return
+    flags.DEFINE_string('config', 'configs/vitb32.py', 'step, precision, parts, e2e: config file[:arg]')
+    flags.DEFINE_integer('batch', None, 'pairs per step (default 256; precision: 128)')
+    flags.DEFINE_string('precision', '', 'auto, bf16, fp16 or fp32 (default auto; precision: bf16, against fp32)')
+    flags.DEFINE_boolean('compile', False, 'step, precision: torch.compile the towers')
+    flags.DEFINE_integer('warmup', None, 'step, e2e: untimed steps first (default 5; e2e: 2)')
+    flags.DEFINE_integer('steps', None, 'step, precision, e2e: timed steps (default 20; precision 200; e2e 10)')
+    flags.DEFINE_enum('decode', 'host', ['host', 'device'], "'device': step: each step starts from --images "
+                      'JPEG bytes (decode, crop, resize on the device); e2e: workers send JPEG bytes and boxes')
+    flags.DEFINE_string('images', str(BENCH_IMAGES), 'data, e2e, step --decode=device: folder of .jpg files')
+    flags.DEFINE_integer('limit', 240, 'data, e2e: at most this many images')
+    flags.DEFINE_integer('matmul_n', 0, 'step: size of the MFU matmul (0: 8192 on accelerators, 1024 on CPU)')
+    flags.DEFINE_integer('compare', 20, 'precision: steps whose losses must agree within --rtol')
+    flags.DEFINE_float('rtol', 0.02, 'precision: largest relative loss difference allowed')
+    flags.DEFINE_integer('rounds', 5, 'parts: rounds of alternating before/after calls')
+    flags.DEFINE_float('seconds', 10.0, 'data: least seconds per host variant')
+    flags.DEFINE_integer('device_pairs', 256, 'data: pairs through the device colour ops on CPU')
+    flags.DEFINE_integer('index_lines', 1_000_000, 'data: lines of the generated meta file to index')
+    flags.DEFINE_integer('workers', os.cpu_count(), 'e2e: loader workers')
+    flags.DEFINE_integer('prefetch', 4, 'e2e: batches prefetched per worker')
+    flags.DEFINE_integer('size', 224, 'e2e: view size')
+    flags.DEFINE_float('step_ms', 0.0, 'e2e: milliseconds the consumer spends on each batch')
+    flags.DEFINE_integer('repeats', 1, 'e2e: runs (the median is reported)')
+    flags.DEFINE_string('out', 'bench_out/bench.json', 'JSON output')
+
+
+def run_mode(argv, command):
+    """Run the mode named by argv (flags parsed already); returns its result dict."""
+    if len(argv) != 1 or argv[0] not in MODES:
+        raise app.UsageError(f'one mode: {", ".join(MODES)} (got {argv})')
+    mode = argv[0]
+    args = types.SimpleNamespace(**{f.name: f.value for f in FLAGS.get_flags_for_module(__name__)})
+    for name, value in MODE_DEFAULTS.get(mode, {}).items():
+        if getattr(args, name) in (None, ''):
+            setattr(args, name, value)
+    rows, result = MODES[mode](args)
+    print_table(f'bench.py {mode}', rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({'mode': args.mode, 'argv': sys.argv[1:], **_machine(), **result}, indent=2))
+    machine = {'machine': platform.machine(), 'cpu_count': os.cpu_count(), 'torch': torch.__version__,
+               'python': platform.python_version(), 'date': time.strftime('%Y-%m-%d')}
+    out.write_text(json.dumps({'mode': mode, 'argv': command, **machine, **result}, indent=2))
     return result
 
 
+def main(argv):
+    """A command line without the program name, e.g. ['step', '--config', 'configs/demo.py:smoke']:
+    flags not given take their defaults. Returns the mode's result dict."""
+    define_flags()
+    FLAGS.unparse_flags()
+    return run_mode(FLAGS(['bench.py', *argv])[1:], list(argv))
+
+
+def _app_main(argv):
+    """Under app.run (flags parsed); the exit status is non-zero when `precision` fails."""
+    sys.exit(0 if run_mode(argv[1:], sys.argv[1:]).get('ok', True) else 1)
+
+
 if __name__ == '__main__':
-    sys.exit(0 if main().get('ok', True) else 1)  # `precision` fails when low precision drifts
+    define_flags()
+    app.run(_app_main)
