@@ -222,17 +222,19 @@ def _jpeg_batch(cfg, batch, folder):
 
 
 def _host_syncs(step, device_type):
-    """Whether one step synchronises with the host (CUDA's sync debug mode raises if it does)."""
-    if device_type != 'cuda':
+    """Whether one step synchronises with the host: the device module's sync debug mode (CUDA,
+    torch_npu) raises if it does; None where there is none (CPU)."""
+    module = torch.get_device_module(device_type) if device_type != 'cpu' else None
+    if not hasattr(module, 'set_sync_debug_mode'):
         return None
-    torch.cuda.set_sync_debug_mode('error')
+    module.set_sync_debug_mode('error')
     try:
         step()
         return False
     except RuntimeError:
         return True
     finally:
-        torch.cuda.set_sync_debug_mode('default')
+        module.set_sync_debug_mode('default')
 
 
 def _time_step(step, device, warmup, steps):
@@ -358,7 +360,7 @@ def _view_variants(p):
         out['image views: one forward per view -> one forward of all views'] = (
             p.fwd_bwd(lambda: torch.stack([model.visual(views[:, v]) for v in range(views.shape[1])])),
             p.fwd_bwd(lambda: model.encode_views(views)))
-    if m.vision == 'resnet' and p.device.type != 'cpu':
+    if m.vision == 'resnet' and p.device.type == 'cuda':  # channels-last is used on CUDA only
         visual_cl = copy.deepcopy(model.visual).to(memory_format=torch.channels_last)
         first_cl = views[:, 0].contiguous(memory_format=torch.channels_last)
         out['ResNet: NCHW -> channels_last'] = (

@@ -69,7 +69,7 @@ def zero_shot_eval(model, loader, classifier, *, label_ids, device, mean, std, a
     summed exactly over ranks (each image is counted once). Row k of the classifier is the class
     whose label is label_ids[k]."""
     label_ids = torch.as_tensor(label_ids, device=device)
-    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    counts = torch.zeros(3, dtype=torch.long, device=device)  # int64: a dtype every backend reduces
     for pixels, labels, _ in loader:
         with autocast:
             feats = model.encode_image(images.normalize_images(pixels.to(device, non_blocking=True), mean, std))

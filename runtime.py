@@ -23,15 +23,38 @@ def dist_env():
     return int(env.get('RANK', 0)), int(env.get('WORLD_SIZE', 1)), int(env.get('LOCAL_RANK', 0))
 
 
-def setup_device(local_rank):
-    """The accelerator torch sees (Ascend NPU when torch_npu is installed, CUDA, ...), else CPU."""
-    with contextlib.suppress(ImportError):
-        import torch_npu  # noqa: F401  (registers the 'npu' device)
-    if torch.accelerator.is_available():
-        device_type = torch.accelerator.current_accelerator().type
-        torch.accelerator.set_device_index(local_rank)
-        return torch.device(device_type, local_rank), device_type
-    return torch.device('cpu'), 'cpu'
+DEVICES = ('auto', 'npu', 'cuda', 'cpu')
+
+
+def import_torch_npu():
+    """Registers the 'npu' device when torch_npu is installed. Only its absence is normal: an
+    installed torch_npu that fails to import (CANN libraries not on the library path, a version
+    that does not match torch) is an error, never a silent fall-back to the CPU."""
+    try:
+        import torch_npu  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != 'torch_npu':
+            raise RuntimeError(f'torch_npu is installed but cannot be imported: {e}') from e
+    except (ImportError, OSError) as e:
+        raise RuntimeError(f'torch_npu is installed but cannot be imported ({e}); source CANN\'s '
+                           f'set_env.sh (test/env_npu.sh) or uninstall torch_npu') from e
+
+
+def setup_device(local_rank, requested='auto'):
+    """(device, device type): the accelerator torch sees (Ascend NPU with torch_npu, CUDA, ...) for
+    'auto', else the one `requested` (config.device), which must then be there."""
+    if requested not in DEVICES:
+        raise ValueError(f'config.device: one of {", ".join(DEVICES)}, got {requested!r}')
+    import_torch_npu()
+    available = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else 'cpu'
+    device_type = available if requested == 'auto' else requested
+    if device_type == 'cpu':
+        return torch.device('cpu'), 'cpu'
+    if device_type != available:
+        raise RuntimeError(f'config.device={requested!r}, but this process sees {available!r} '
+                           f'(set --config.device=auto or cpu)')
+    torch.accelerator.set_device_index(local_rank)
+    return torch.device(device_type, local_rank), device_type
 
 
 def init_distributed(device_type, rank, world, timeout_s):
@@ -60,16 +83,38 @@ def processes(device_type, timeout_s):
         finish_distributed()
 
 
-def precision(name, device_type):
-    """(dtype, autocast context, use GradScaler): bf16 on accelerators, fp32 on CPU by default."""
+PRECISIONS = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
+
+
+def choose_precision(name, device_type, bf16_supported):
+    """The precision `name` means on a device: 'auto' is fp32 on CPU, bf16 where the accelerator
+    has it, else fp16 with a loss scaler (Ascend 910, whose autocast would otherwise silently
+    run bf16 as fp32)."""
     if name == 'auto':
-        name = 'fp32' if device_type == 'cpu' else 'bf16'
-    dtypes = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-    if name not in dtypes:
+        name = 'fp32' if device_type == 'cpu' else 'bf16' if bf16_supported else 'fp16'
+    if name not in PRECISIONS:
         raise ValueError(f'precision must be auto, bf16, fp16 or fp32, got {name!r}')
-    dtype = dtypes[name]
+    return name
+
+
+def bf16_supported(device_type):
+    module = torch.get_device_module(device_type) if device_type != 'cpu' else None
+    return bool(getattr(module, 'is_bf16_supported', lambda: False)())
+
+
+def precision(name, device_type):
+    """(dtype, autocast context, use a loss scaler) of config.precision on this device."""
+    dtype = PRECISIONS[choose_precision(name, device_type, bf16_supported(device_type))]
     ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
     return dtype, ctx, dtype == torch.float16
+
+
+def grad_scaler(device_type, enabled):
+    """The loss scaler: torch_npu's on NPU (it clears the 910's overflow flag and agrees on
+    overflow across ranks), torch's elsewhere; a no-op unless `enabled` (fp16)."""
+    if device_type == 'npu' and enabled:
+        return torch.npu.amp.GradScaler()
+    return torch.amp.GradScaler(device_type, enabled=enabled)
 
 
 def synchronize(device):

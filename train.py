@@ -65,10 +65,10 @@ def lr_at(t, optim, max_iter):
 
 
 def build_model(cfg, device):
-    """cfg.model on `device` as the step runs it: channels-last ResNet on accelerators, logit
+    """cfg.model on `device` as the step runs it: channels-last ResNet on CUDA, logit
     scale clamped, both towers compiled when config.compile says so ('auto': on CUDA)."""
     model = declip.build_model(cfg.model).to(device)
-    if cfg.model.vision == 'resnet' and device.type != 'cpu':
+    if cfg.model.vision == 'resnet' and device.type == 'cuda':  # NHWC is slow on NPU
         model = model.to(memory_format=torch.channels_last)
     model.clamp_logit_scale_()
     mode = str(cfg.compile).lower()
@@ -167,7 +167,7 @@ def build_state(cfg, device, rank=0):
                                   generator=torch.Generator().manual_seed(cfg.seed * 1000 + rank))
     counter = torch.zeros((), dtype=torch.long, device=device)
     return TrainState(model=model, optimizer=build_optimizer(model, cfg.optim, device.type),
-                      scaler=torch.amp.GradScaler(device.type, enabled=use_scaler), queue=queue,
+                      scaler=runtime.grad_scaler(device.type, use_scaler), queue=queue,
                       nonfinite_run=counter.clone(), nonfinite_total=counter.clone(),
                       bad_totals=torch.zeros(len(data.BAD_KINDS), dtype=torch.long))
 
@@ -287,6 +287,8 @@ def check_config(cfg):
     if cfg.model.declip and (cfg.data.views != 2 or not cfg.data.mask):
         raise ValueError('config.model.declip needs data.views=2 and data.mask=True')
     runtime.precision(cfg.precision, 'cpu')
+    if cfg.device not in runtime.DEVICES:
+        raise ValueError(f'config.device: one of {", ".join(runtime.DEVICES)}, got {cfg.device!r}')
     if str(cfg.compile).lower() not in ('auto', 'true', 'false'):
         raise ValueError(f'config.compile: auto, true or false, got {cfg.compile!r}')
     if cfg.data.decode not in ('host', 'device'):
@@ -453,8 +455,12 @@ def due(step, every):
 def train(cfg, workdir):
     """Check the config, set up device and processes, run the loop; returns the model."""
     check_config(cfg)
-    device, device_type = runtime.setup_device(runtime.dist_env()[2])
+    device, device_type = runtime.setup_device(runtime.dist_env()[2], cfg.device)
     with runtime.processes(device_type, cfg.dist_timeout_s) as (rank, world):
+        if rank == 0:
+            dtype = runtime.precision(cfg.precision, device_type)[0]
+            backend = dist.get_backend() if dist.is_initialized() else 'none (one process)'
+            print(f'device {device} | backend {backend} | precision {dtype} | world size {world}', flush=True)
         return run(cfg, Path(workdir), device, rank, world)
 
 

@@ -21,7 +21,8 @@ def base_config(vision, *, declip=True):
     c.seed = seed                 # weights, NN queues, augmentation streams; also data.seed
     c.max_iter = 128_001
     c.stop_at = 0                 # end this invocation after this many steps (0: at max_iter)
-    c.precision = 'auto'  # bf16 on accelerators, fp32 on CPU; or 'bf16' / 'fp16' / 'fp32'
+    c.device = 'auto'             # the accelerator torch sees, else CPU; or 'npu' / 'cuda' / 'cpu'
+    c.precision = 'auto'          # fp32 on CPU, bf16 where supported, else fp16 + loss scaler
     c.compile = 'auto'            # torch.compile the encoders: 'auto' (on CUDA), 'true' or 'false'
 
     c.model = model_config(vision, declip=declip, image_size=image_size, context_length=context_length)

@@ -1,0 +1,87 @@
+"""Devices, precision and the torch_npu import: the choices the Ascend, CUDA and CPU paths depend on."""
+import importlib.abc
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import runtime
+from helpers import run, smoke_overrides
+
+# (precision, device type, bf16 supported) -> what runs
+PRECISION_TABLE = [
+    ('auto', 'cpu', False, 'fp32'), ('auto', 'cpu', True, 'fp32'),
+    ('auto', 'cuda', True, 'bf16'), ('auto', 'cuda', False, 'fp16'),   # pre-Ampere CUDA
+    ('auto', 'npu', True, 'bf16'),                                     # Ascend 910B
+    ('auto', 'npu', False, 'fp16'),                                    # Ascend 910: no bf16
+    ('fp32', 'npu', True, 'fp32'), ('bf16', 'cpu', False, 'bf16'), ('fp16', 'cuda', True, 'fp16'),
+]
+
+
+@pytest.mark.parametrize('name, device_type, bf16, want', PRECISION_TABLE)
+def test_precision_choice(name, device_type, bf16, want):
+    assert runtime.choose_precision(name, device_type, bf16) == want
+
+
+def test_precision_typo_is_refused():
+    with pytest.raises(ValueError, match="got 'bf32'"):
+        runtime.choose_precision('bf32', 'cuda', True)
+
+
+def test_fp16_uses_a_loss_scaler_and_others_do_not():
+    assert runtime.precision('fp16', 'cpu')[2] and runtime.grad_scaler('cpu', True).is_enabled()
+    assert not runtime.precision('auto', 'cpu')[2] and not runtime.grad_scaler('cpu', False).is_enabled()
+
+
+class _Broken(importlib.abc.MetaPathFinder):
+    """Makes `import torch_npu` fail as it does on a host without CANN's libraries."""
+
+    def find_spec(self, name, path, target=None):
+        if name == 'torch_npu':
+            raise ImportError('libascendcl.so: cannot open shared object file: No such file or directory')
+        return None
+
+
+def test_torch_npu_absent_is_normal_but_broken_is_an_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'torch_npu', None)          # not installed
+    runtime.import_torch_npu()
+    monkeypatch.delitem(sys.modules, 'torch_npu')
+    monkeypatch.setattr(sys, 'meta_path', [_Broken(), *sys.meta_path])
+    with pytest.raises(RuntimeError, match='libascendcl.so'):
+        runtime.import_torch_npu()
+
+
+def test_an_explicit_device_must_exist():
+    assert runtime.setup_device(0, 'cpu') == (torch.device('cpu'), 'cpu')
+    seen = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else 'cpu'
+    missing = next(d for d in ('npu', 'cuda') if d != seen)
+    with pytest.raises(RuntimeError, match=f"config.device='{missing}'"):
+        runtime.setup_device(0, missing)
+    with pytest.raises(ValueError, match='config.device'):
+        runtime.setup_device(0, 'gpu')
+
+
+def test_missing_device_fails_before_any_work(tmp_path, demo_dir):
+    seen = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else 'cpu'
+    missing = next(d for d in ('npu', 'cuda') if d != seen)
+    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path / 'w'),
+               *smoke_overrides(demo_dir, device=missing)])
+    assert res.returncode != 0 and f"config.device='{missing}'" in res.stderr
+    assert not (tmp_path / 'w').exists()
+
+
+def test_evaluation_counts_are_reduced_as_int64(monkeypatch):
+    """HCCL reduces no float64: the counts travel as int64."""
+    seen = []
+    monkeypatch.setattr(evaluate, '_all_reduce', lambda t: seen.append(t.dtype) or t)
+
+    class Constant(torch.nn.Module):
+        def encode_image(self, images):
+            return images.float().mean(dim=(2, 3))
+    images = torch.zeros(2, 3, 2, 2, dtype=torch.uint8)
+    images[0, 0] = images[1, 1] = 255
+    m = evaluate.zero_shot_eval(Constant(), [(images, torch.tensor([0, 1]), torch.arange(2))], torch.eye(3),
+                                label_ids=[0, 1, 2], device='cpu', mean=(0, 0, 0), std=(1, 1, 1),
+                                autocast=torch.autocast('cpu', enabled=False))
+    assert seen == [torch.int64] and m['zeroshot_top1'] == 100.0 and m['images'] == 2
