@@ -203,29 +203,31 @@ def adjust_saturation(x, factor):
 
 
 def adjust_hue(x, shift):
-    """Rotate hue by `shift` (fraction of the circle) exactly as PIL does it for torchvision's
-    adjust_hue: RGB -> 8-bit HSV (H and S truncated, a 255-step hue circle), H += trunc(255*shift)
-    with uint8 wrap-around, HSV -> RGB with rounding. Pillow's mix of float32 and float64
-    arithmetic is reproduced, so results match it to the bit on 8-bit inputs."""
+    """Rotate hue by `shift` (fraction of the circle) as PIL does it for torchvision's adjust_hue:
+    RGB -> 8-bit HSV (H and S truncated, a 255-step hue circle), H += trunc(255*shift) with uint8
+    wrap-around, HSV -> RGB with rounding. float32 throughout (Ascend kernels reject float64):
+    within 1/255 of Pillow, equal on almost every pixel."""
     q = torch.round(x.float() * 255)
     maxc, _ = q.max(dim=1)
     minc, _ = q.min(dim=1)
     delta = maxc - minc
     d = delta.clamp_min(1)
     r, g, b = q.unbind(1)
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d          # float32, as Pillow
-    rc, gc, bc, h0 = rc.double(), gc.double(), bc.double(), (bc - gc).double()
-    h = torch.where(r == maxc, h0, torch.where(g == maxc, 2.0 + rc - bc, 4.0 + gc - rc)).float()
-    h = torch.fmod(h.double() / 6.0 + 1.0, 1.0).float()                   # double, stored as float
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d            # float32, as Pillow
+    # Pillow forms 2 + rc - bc (or 4 + gc - rc) in double and stores it as float: exact in int64
+    # at 2^40 scale, then one correctly rounded conversion
+    rc_i, gc_i, bc_i = (_fixed(v) for v in (rc, gc, bc))
+    other = torch.where(g == maxc, (2 << 40) + rc_i - bc_i, (4 << 40) + gc_i - rc_i)
+    h = torch.where(r == maxc, bc - gc, other.float() * 2.0 ** -40)
     gray = delta == 0
-    hq = torch.where(gray, 0.0, torch.floor(h.double() * 255.0))
-    sq = torch.where(gray, 0.0, torch.floor((delta / maxc.clamp_min(1)).double() * 255.0))
-    step = torch.trunc(_per_sample(shift, x)[:, 0].double() * 255)
+    hq = torch.where(gray, 0.0, _trunc255(_hue_fraction(h)))
+    sq = torch.where(gray, 0.0, _trunc255(delta / maxc.clamp_min(1)))
+    step = torch.trunc(_per_sample(shift, q)[:, 0] * 255)
     hq = torch.remainder(hq + step, 256)
     i = torch.floor(hq * 6.0 / 255.0)
-    f = (hq * 6.0 / 255.0 - i).float().double()
-    fs = (sq / 255.0).float().double()
-    v = maxc.double()
+    f = hq * 6.0 / 255.0 - i
+    fs = sq / 255.0
+    v = maxc
     p = torch.floor(v * (1.0 - fs) + 0.5)
     qq = torch.floor(v * (1.0 - fs * f) + 0.5)
     t = torch.floor(v * (1.0 - fs * (1.0 - f)) + 0.5)
@@ -236,6 +238,27 @@ def adjust_hue(x, shift):
     blue = torch.where((i == 3) | (i == 4), v, torch.where(i == 2, t, torch.where(i == 5, qq, p)))
     out = torch.where((sq == 0).unsqueeze(1), v.unsqueeze(1), torch.stack([red, green, blue], dim=1))
     return (out / 255).to(x.dtype)
+
+
+def _fixed(x, bits=40):
+    """float32 values in [-8, 8] with no bits below 2^-bits as exact int64 multiples of 2^-bits."""
+    return (x * 2.0 ** bits).long()
+
+
+def _trunc255(x):
+    """int(x * 255.0) of float32 x in [0, 1] as Pillow computes it (in double): exact, in int64."""
+    return ((_fixed(x) * 255) >> 40).float()
+
+
+def _hue_fraction(h):
+    """float(fmod(h / 6.0 + 1.0, 1.0)) of float32 h in [-1, 5] as Pillow computes it (double,
+    stored as float), without float64: h / 6 is correctly rounded in float32 for h >= 0; for
+    h < 0, 1 + h / 6 in (5/6, 1) is rounded to the 2^-24 grid in int64 (half to even)."""
+    num = (6 << 32) + _fixed(h, 32)
+    den = 6 << 32
+    q, rem = torch.div(num << 24, den, rounding_mode='floor'), (num << 24) % den
+    q = q + ((2 * rem > den) | ((2 * rem == den) & (q % 2 == 1))).long()
+    return torch.where(h >= 0, h / 6.0, q.float() * 2.0 ** -24)
 
 
 def to_grayscale(x, _param=None):
@@ -258,8 +281,8 @@ def gaussian_blur(x, sigma, max_sigma=2.0):
     sigma <= max_sigma.
     The kernel width comes from max_sigma, so nothing is read back from the device."""
     n, c, h, w = x.shape
-    radius = _box_radius(sigma.to(torch.float64)).to(x.dtype)
-    taps = int(_box_radius(torch.tensor(float(max_sigma), dtype=torch.float64))) + 1
+    radius = _box_radius(sigma.float()).to(x.dtype)  # float32: no float64 kernel on the device
+    taps = int(_box_radius(torch.tensor(float(max_sigma)))) + 1
     offsets = torch.arange(-taps, taps + 1, device=x.device, dtype=x.dtype)
     r = radius.view(-1, 1)
     inner = torch.floor(r)

@@ -85,3 +85,36 @@ def test_evaluation_counts_are_reduced_as_int64(monkeypatch):
                                 label_ids=[0, 1, 2], device='cpu', mean=(0, 0, 0), std=(1, 1, 1),
                                 autocast=torch.autocast('cpu', enabled=False))
     assert seen == [torch.int64] and m['zeroshot_top1'] == 100.0 and m['images'] == 2
+
+
+def test_a_training_step_creates_no_float64_tensor():
+    """Ascend kernels reject float64: a whole DeCLIP step (colour ops, hue and blur included) and
+    its checkpoint-free bookkeeping stay in float32 and integer types."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import bench
+    import train
+    from configs import demo
+
+    class Dtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.seen.setdefault(t.dtype, str(func))
+            return out
+
+    cfg = demo.get_config('smoke')
+    cfg.compile = 'false'
+    state = train.build_state(cfg, torch.device('cpu'))
+    batch = bench._synthetic_batch(cfg, 8, torch.device('cpu'))
+    _, autocast, _ = runtime.precision('fp32', 'cpu')
+    with Dtypes() as mode:
+        for _ in range(2):   # the colour ops draw every op for some sample of 16 views
+            metrics = train.train_step(state, batch, cfg=cfg, autocast=autocast, grad_norm=True)
+    assert torch.isfinite(metrics['loss']['total'])
+    assert torch.float32 in mode.seen and torch.float64 not in mode.seen, mode.seen.get(torch.float64)
