@@ -29,8 +29,10 @@ def seeded_rng(*parts):
 
 
 def generator(seed, index):
-    """A CPU torch generator for stream `index` of a run seeded `seed` (sampler passes, MLM masks,
-    device augmentation): one mixing rule, so streams of different indices never coincide."""
+    """A CPU torch generator for stream `index` of a run seeded `seed`: the sampler's pass p, the
+    MLM masks of the batch starting at stream position p, the device augmentation of step t and
+    rank r (index t * world + r). Distinct indices give distinct streams within one use; the
+    uses share the mixing rule, so their index ranges may overlap (they draw unrelated things)."""
     return torch.Generator().manual_seed(seed * SEED_MIX + index)
 
 
@@ -469,3 +471,7 @@ class EvalDataset(torch.utils.data.Dataset):
         names = {int(r['label']): r['label_name'] for r in self.records}
         return [(k, names[k]) for k in sorted(names)]
 
+
+if __name__ == '__main__':
+    raise SystemExit('`python data.py setup` / `make-demo` moved: run `python prepare.py setup` or '
+                     '`python prepare.py make-demo`')

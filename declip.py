@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+import text
+
 # The two image towers of the DeCLIP paper (OpenAI CLIP's ViT-B/32 and RN50).
 ViT_B32 = dict(vision='vit', embed_dim=512, image_size=224, patch_size=32, vision_width=768,
                vision_layers=12, vision_heads=12)
@@ -24,8 +26,9 @@ def model_config(vision, *, declip=True, **overrides):
     """A config's `model` block: the image tower `vision` (ViT_B32, R50 or a variant), CLIP's
     text tower (77 tokens, DeCLIP's 49,409 ids, width 512, 12 layers) and, with `declip`, the
     SimSiam heads (1024 / 512) and the MLM head; the ViT patch embedding frozen (reference quirk)."""
-    fields = dict(vision, freeze_conv1=True, concat_views=False, context_length=77, vocab_size=49409,
-                  text_width=512, text_layers=12, text_heads=8, declip=declip, simsiam_dim=1024, predictor_dim=512)
+    fields = dict(vision, freeze_conv1=True, concat_views=False, context_length=text.CONTEXT_LENGTH,
+                  vocab_size=text.VOCAB_SIZE, text_width=512, text_layers=12, text_heads=8, declip=declip,
+                  simsiam_dim=1024, predictor_dim=512)
     return ml_collections.ConfigDict({**fields, **overrides})
 
 

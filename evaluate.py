@@ -195,8 +195,12 @@ def load_model(path, config=None):
         raise RuntimeError(f'{path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}')
     model.eval()
     model.kind, model.mean, model.std = kind, mean, std
-    bpe_path = Path(obj['config']['data']['bpe_path']) if kind == 'ours' else None
-    model.bpe_path = bpe_path if bpe_path is not None and bpe_path.is_file() else data.BPE_PATH
+    bpe_path = Path(obj['config']['data']['bpe_path']) if kind == 'ours' else data.BPE_PATH
+    if not bpe_path.is_file():
+        print(f'warning: {path} was trained with the vocabulary {bpe_path}, which is not here; '
+              f'using {data.BPE_PATH}', flush=True)
+        bpe_path = data.BPE_PATH
+    model.bpe_path = bpe_path
     size = cfg.image_size
 
     def preprocess(img):
@@ -213,9 +217,11 @@ def _loader(ds, batch, workers):
 
 
 def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, workers, device,
-             autocast, tokenizer, rank=0, world=1):
-    """Run one task on this rank's share; every rank gets the merged metrics. `tokenizer` is the
-    model's own vocabulary (config.data.bpe_path)."""
+             autocast, tokenizer=None, rank=0, world=1):
+    """Run one task on this rank's share; every rank gets the merged metrics. `tokenizer`: the
+    model's own vocabulary (config.data.bpe_path; default: load_model's bpe_path, else the data
+    folder's)."""
+    tokenizer = tokenizer or data.get_tokenizer(getattr(model, 'bpe_path', data.BPE_PATH))
     ds = data.EvalDataset(val_root, val_meta, rank=rank, world=world, image_size=model.cfg.image_size)
     mean, std = getattr(model, 'mean', images.IMAGENET_MEAN), getattr(model, 'std', images.IMAGENET_STD)
     ctx = model.cfg.context_length
@@ -271,7 +277,7 @@ def main(argv):
         _, autocast, _ = runtime.precision(FLAGS.precision, device_type)
         metrics = evaluate(model, val_root=val_root, val_meta=val_meta, task=FLAGS.task, prompts=FLAGS.prompts,
                            class_names=names, batch=FLAGS.batch_size, workers=FLAGS.workers, device=device,
-                           autocast=autocast, tokenizer=data.get_tokenizer(model.bpe_path), rank=rank, world=world)
+                           autocast=autocast, rank=rank, world=world)
         if rank == 0:
             report({'checkpoint': str(FLAGS.ckpt), 'kind': model.kind, 'task': FLAGS.task,
                     'prompts': FLAGS.prompts if FLAGS.task == 'zeroshot' else None, **metrics}, FLAGS.ckpt, FLAGS.task)

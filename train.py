@@ -223,7 +223,8 @@ def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False)
         for k in ('text', 'text_eda', 'mlm_index', 'mlm_targets'))
     # 3. features of both views and both captions (+ masked-token logits, SimSiam heads)
     with autocast:
-        out = (state.ddp or state.model)(views, text, text_eda=text_eda, mlm_index=mlm_index)
+        forward = state.model if state.ddp is None else state.ddp
+        out = forward(views, text, text_eda=text_eda, mlm_index=mlm_index)
     # 4. the weighted objective; neighbours come from the queue as it was before this step
     total, terms, keys = losses.declip_loss(out, queue=state.queue, mlm_targets=mlm_targets,
                                             weights=loss_weights(cfg))

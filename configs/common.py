@@ -8,6 +8,7 @@ follows data.DATA_DIR (`data/` beside the code, or $DECLIP_DATA).
 import ml_collections
 
 import data
+import text
 from declip import R50, ViT_B32, model_config  # noqa: F401  (R50, ViT_B32: the configs' towers)
 
 
@@ -16,7 +17,7 @@ def base_config(vision, *, declip=True):
     CLIP baseline: same data and schedule, one view, the plain caption, the CLIP loss only."""
     c = ml_collections.ConfigDict()
     image_size = ml_collections.FieldReference(vision['image_size'])
-    context_length = ml_collections.FieldReference(77)
+    context_length = ml_collections.FieldReference(text.CONTEXT_LENGTH)
     seed = ml_collections.FieldReference(0)
     c.seed = seed                 # weights, NN queues, augmentation streams; also data.seed
     c.max_iter = 128_001

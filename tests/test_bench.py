@@ -45,18 +45,20 @@ def test_bench_parts_and_precision(tmp_path):
 
 
 def test_bench_step_is_the_training_step(tmp_path, monkeypatch):
-    """The step `bench.py step` times and train.train's loop give the same first-step loss on the
-    same synthetic batch (fp32 on CPU): the benchmark cannot drift from the loop again."""
+    """The step `bench.py step` times and train.train's loop give the same losses, step after step,
+    on the same synthetic batch (fp32 on CPU): the benchmark cannot drift from the loop again."""
     cfg = configs.demo.get_config('smoke')
     (tmp_path / 'train.jsonl').write_text(json.dumps({'filename': 'x.jpg', 'caption': 'a cat'}) + '\n')
     cfg.data.update(dict(train_meta=str(tmp_path / 'train.jsonl'), train_root=str(tmp_path), val_meta=''))
-    cfg.update(dict(log_every=1, max_iter=2, precision='fp32', compile='false'))
+    cfg.update(dict(log_every=1, max_iter=3, precision='fp32', compile='false'))
     batch = bench._synthetic_batch(cfg, cfg.data.batch_size, torch.device('cpu'))
     batch['bad'] = torch.zeros(len(data.BAD_KINDS), dtype=torch.long)
-    bench_loss = float(bench.trainer(cfg, torch.device('cpu'))(batch))
+    step = bench.trainer(cfg, torch.device('cpu'))
+    bench_losses = [float(step(batch)) for _ in range(3)]
 
     monkeypatch.setattr(data, 'build_train_loader', lambda *a, **k: itertools.repeat(batch))
-    monkeypatch.setattr(runtime, 'setup_device', lambda local_rank: (torch.device('cpu'), 'cpu'))  # on any machine
+    monkeypatch.setattr(runtime, 'setup_device', lambda *a: (torch.device('cpu'), 'cpu'))  # on any machine
     train.train(cfg, tmp_path / 'run')
     logged, _ = scalars(tmp_path / 'run', 'loss/total')
-    assert logged[1] == pytest.approx(bench_loss, rel=1e-6)
+    assert [logged[t] for t in (1, 2, 3)] == pytest.approx(bench_losses, rel=1e-6)
+    assert len(set(bench_losses)) == 3   # the steps really differ (weights, LR, augmentation)

@@ -299,3 +299,27 @@ def test_zero_shot_eval_maps_rows_to_labels():
     m = evaluate.zero_shot_eval(Fixed(), loader, classifier, label_ids=[7, 3, 9], device='cpu',
                                 mean=(0, 0, 0), std=(1, 1, 1), autocast=torch.autocast('cpu', enabled=False))
     assert m['zeroshot_top1'] == 75.0 and m['zeroshot_top5'] == 100.0 and m['images'] == 4
+
+
+def test_a_skipped_step_changes_nothing_even_when_the_queue_wraps(monkeypatch):
+    """train_step with a non-finite loss: parameters, AdamW state and every queue row stay as they
+    were, also when the step's two pushes wrap around the end of the queue; the pointer moves.
+    (BatchNorm running statistics are updated by the forward, before the loss is known.)"""
+    import bench
+    cfg = demo.get_config('smoke')
+    cfg.compile, cfg.loss.queue_size = 'false', 20          # batch 8: 8 EDA + 8 caption keys a step
+    cpu = torch.device('cpu')
+    state = train.build_state(cfg, cpu)
+    batch = bench._synthetic_batch(cfg, cfg.data.batch_size, cpu)
+    _, autocast, _ = runtime.precision('fp32', 'cpu')
+    assert float(train.train_step(state, batch, cfg=cfg, autocast=autocast)['skipped']) == 0
+    assert state.queue_ptr == 16
+    before = {'queue': state.queue.clone(), 'model': {k: v.clone() for k, v in state.model.named_parameters()},
+              'adam': [s['exp_avg'].clone() for s in state.optimizer.state.values()]}
+    monkeypatch.setenv('DECLIP_TEST_NONFINITE_STEPS', '1')   # the second (0-based 1) step
+    assert float(train.train_step(state, batch, cfg=cfg, autocast=autocast)['skipped']) == 1
+    assert state.queue_ptr == 8                             # 16 + 8 >= 20: restart at 0, then 0 + 8
+    assert torch.equal(state.queue, before['queue'])
+    assert all(torch.equal(v, before['model'][k]) for k, v in state.model.named_parameters())
+    assert all(torch.equal(s['exp_avg'], a) for s, a in zip(state.optimizer.state.values(), before['adam']))
+    assert int(state.nonfinite_total) == 1 and state.step == 2
