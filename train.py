@@ -111,11 +111,15 @@ class TrainState:
     step: int = 0
     ddp: torch.nn.Module | None = None
 
+    @property
+    def device(self):
+        return self.nonfinite_run.device
+
     def state_dict(self, config):
         """The checkpoint dict on rank 0, None on the others. A collective: every rank calls it
         (bad-sample counts are summed over ranks, every rank's queue goes to rank 0)."""
         rank, world = losses.world_info()
-        bad = all_reduce_sum(self.bad_totals, self.nonfinite_total.device)
+        bad = all_reduce_sum(self.bad_totals, self.device)
         queues = gather_to_first(self.queue, world) if self.queue is not None else []
         if rank != 0:
             return None
@@ -209,11 +213,11 @@ def optimizer_step(state, skip):
     opt.zero_grad(set_to_none=True)
 
 
-def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False):
-    """One whole training step; returns {'loss': {term: value}, 'skipped': 0/1 [, 'grad_norm']}
-    as device tensors. A non-finite loss on any rank skips the step everywhere: no weight,
-    optimiser-state or queue row changes (the queue pointer still advances)."""
-    device = state.nonfinite_run.device
+def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False, keep_views=False):
+    """One whole training step; returns {'loss': {term: value}, 'skipped': 0/1 [, 'grad_norm']
+    [, 'views']} as device tensors. A non-finite loss on any rank skips the step everywhere: no
+    weight, optimiser-state or queue row changes (the queue pointer still advances)."""
+    device = state.device
     for group in state.optimizer.param_groups:
         group['lr'] = lr_at(state.step + 1, cfg.optim, cfg.max_iter)
     # 1-2. the loader's views, colour ops on the device; (masked) captions, MLM positions, EDA captions
@@ -237,6 +241,8 @@ def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False)
         state.queue, state.queue_ptr = losses.nn_queue_push(queue=state.queue, ptr=state.queue_ptr, feats=k,
                                                             skip=skip)
     metrics = {'loss': {'total': total.detach(), **terms}, 'skipped': skip}
+    if keep_views:
+        metrics['views'] = views.detach()
     if grad_norm:
         state.scaler.unscale_(state.optimizer)
         metrics['grad_norm'] = torch.nn.utils.get_total_norm(
@@ -288,8 +294,6 @@ def check_config(cfg):
     if cfg.model.declip and (cfg.data.views != 2 or not cfg.data.mask):
         raise ValueError('config.model.declip needs data.views=2 and data.mask=True')
     runtime.precision(cfg.precision, 'cpu')
-    if cfg.device not in runtime.DEVICES:
-        raise ValueError(f'config.device: one of {", ".join(runtime.DEVICES)}, got {cfg.device!r}')
     if str(cfg.compile).lower() not in ('auto', 'true', 'false'):
         raise ValueError(f'config.compile: auto, true or false, got {cfg.compile!r}')
     if cfg.data.decode not in ('host', 'device'):
@@ -330,20 +334,21 @@ def wrap_ddp(state, cfg, world):
     """DDP over the model (several processes); a DeCLIP head whose loss weight is 0 gets no gradient."""
     if world == 1:
         return
-    device = state.nonfinite_run.device
+    device = state.device
     weights = loss_weights(cfg)
     state.ddp = torch.nn.parallel.DistributedDataParallel(
         state.model, device_ids=[device.index] if device.type == 'cuda' else None,
         find_unused_parameters=cfg.model.declip and not all(weights[k] for k in ('simsiam', 'mlm')))
 
 
-def zero_shot(model, cfg, autocast, rank, world):
+def zero_shot(state, cfg, autocast, rank, world):
+    model = state.model
     model.eval()
     try:
         return evaluate.evaluate(
             model, val_root=cfg.data.val_root, val_meta=cfg.data.val_meta, task='zeroshot',
             prompts=cfg.eval.prompts, class_names=None, batch=cfg.eval.batch_size, workers=cfg.eval.workers,
-            device=model.logit_scale.device, autocast=autocast, rank=rank, world=world,
+            device=state.device, autocast=autocast, rank=rank, world=world,
             tokenizer=data.get_tokenizer(cfg.data.bpe_path))
     finally:
         model.train()
@@ -377,11 +382,11 @@ class RunLog:
         from torch.utils.flop_counter import FlopCounterMode
         return FlopCounterMode(display=False)
 
-    def views(self, batch, step, device):
-        """The first step's augmented views (recomputed from the same streams), as images."""
-        if self.writer is None or not self.cfg.tb_images:
-            return
-        views, _ = device_views(batch, cfg=self.cfg, step=step, rank=self.rank, world=self.world, device=device)
+    def wants_views(self):
+        return self.writer is not None and self.cfg.tb_images > 0
+
+    def views(self, views, step):
+        """A step's augmented views [B, V, 3, S, S], as images."""
         for v in range(views.shape[1]):
             shown = images.denormalize_images(views[:self.cfg.tb_images, v].float()).cpu()
             self.writer.add_images(f'views/{v}', shown, step)
@@ -398,7 +403,7 @@ class RunLog:
         """Every rank calls this at a log step (the bad-sample sum is a collective)."""
         step, n_good = state.step, float(self.good)
         values = {k: float(v) / n_good for k, v in self.sums.items()} if n_good else {}
-        bad = all_reduce_sum(state.bad_totals, state.nonfinite_total.device)
+        bad = all_reduce_sum(state.bad_totals, state.device)
         elapsed = time.perf_counter() - self.t_last
         step_s = elapsed / self.count
         img_s = self.cfg.data.batch_size * self.world / step_s
@@ -410,7 +415,7 @@ class RunLog:
                 'train/grad_norm': float(metrics['grad_norm']), 'train/nonfinite_steps': int(state.nonfinite_total),
                 'perf/img_per_s': img_s, 'perf/img_per_s_per_device': img_s / self.world,
                 'perf/step_ms': step_s * 1000, 'perf/data_wait_frac': self.t_data / elapsed,
-                'mem/peak_gib': runtime.peak_memory_gib(state.nonfinite_total.device.type)})
+                'mem/peak_gib': runtime.peak_memory_gib(state.device.type)})
             if self.cfg.peak_tflops and self.flops_per_step:
                 scalars['perf/mfu'] = self.flops_per_step / step_s / (self.cfg.peak_tflops * 1e12)
             scalars.update({f'data/bad_{kind}': n for kind, n in zip(data.BAD_KINDS, bad.tolist())})
@@ -481,15 +486,15 @@ def run(cfg, workdir, device, rank, world):
     log = RunLog(cfg, workdir, rank=rank, world=world, start=start)
     while state.step < end:
         batch = log.next_batch(batches)
-        if state.step == start:
-            log.views(batch, start, device)
         log_now = due(state.step + 1, cfg.log_every) or state.step + 1 == end
         counter = log.flop_counter()
         with counter or contextlib.nullcontext():
             metrics = train_step(state, batch, cfg=cfg, autocast=autocast, rank=rank, world=world,
-                                 grad_norm=log_now)
+                                 grad_norm=log_now, keep_views=state.step == start and log.wants_views())
         if counter is not None:
             log.flops_per_step = counter.get_total_flops()
+        if 'views' in metrics:
+            log.views(metrics['views'], start)
         log.add(metrics)
         if log_now:
             stop_if_diverged(state, cfg, ckpt_dir)
@@ -497,7 +502,7 @@ def run(cfg, workdir, device, rank, world):
         if due(state.step, cfg.ckpt_every) or state.step == end:
             save(state, cfg, ckpt_dir)  # skipped steps changed nothing: still the last good state
         if cfg.data.val_meta and (due(state.step, cfg.eval_every) or state.step == cfg.max_iter):
-            log.evaluation(zero_shot(state.model, cfg, autocast, rank, world), state.step)
+            log.evaluation(zero_shot(state, cfg, autocast, rank, world), state.step)
     log.close()
     return state.model
 
