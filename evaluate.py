@@ -195,7 +195,8 @@ def load_model(path, config=None):
         raise RuntimeError(f'{path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}')
     model.eval()
     model.kind, model.mean, model.std = kind, mean, std
-    bpe_path = Path(obj['config']['data']['bpe_path']) if kind == 'ours' else data.BPE_PATH
+    model.run_config = obj['config'] if kind == 'ours' else {}  # the training run's config, as saved
+    bpe_path = Path(model.run_config['data']['bpe_path']) if kind == 'ours' else data.BPE_PATH
     if not bpe_path.is_file():
         print(f'warning: {path} was trained with the vocabulary {bpe_path}, which is not here; '
               f'using {data.BPE_PATH}', flush=True)
@@ -266,9 +267,9 @@ def main(argv):
     with runtime.processes(device_type, FLAGS.timeout_s) as (rank, world):
         model, _ = load_model(FLAGS.ckpt)
         model.to(device)
-        cfg = runtime.safe_load(FLAGS.ckpt).get('config') if model.kind == 'ours' else None
-        val_root = FLAGS.val_root or (cfg or {}).get('data', {}).get('val_root', '')
-        val_meta = FLAGS.val_meta or (cfg or {}).get('data', {}).get('val_meta', '')
+        run_data = model.run_config.get('data', {})
+        val_root = FLAGS.val_root or run_data.get('val_root', '')
+        val_meta = FLAGS.val_meta or run_data.get('val_meta', '')
         if not val_meta:
             raise SystemExit('no evaluation set: pass --val_root and --val_meta')
         names = None

@@ -155,11 +155,10 @@ def eval_resize(size):
     return round(size * 256 / 224)
 
 
-def eval_view(img, *, size=224, resize=None):
-    """Resize the shorter side to `resize` (default eval_resize(size); bilinear), centre-crop
-    `size`: uint8 [3, size, size]."""
+def eval_view(img, *, size=224):
+    """Resize the shorter side to eval_resize(size) (bilinear), centre-crop `size`: uint8 [3, size, size]."""
     from PIL import Image
-    resize = resize or eval_resize(size)
+    resize = eval_resize(size)
     img = to_rgb(img)
     w, h = img.size
     if w <= h:

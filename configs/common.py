@@ -1,8 +1,9 @@
 """Shared defaults of every config: the reference's YFCC15M DeCLIP recipe (model, loss weights,
 data pipeline, optimiser and schedule).
 
-Facts used in several blocks are set once: the image size and the context length are field
-references shared by `model` and `data` (overriding either changes both), and every default path
+Facts used in several blocks are set once: the image size, the context length and the seed are
+field references shared by `model` / `data` and the top level (overriding one changes all), and
+every default path
 follows data.DATA_DIR (`data/` beside the code, or $DECLIP_DATA).
 """
 import ml_collections
