@@ -313,13 +313,25 @@ def _plan_on_device(plan, device):
     return [(op, n, i, f) for (op, _, _), n, i, f in zip(plan, counts, flat_index.split(counts), flat_param.split(counts))]
 
 
+def _whole_batch(plan, device):
+    """The static-shape form of _plan_on_device: every op runs on the whole batch and keeps its
+    result where the sample's flag is set (torch.where), so no shape depends on the draw."""
+    masks = torch.stack([mask for _, mask, _ in plan])
+    params = torch.stack([param.float() for _, _, param in plan])
+    if device.type != 'cpu':
+        masks = masks.pin_memory().to(device, non_blocking=True)
+        params = params.pin_memory().to(device, non_blocking=True)
+    return [(op, m, f) for (op, _, _), m, f in zip(plan, masks, params)]
+
+
 def device_augment(images, *, generator, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4,
-                   hue=0.1, gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), normalize=True):
+                   hue=0.1, gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), normalize=True, static=False):
     """MoCo v2 colour ops on a uint8 batch [N, 3, H, W] on its own device: with p jitter_p
     ColorJitter (the four ops in a random order per sample), grayscale with p gray_p, PIL-style
     Gaussian blur with p blur_p; then ImageNet normalisation. The per-sample choices and
     parameters are drawn on the host from the CPU `generator`, so each op runs only on the
-    samples that get it and nothing is read back from the device."""
+    samples that get it and nothing is read back from the device; `static` runs every op on
+    every sample instead and selects (the same result, in shapes that never change)."""
     n = images.shape[0]
 
     def u(lo, hi):
@@ -337,6 +349,10 @@ def device_augment(images, *, generator, jitter_p=0.8, brightness=0.4, contrast=
     plan += [(to_grayscale, gray, sigma),
              (lambda y, s: gaussian_blur(y, s, max_sigma=blur_sigma[1]), blur, sigma)]
     x = images.float() / 255
+    if static:
+        for op, mask, param in _whole_batch(plan, x.device):
+            x = torch.where(mask.view(-1, 1, 1, 1), op(x, param), x)
+        return normalize_images(x) if normalize else x
     for op, count, index, param in _plan_on_device(plan, x.device):
         if count:
             x.index_copy_(0, index, op(x.index_select(0, index), param))

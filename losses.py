@@ -112,10 +112,10 @@ def simsiam_loss(*, p, z):
 
 
 def mlm_loss(*, logits, targets):
-    """Cross-entropy over the masked positions; 0 (not NaN) when nothing is masked."""
-    if targets.numel() == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(upcast(logits), targets)
+    """Mean cross-entropy over the masked positions (a target of -100, cross_entropy's ignore
+    index, is padding); 0, not NaN, when nothing is masked. Sum over count: no host sync."""
+    total = F.cross_entropy(upcast(logits), targets, reduction='sum')
+    return total / (targets >= 0).sum().clamp(min=1)
 
 
 def declip_loss(features, *, queue, mlm_targets=None, weights, rank=None, world_size=None):

@@ -27,17 +27,37 @@ DEVICES = ('auto', 'npu', 'cuda', 'cpu')
 
 
 def import_torch_npu():
-    """Registers the 'npu' device when torch_npu is installed. Only its absence is normal: an
+    """The torch_npu module (which registers the 'npu' device) when installed, else None. Only its absence is normal: an
     installed torch_npu that fails to import (CANN libraries not on the library path, a version
     that does not match torch) is an error, never a silent fall-back to the CPU."""
     try:
-        import torch_npu  # noqa: F401
+        import torch_npu
+        return torch_npu
     except ModuleNotFoundError as e:
         if e.name != 'torch_npu':
             raise RuntimeError(f'torch_npu is installed but cannot be imported: {e}') from e
+        return None
     except (ImportError, OSError) as e:
         raise RuntimeError(f'torch_npu is installed but cannot be imported ({e}); source CANN\'s '
                            f'set_env.sh (test/env_npu.sh) or uninstall torch_npu') from e
+
+
+TORCH_FLOOR = (2, 6)  # torch.accelerator, torch.nn.utils.get_total_norm
+
+
+def _major_minor(version):
+    return tuple(int(part) for part in version.split('+')[0].split('.')[:2])
+
+
+def check_versions(torch_version, npu_version=None):
+    """Refuse a torch older than the floor, and a torch_npu whose major.minor differs from torch's
+    (torch_npu is built for one torch release; a mismatch fails later in obscure ways)."""
+    if _major_minor(torch_version) < TORCH_FLOOR:
+        raise RuntimeError(f'torch {torch_version} is too old: this code needs torch >= '
+                           f'{".".join(map(str, TORCH_FLOOR))}')
+    if npu_version is not None and _major_minor(npu_version) != _major_minor(torch_version):
+        raise RuntimeError(f'torch_npu {npu_version} does not match torch {torch_version}: install the '
+                           f'torch_npu release of the same major.minor (e.g. torch 2.6.0 with torch_npu 2.6.0)')
 
 
 def setup_device(local_rank, requested='auto'):
@@ -45,7 +65,8 @@ def setup_device(local_rank, requested='auto'):
     'auto', else the one `requested` (config.device), which must then be there."""
     if requested not in DEVICES:
         raise ValueError(f'config.device: one of {", ".join(DEVICES)}, got {requested!r}')
-    import_torch_npu()
+    npu = import_torch_npu()
+    check_versions(torch.__version__, getattr(npu, '__version__', None))
     available = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else 'cpu'
     device_type = available if requested == 'auto' else requested
     if device_type == 'cpu':
@@ -55,6 +76,54 @@ def setup_device(local_rank, requested='auto'):
                            f'(set --config.device=auto or cpu)')
     torch.accelerator.set_device_index(local_rank)
     return torch.device(device_type, local_rank), device_type
+
+
+SETTINGS = ('auto', 'true', 'false')
+
+
+def _kernel_family(device_name):
+    """CANN's kernel folder name of an Ascend chip: Ascend910B3 -> ascend910b,
+    Ascend910_9391 -> ascend910_93, Ascend910A / Ascend910ProB -> ascend910."""
+    name = device_name.lower()
+    for family in ('ascend910_93', 'ascend910b'):
+        if name.startswith(family):
+            return family
+    return 'ascend910' if name.startswith('ascend910') else name
+
+
+def shape_modes(device_type, *, jit_compile='auto', static_shapes='auto', device_name='', kernel_dirs=()):
+    """(jit_compile or None off NPU, static_shapes) for config.npu_jit_compile / static_shapes.
+
+    Online operator compilation (jit) compiles each operator once per new input shape: shapes
+    that change every step (colour-op sample counts, the number of masked tokens) then compile
+    every step. CANN's binary kernels handle any shape without compiling, so 'auto' turns jit off
+    where the kernels package of this chip is installed (`kernel_dirs`: the folders of
+    opp/built-in/op_impl/ai_core/tbe/kernel), and makes shapes static only where jit stays on
+    (the first-generation 910 without it). Off NPU, 'auto' means dynamic shapes."""
+    for key, value in (('npu_jit_compile', jit_compile), ('static_shapes', static_shapes)):
+        if str(value).lower() not in SETTINGS:
+            raise ValueError(f'config.{key}: auto, true or false, got {value!r}')
+    jit_compile, static_shapes = str(jit_compile).lower(), str(static_shapes).lower()
+    if device_type != 'npu':
+        return None, static_shapes == 'true'
+    jit = jit_compile == 'true' if jit_compile != 'auto' else _kernel_family(device_name) not in kernel_dirs
+    return jit, static_shapes == 'true' if static_shapes != 'auto' else jit
+
+
+def npu_kernel_dirs():
+    opp = os.environ.get('ASCEND_OPP_PATH', '')
+    kernels = Path(opp) / 'built-in' / 'op_impl' / 'ai_core' / 'tbe' / 'kernel'
+    return {p.name for p in kernels.iterdir() if p.is_dir()} if opp and kernels.is_dir() else set()
+
+
+def configure_shapes(device_type, *, jit_compile='auto', static_shapes='auto'):
+    """shape_modes on this machine; on NPU also sets torch_npu's operator compile mode."""
+    if device_type != 'npu':
+        return shape_modes(device_type, jit_compile=jit_compile, static_shapes=static_shapes)
+    jit, static = shape_modes('npu', jit_compile=jit_compile, static_shapes=static_shapes,
+                              device_name=torch.npu.get_device_name(), kernel_dirs=npu_kernel_dirs())
+    torch.npu.set_compile_mode(jit_compile=jit)
+    return jit, static
 
 
 def init_distributed(device_type, rank, world, timeout_s):

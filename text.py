@@ -172,6 +172,14 @@ def mlm_positions(labels):
     return index, flat[index]
 
 
+def pad_positions(index, targets, multiple):
+    """mlm_positions' output padded to a multiple of `multiple` entries (position 0, target
+    IGNORE_INDEX), so the masked-token logits keep one of a few shapes; the loss ignores the pad."""
+    pad = -len(index) % multiple
+    return (torch.cat([index, index.new_zeros(pad)]),
+            torch.cat([targets, targets.new_full((pad,), IGNORE_INDEX)]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Text augmentation (EDA), WordNet without nltk
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import evaluate
 import images
 import losses
 import runtime
+import text
 
 FLAGS = flags.FLAGS
 LOSS_TERMS = ('clip', 'simsiam', 'mlm', 'nn')
@@ -99,7 +100,8 @@ class TrainState:
     """Everything a training step changes and a checkpoint keeps. `ddp` is what the step calls
     (the model itself in a single process); `queue` is this rank's NN memory (unit-norm fp32
     rows, None without the NN term) and `queue_ptr` its FIFO write position; `bad_totals` counts
-    this rank's bad samples by kind (rank 0 also carries the restored sum of a resumed run)."""
+    this rank's bad samples by kind (rank 0 also carries the restored sum of a resumed run);
+    `static_shapes`: the step keeps every tensor shape fixed (runtime.shape_modes)."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -110,6 +112,7 @@ class TrainState:
     queue_ptr: int = 0
     step: int = 0
     ddp: torch.nn.Module | None = None
+    static_shapes: bool = False
 
     @property
     def device(self):
@@ -176,7 +179,7 @@ def build_state(cfg, device, rank=0):
                       bad_totals=torch.zeros(len(data.BAD_KINDS), dtype=torch.long))
 
 
-def device_views(batch, *, cfg, step, rank, world, device):
+def device_views(batch, *, cfg, step, rank, world, device, static=False):
     """(normalised views [B, V, 3, S, S] on `device`, images nothing could decode): the loader's
     uint8 views (or, with data.decode='device', its JPEG bytes decoded and cropped here), then
     colour jitter / grayscale / blur per sample from the (seed, step, rank) stream."""
@@ -186,7 +189,7 @@ def device_views(batch, *, cfg, step, rank, world, device):
     else:
         views = batch['images'].to(device, non_blocking=True)
     gen = data.generator(cfg.seed, step * world + rank)
-    out = images.device_augment(rearrange(views, 'b v c h w -> (b v) c h w'), generator=gen)
+    out = images.device_augment(rearrange(views, 'b v c h w -> (b v) c h w'), generator=gen, static=static)
     return rearrange(out, '(b v) c h w -> b v c h w', v=views.shape[1]), undecodable
 
 
@@ -221,14 +224,19 @@ def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False,
     for group in state.optimizer.param_groups:
         group['lr'] = lr_at(state.step + 1, cfg.optim, cfg.max_iter)
     # 1-2. the loader's views, colour ops on the device; (masked) captions, MLM positions, EDA captions
-    views, undecodable = device_views(batch, cfg=cfg, step=state.step, rank=rank, world=world, device=device)
-    text, text_eda, mlm_index, mlm_targets = (
-        batch[k].to(device, non_blocking=True) if k in batch else None
-        for k in ('text', 'text_eda', 'mlm_index', 'mlm_targets'))
+    views, undecodable = device_views(batch, cfg=cfg, step=state.step, rank=rank, world=world, device=device,
+                                      static=state.static_shapes)
+    names = ('text', 'text_eda', 'mlm_index', 'mlm_targets')
+    host = {k: batch[k] for k in names if k in batch}
+    if state.static_shapes and 'mlm_index' in host:
+        host['mlm_index'], host['mlm_targets'] = text.pad_positions(host['mlm_index'], host['mlm_targets'],
+                                                                    cfg.mlm_bucket)
+    tokens, text_eda, mlm_index, mlm_targets = (
+        host[k].to(device, non_blocking=True) if k in host else None for k in names)
     # 3. features of both views and both captions (+ masked-token logits, SimSiam heads)
     with autocast:
         forward = state.model if state.ddp is None else state.ddp
-        out = forward(views, text, text_eda=text_eda, mlm_index=mlm_index)
+        out = forward(views, tokens, text_eda=text_eda, mlm_index=mlm_index)
     # 4. the weighted objective; neighbours come from the queue as it was before this step
     total, terms, keys = losses.declip_loss(out, queue=state.queue, mlm_targets=mlm_targets,
                                             weights=loss_weights(cfg))
@@ -294,6 +302,9 @@ def check_config(cfg):
     if cfg.model.declip and (cfg.data.views != 2 or not cfg.data.mask):
         raise ValueError('config.model.declip needs data.views=2 and data.mask=True')
     runtime.precision(cfg.precision, 'cpu')
+    runtime.shape_modes('cpu', jit_compile=cfg.npu_jit_compile, static_shapes=cfg.static_shapes)
+    if not isinstance(cfg.mlm_bucket, int) or cfg.mlm_bucket < 1:
+        raise ValueError(f'config.mlm_bucket: a positive integer, got {cfg.mlm_bucket!r}')
     if str(cfg.compile).lower() not in ('auto', 'true', 'false'):
         raise ValueError(f'config.compile: auto, true or false, got {cfg.compile!r}')
     if cfg.data.decode not in ('host', 'device'):
@@ -462,21 +473,29 @@ def train(cfg, workdir):
     """Check the config, set up device and processes, run the loop; returns the model."""
     check_config(cfg)
     device, device_type = runtime.setup_device(runtime.dist_env()[2], cfg.device)
+    if cfg.data.decode == 'device' and device_type not in ('cuda', 'cpu'):
+        raise ValueError(f'config.data.decode=device needs CUDA (nvJPEG); on {device_type} torchvision would '
+                         f'decode on the CPU inside the training process: use data.decode=host')
+    jit, static = runtime.configure_shapes(device_type, jit_compile=cfg.npu_jit_compile,
+                                           static_shapes=cfg.static_shapes)
     with runtime.processes(device_type, cfg.dist_timeout_s) as (rank, world):
         if rank == 0:
             dtype = runtime.precision(cfg.precision, device_type)[0]
             backend = dist.get_backend() if dist.is_initialized() else 'none (one process)'
-            print(f'device {device} | backend {backend} | precision {dtype} | world size {world}', flush=True)
-        return run(cfg, Path(workdir), device, rank, world)
+            npu = f' | jit compile {jit}' if jit is not None else ''
+            print(f'device {device} | backend {backend} | precision {dtype} | world size {world} | '
+                  f'static shapes {static}{npu}', flush=True)
+        return run(cfg, Path(workdir), device, rank, world, static)
 
 
-def run(cfg, workdir, device, rank, world):
+def run(cfg, workdir, device, rank, world, static_shapes=False):
     ckpt_dir = workdir / 'checkpoints'
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_dir.glob('*.tmp'):  # a write interrupted by a crash
             stale.unlink()
     state = build_state(cfg, device, rank)
+    state.static_shapes = static_shapes
     resume(state, ckpt_dir, world)
     wrap_ddp(state, cfg, world)
     _, autocast, _ = runtime.precision(cfg.precision, device.type)

@@ -6,13 +6,15 @@ means and NN queues), so its world-1 twin evaluates the two ranks' forwards sepa
 assembles the DeCLIP objective (mean over ranks of each rank's loss against all ranks'
 features) from the tested component losses, with plain autograd instead of collectives.
 """
+import json
+
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import declip
 import losses
 import text
-from helpers import run_distributed, tiny_config
+from helpers import free_port, run, run_distributed, smoke_overrides, tiny_config
 
 B, WORLD = 4, 2
 
@@ -116,3 +118,42 @@ def test_clip_loss_world2_equals_world1(tmp_path):
 
 def test_declip_loss_world2_equals_two_rank_emulation(tmp_path):
     check(True, tmp_path)
+
+
+def _under_hccl_rules(out, script, args):
+    return run(['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
+                'tests/hccl_rules.py', str(out), script, *args])
+
+
+def _same_sequence(out):
+    seqs = [json.loads((out / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert seqs[0] == seqs[1]
+    return seqs[0]
+
+
+def test_two_process_training_and_evaluation_follow_hccl_rules(tmp_path, demo_dir):
+    """Training with in-run evaluation, then evaluate.py, in 2 gloo processes with every
+    collective checked against HCCL's dtypes: both finish and both ranks issue the same sequence."""
+    work = tmp_path / 'run'
+    res = _under_hccl_rules(tmp_path / 'train', 'train.py', [
+        '--config', 'configs/demo.py:smoke', '--workdir', str(work), *smoke_overrides(demo_dir, log_every=2)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    seq = _same_sequence(tmp_path / 'train')
+    assert any(c.startswith('gather torch.float32') for c in seq)        # NN queues to rank 0
+    assert any(c.startswith('all_reduce torch.int64') for c in seq)      # bad-sample and eval counts
+    assert 'zero-shot top-1' in res.stdout
+    res = _under_hccl_rules(tmp_path / 'eval', 'evaluate.py', [
+        '--ckpt', str(work / 'checkpoints' / 'last.pt'), '--prompts', 'prompt1', '--workers', '0'])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert any(c.startswith('all_reduce torch.int64') for c in _same_sequence(tmp_path / 'eval'))
+
+
+def test_hccl_rules_wrapper_refuses_float64(tmp_path):
+    script = tmp_path / 'f64.py'
+    script.write_text('import torch, torch.distributed as dist\n'
+                      'dist.init_process_group("gloo")\n'
+                      'dist.all_reduce(torch.ones(2, dtype=torch.int64))\n'
+                      'dist.all_reduce(torch.ones(2, dtype=torch.float64))\n')
+    res = _under_hccl_rules(tmp_path / 'out', str(script), [])
+    assert res.returncode != 0 and 'dist.all_reduce with torch.float64' in res.stderr
+    assert json.loads((tmp_path / 'out' / 'rank0.json').read_text()) == ['all_reduce torch.int64 [2]']

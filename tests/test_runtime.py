@@ -118,3 +118,87 @@ def test_a_training_step_creates_no_float64_tensor():
             metrics = train.train_step(state, batch, cfg=cfg, autocast=autocast, grad_norm=True)
     assert torch.isfinite(metrics['loss']['total'])
     assert torch.float32 in mode.seen and torch.float64 not in mode.seen, mode.seen.get(torch.float64)
+
+
+# (device type, jit setting, static setting, chip, kernel folders installed) -> (jit, static shapes)
+SHAPE_TABLE = [
+    ('cpu', 'auto', 'auto', '', set(), (None, False)),
+    ('cuda', 'auto', 'true', '', set(), (None, True)),
+    ('npu', 'auto', 'auto', 'Ascend910B3', {'ascend910b'}, (False, False)),       # 910B: binary kernels
+    ('npu', 'auto', 'auto', 'Ascend910A', set(), (True, True)),                   # 910 without them
+    ('npu', 'auto', 'auto', 'Ascend910ProB', {'ascend910'}, (False, False)),      # 910 with them
+    ('npu', 'auto', 'auto', 'Ascend910A', {'ascend910b'}, (True, True)),          # another chip's kernels
+    ('npu', 'auto', 'auto', 'Ascend910_9391', {'ascend910_93'}, (False, False)),
+    ('npu', 'true', 'auto', 'Ascend910B1', {'ascend910b'}, (True, True)),
+    ('npu', 'false', 'false', 'Ascend910A', set(), (False, False)),
+    ('npu', 'auto', 'true', 'Ascend910B1', {'ascend910b'}, (False, True)),
+]
+
+
+@pytest.mark.parametrize('device_type, jit, static, chip, kernels, want', SHAPE_TABLE)
+def test_shape_modes(device_type, jit, static, chip, kernels, want):
+    assert runtime.shape_modes(device_type, jit_compile=jit, static_shapes=static, device_name=chip,
+                               kernel_dirs=kernels) == want
+
+
+def test_shape_mode_typo_names_the_key():
+    with pytest.raises(ValueError, match='config.static_shapes'):
+        runtime.shape_modes('npu', static_shapes='yes')
+
+
+def test_version_floors():
+    runtime.check_versions('2.13.0+cpu')
+    runtime.check_versions('2.6.0', '2.6.0.post3')
+    with pytest.raises(RuntimeError, match='torch >= 2.6'):
+        runtime.check_versions('2.5.1')
+    with pytest.raises(RuntimeError, match='torch_npu 2.5.1 does not match torch 2.6.0'):
+        runtime.check_versions('2.6.0', '2.5.1')
+
+
+def test_static_colour_ops_equal_the_per_sample_ones():
+    import images
+    x = torch.randint(0, 256, (24, 3, 20, 20), dtype=torch.uint8)
+    dynamic = images.device_augment(x, generator=torch.Generator().manual_seed(3))
+    static = images.device_augment(x, generator=torch.Generator().manual_seed(3), static=True)
+    assert not torch.equal(dynamic, images.normalize_images(x))   # some op changed something
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=1e-6)
+
+
+def test_a_static_shape_step_equals_the_dynamic_one():
+    """Padding the masked tokens to the bucket and running colour ops over the whole batch change
+    no loss term and no gradient."""
+    import bench
+    import train
+    from configs import demo
+    cfg = demo.get_config('smoke')
+    cfg.compile, cfg.mlm_bucket = 'false', 64
+    batch = bench._synthetic_batch(cfg, 8, torch.device('cpu'))
+    assert len(batch['mlm_index']) % 64   # padding has something to do
+    _, autocast, _ = runtime.precision('fp32', 'cpu')
+    out = []
+    for static in (False, True):
+        state = train.build_state(cfg, torch.device('cpu'))
+        state.static_shapes = static
+        state.optimizer.step = lambda: None   # keep the gradients to compare them
+        state.optimizer.zero_grad = lambda set_to_none=True: None
+        metrics = train.train_step(state, batch, cfg=cfg, autocast=autocast)
+        out.append((metrics['loss'], {k: p.grad.clone() for k, p in state.model.named_parameters()
+                                      if p.grad is not None}))
+    for k, v in out[0][0].items():
+        torch.testing.assert_close(out[1][0][k], v, rtol=1e-6, atol=1e-7)
+    assert out[0][0]['mlm'] > 0 and out[0][1].keys() == out[1][1].keys()
+    for k, g in out[0][1].items():
+        torch.testing.assert_close(out[1][1][k], g, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_device_decode_is_refused_on_npu(monkeypatch, tmp_path, demo_dir):
+    import train
+    from configs import demo
+    cfg = demo.get_config('smoke')
+    cfg.data.decode = 'device'
+    monkeypatch.setattr(runtime, 'check_versions', lambda *a: None)
+    monkeypatch.setattr(runtime, 'setup_device', lambda rank, requested: (torch.device('cpu'), 'npu'))
+    monkeypatch.setattr(train, 'check_config', lambda cfg: None)
+    with pytest.raises(ValueError, match='decode=device needs CUDA'):
+        train.train(cfg, tmp_path / 'w')
+    assert not (tmp_path / 'w').exists()
