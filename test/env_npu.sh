@@ -1,87 +1,196 @@
 #!/usr/bin/env bash
-# Environment for the ModelZoo-style launch scripts beside this file, plus their shared runner.
-# On an Ascend host it loads CANN and sets HCCL variables; elsewhere (GPU/CPU) it changes nothing
-# that matters, and train.py picks the device itself.
+# Environment and shared runner of the ModelZoo-style launch scripts beside this file.
+#
+# The scripts belong to the repository they sit in: they work in its root (the parent of test/)
+# wherever they are started from, e.g. `bash test/train_full_8p.sh` in the root or
+# `bash train_full_8p.sh` in test/. Paths there:
+#   dataset/ (or --data_path=DIR, relative to where the command runs):
+#       yfcc15m_clean_open_data.json   training meta, JSON Lines (filename, caption)
+#       yfcc15m_clean_open_data/       training images
+#       bpe_simple_vocab_16e6.txt.gz   vocabulary (optional; else the one `python prepare.py setup` fetched)
+#       val_official.json              validation meta, JSON Lines (filename, label, label_name)
+#       imagenet_val/                  ILSVRC2012_val_*.JPEG, one flat folder
+#     The validation pair is required for full runs (their accuracy) and optional for performance runs.
+#     `python prepare.py modelzoo-dataset` lays the demo corpus out this way.
+#   test/output/$ASCEND_DEVICE_ID/  emptied at every start, so a run never resumes an earlier one:
+#       train_$ASCEND_DEVICE_ID.log    the training log
+#       $CaseName.log                  `key = value` summary (Network, RankSize, BatchSize, DeviceType,
+#                                      CaseName, ActualFPS, TrainingTime, ActualLoss, [TrainAccuracy],
+#                                      E2ETrainingTime)
+#       train_${CaseName}_loss.txt     the total loss of every logged step, one a line
+#       workdir/                       train.py's --workdir (checkpoints/, tb/)
+#   checkpoint/$CaseName.pt          the run's checkpoints/last.pt, copied when training succeeded
+# CaseName is DeCLIP_bs<batch per device>_<devices>p_perf (performance scripts) or ..._acc (full).
+# ActualFPS averages train.py's img/s (all devices) over the log windows after the first;
+# TrainingTime is milliseconds per step (batch per device * devices * 1000 / ActualFPS).
+#
+# Environment: ASCEND_DEVICE_ID (default 0) names the output folder and, on an Ascend host, the card
+# of a 1-device run (as ASCEND_RT_VISIBLE_DEVICES). DECLIP_CONFIG (default configs/vitb32.py) is
+# train.py's config, e.g. configs/vitb32.py:smoke. CANN: CANN_ENV=/path/to/set_env.sh, else
+# Install_Path in /etc/Ascend/ascend_cann_install.info (default /usr/local/Ascend) with
+# ascend-toolkit/set_env.sh, else nnae/set_env.sh. Without CANN, torch_npu is not auto-loaded
+# (TORCH_DEVICE_BACKEND_AUTOLOAD=0) and train.py picks the GPU or CPU itself (CUDA_VISIBLE_DEVICES
+# is left as it is).
+# Every argument but --data_path=DIR goes to train.py after the script's own flags, so it wins;
+# train.py runs in the repository root. A missing dataset item stops the script (status 2, naming
+# it) before anything is written; otherwise the exit status is the training's (torchrun's: 0 when
+# every process exited 0), or 1 when the weights could not be copied.
 
-CANN_ENV=${CANN_ENV:-/usr/local/Ascend/ascend-toolkit/set_env.sh}
+# cann_env_script INFO_FILE: the set_env.sh that CANN's install record points to (may not exist).
+cann_env_script() {
+    local info=$1 install_path=/usr/local/Ascend
+    if [ -f "$info" ]; then
+        install_path=$(grep -m1 '^Install_Path=' "$info" | cut -d= -f2-)
+        install_path=${install_path:-/usr/local/Ascend}
+    fi
+    if [ -f "$install_path/ascend-toolkit/set_env.sh" ]; then
+        echo "$install_path/ascend-toolkit/set_env.sh"
+    else
+        echo "$install_path/nnae/set_env.sh"
+    fi
+}
+
+CANN_ENV=${CANN_ENV:-$(cann_env_script /etc/Ascend/ascend_cann_install.info)}
 if [ -f "$CANN_ENV" ]; then
     # shellcheck disable=SC1090
     source "$CANN_ENV"
+    ON_ASCEND=1
     export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-1200}
     export HCCL_EXEC_TIMEOUT=${HCCL_EXEC_TIMEOUT:-1800}
     export HCCL_WHITELIST_DISABLE=${HCCL_WHITELIST_DISABLE:-1}
     export TASK_QUEUE_ENABLE=${TASK_QUEUE_ENABLE:-1}
     export COMBINED_ENABLE=${COMBINED_ENABLE:-1}
+    export CPU_AFFINITY_CONF=${CPU_AFFINITY_CONF:-1}
 else
+    ON_ASCEND=0
     # torch_npu installed without CANN would break `import torch`: never auto-load it here
     export TORCH_DEVICE_BACKEND_AUTOLOAD=0
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
-# run_case NAME NPROC CONFIG [train.py flags...]
-# Runs torchrun, logs to test/output/NAME/, then prints the ModelZoo summary and writes the
-# `key = value` case log that ModelZoo tooling parses.
-run_case() {
-    local name=$1 nproc=$2 config=$3
-    shift 3
-    local here root out start end
-    here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-    root=$(dirname "$here")
-    out="$here/output/$name"
-    mkdir -p "$out"
-    start=$(date +%s)
-    (cd "$root" && python -m torch.distributed.run --nproc_per_node "$nproc" train.py \
-        --config "$config" --workdir "$out/run" "$@") 2>&1 | tee "$out/train.log"
-    local status=${PIPESTATUS[0]}
-    end=$(date +%s)
-    local fps acc loss batch
-    fps=$(grep -o '| [0-9.]* img/s' "$out/train.log" | awk '{s+=$2; n++} END {if (n) printf "%.2f", s/n; else print "0"}')
-    acc=$(grep -o 'zero-shot top-1 [0-9.]*' "$out/train.log" | tail -1 | awk '{print $3}')
-    loss=$(grep -o 'total [0-9.e+-]*' "$out/train.log" | tail -1 | awk '{print $2}')
-    batch=$(grep -o 'data.batch_size=[0-9]*' <<< "$*" | tail -1 | cut -d= -f2)
-    echo "------------------ Final result ------------------"
-    echo "Final Performance images/sec : ${fps}"
-    echo "Final Train Accuracy : ${acc:-NA}"
-    echo "E2E Training Duration sec : $((end - start))"
-    {
-        echo "Network = DeCLIP"
-        echo "RankSize = ${nproc}"
-        echo "BatchSize = ${batch:-128}"
-        echo "DeviceType = $(uname -m)"
-        echo "CaseName = ${name}"
-        echo "ActualFPS = ${fps}"
-        echo "TrainingTime = $(awk -v f="$fps" -v b="${batch:-128}" -v n="$nproc" 'BEGIN {if (f > 0) printf "%.4f", b * n / f; else print "0"}')"
-        echo "ActualLoss = ${loss:-NA}"
-        echo "TrainAccuracy = ${acc:-NA}"
-        echo "E2ETrainingTime = $((end - start))"
-    } > "$out/${name}_perf_report.log"
-    cat "$out/${name}_perf_report.log"
-    return "$status"
+# check_dataset DIR NEED_VAL: names what is missing from DIR on stderr; non-zero if anything is.
+check_dataset() {
+    local dir=$1 need_val=$2 missing=() item
+    if [ ! -d "$dir" ]; then
+        echo "error: dataset folder not found: $dir (put the data in ./dataset or pass --data_path=DIR;" \
+             "\`python prepare.py modelzoo-dataset\` lays out the demo corpus there)" >&2
+        return 1
+    fi
+    [ -f "$dir/yfcc15m_clean_open_data.json" ] || missing+=(yfcc15m_clean_open_data.json)
+    [ -d "$dir/yfcc15m_clean_open_data" ] || missing+=(yfcc15m_clean_open_data/)
+    if [ "$need_val" = 1 ] || [ -e "$dir/val_official.json" ] || [ -e "$dir/imagenet_val" ]; then
+        [ -f "$dir/val_official.json" ] || missing+=(val_official.json)
+        [ -d "$dir/imagenet_val" ] || missing+=(imagenet_val/)
+    fi
+    for item in "${missing[@]}"; do
+        echo "error: dataset folder $dir has no $item" >&2
+    done
+    [ ${#missing[@]} -eq 0 ]
 }
 
-# data_flags DATA_PATH: train.py overrides for a YFCC15M-layout folder
-# (DATA_PATH/yfcc15m_clean_open_data.json + images/, DATA_PATH/val_official.json + val/).
+# data_flags DIR: train.py overrides for a dataset folder in the layout above (DIR checked already).
 data_flags() {
     local d=$1
-    echo "--config.data.train_meta=$d/yfcc15m_clean_open_data.json --config.data.train_root=$d/images" \
-         "--config.data.val_meta=$d/val_official.json --config.data.val_root=$d/val"
+    echo "--config.data.train_meta=$d/yfcc15m_clean_open_data.json"
+    echo "--config.data.train_root=$d/yfcc15m_clean_open_data"
+    if [ -f "$d/val_official.json" ]; then
+        echo "--config.data.val_meta=$d/val_official.json"
+        echo "--config.data.val_root=$d/imagenet_val"
+    fi
+    if [ -f "$d/bpe_simple_vocab_16e6.txt.gz" ]; then
+        echo "--config.data.bpe_path=$d/bpe_simple_vocab_16e6.txt.gz"
+    fi
 }
 
-# modelzoo_main NAME NPROC "FIXED FLAGS" "$@": parse --data_path=PATH, pass the rest to train.py.
+# config_batch CONFIG [train.py flags...]: the batch per device the run will use ("NA" if the
+# config does not load: train.py then says why).
+config_batch() {
+    python - "$@" 2>/dev/null <<'EOF' || echo NA
+import sys
+from absl import flags
+from ml_collections import config_flags
+config = config_flags.DEFINE_config_file('config', lock_config=True)
+flags.FLAGS(['config_batch', f'--config={sys.argv[1]}', *sys.argv[2:]], known_only=True)
+print(config.value.data.batch_size)
+EOF
+}
+
+# report LOG CASE OUT NPROC BATCH SECONDS WITH_ACC: the ModelZoo summary of a training log.
+report() {
+    local log=$1 case_name=$2 out=$3 nproc=$4 batch=$5 seconds=$6 with_acc=$7 fps step_ms loss acc
+    awk '/ img\/s \|/ {for (i = 1; i < NF; i++) if ($i == "total") {print $(i + 1); break}}' "$log" \
+        > "$out/train_${case_name}_loss.txt"
+    # the first window holds start-up (compilation, loader warm-up): averaged only when alone
+    fps=$(grep -o '| [0-9.]* img/s' "$log" | awk '{v[NR] = $2} END {
+        for (i = (NR > 1 ? 2 : 1); i <= NR; i++) {s += v[i]; n++}
+        if (n) printf "%.2f", s / n; else print 0}')
+    step_ms=$(awk -v f="$fps" -v b="$batch" -v n="$nproc" 'BEGIN {
+        if (f > 0 && b ~ /^[0-9]+$/) printf "%.2f", b * n * 1000 / f; else print "NA"}')
+    loss=$(tail -n 1 "$out/train_${case_name}_loss.txt")
+    acc=$(grep -o 'zero-shot top-1 [0-9.]*' "$log" | tail -n 1 | awk '{print $3}')
+    echo "------------------ Final result ------------------"
+    echo "Final Performance images/sec : $fps"
+    [ "$with_acc" = 1 ] && echo "Final Train Accuracy : ${acc:-NA}"
+    echo "E2E Training Duration sec : $seconds"
+    {
+        echo "Network = DeCLIP"
+        echo "RankSize = $nproc"
+        echo "BatchSize = $batch"
+        echo "DeviceType = $(uname -m)"
+        echo "CaseName = $case_name"
+        echo "ActualFPS = $fps"
+        echo "TrainingTime = $step_ms"
+        echo "ActualLoss = ${loss:-NA}"
+        [ "$with_acc" = 1 ] && echo "TrainAccuracy = ${acc:-NA}"
+        echo "E2ETrainingTime = $seconds"
+    } > "$out/$case_name.log"
+}
+
+# modelzoo_main NPROC perf|acc [--data_path=DIR] [train.py flags...]
 modelzoo_main() {
-    local name=$1 nproc=$2 fixed=$3
-    shift 3
-    local data_path="" extra=()
+    local nproc=$1 kind=$2
+    shift 2
+    local root data_path="" extra=() arg device_id=${ASCEND_DEVICE_ID:-0}
+    local config=${DECLIP_CONFIG:-configs/vitb32.py} fixed=() start
+    start=$(date +%s)
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
     for arg in "$@"; do
         case $arg in
             --data_path=*) data_path=${arg#*=} ;;
             *) extra+=("$arg") ;;
         esac
     done
-    if [ -z "$data_path" ]; then
-        echo "usage: bash test/$name.sh --data_path=PATH [train.py flags]" >&2
+    data_path=${data_path:-$root/dataset}
+    case $data_path in /*) ;; *) data_path=$PWD/$data_path ;; esac
+    [ -d "$data_path" ] && data_path=$(cd "$data_path" && pwd)
+    if ! [[ $device_id =~ ^[0-9]+$ ]]; then
+        echo "error: ASCEND_DEVICE_ID must be a card number, got '$device_id'" >&2
         return 2
     fi
-    # shellcheck disable=SC2046,SC2086
-    run_case "$name" "$nproc" configs/vitb32.py $(data_flags "$data_path") $fixed "${extra[@]}"
+    check_dataset "$data_path" "$([ "$kind" = acc ] && echo 1 || echo 0)" || return 2
+    cd "$root" || return 2
+    [ "$kind" = perf ] && fixed=(--config.stop_at=1000)
+    # a 1-device run on an Ascend host uses card ASCEND_DEVICE_ID (if named, else the visible ones' first)
+    if [ "$ON_ASCEND" = 1 ] && [ "$nproc" = 1 ]; then
+        if [ -n "${ASCEND_DEVICE_ID:-}" ] || [ -z "${ASCEND_RT_VISIBLE_DEVICES:-}" ]; then
+            export ASCEND_RT_VISIBLE_DEVICES=$device_id
+        fi
+    fi
+    local flags=() batch case_name out="$root/test/output/$device_id" status
+    mapfile -t flags < <(data_flags "$data_path")
+    flags+=("${fixed[@]}" "${extra[@]}")
+    batch=$(config_batch "$config" "${flags[@]}")
+    case_name="DeCLIP_bs${batch}_${nproc}p_${kind}"
+    rm -rf "$out"
+    mkdir -p "$out"
+    python -m torch.distributed.run --standalone --nproc_per_node "$nproc" train.py \
+        --config "$config" --workdir "$out/workdir" "${flags[@]}" 2>&1 | tee "$out/train_$device_id.log"
+    status=${PIPESTATUS[0]}
+    report "$out/train_$device_id.log" "$case_name" "$out" "$nproc" "$batch" $(($(date +%s) - start)) \
+        "$([ "$kind" = acc ] && echo 1 || echo 0)"
+    if [ "$status" = 0 ]; then
+        mkdir -p checkpoint && cp "$out/workdir/checkpoints/last.pt" "checkpoint/$case_name.pt" || return 1
+        echo "weights: $root/checkpoint/$case_name.pt"
+    fi
+    return "$status"
 }

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# ModelZoo-style full run on 1 device(s): DeCLIP ViT-B/32, batch 128 per device, the full 128,001-step schedule.
-# Usage: bash test/train_full_1p.sh --data_path=/path/to/yfcc15m [train.py flags...]
-source "$(dirname "$0")/env_npu.sh"
-modelzoo_main train_full_1p 1 "" "$@"
+# ModelZoo-style full run (the whole schedule, zero-shot top-1; case DeCLIP_bs128_1p_acc):
+# DeCLIP ViT-B/32 (configs/vitb32.py), batch 128 per device, 1 device(s).
+# Usage: bash test/train_full_1p.sh [--data_path=DIR] [train.py flags...]
+# Data from ./dataset unless --data_path is given; outputs in test/output/${ASCEND_DEVICE_ID:-0}/,
+# weights in ./checkpoint/ (layout and environment variables: test/env_npu.sh).
+source "$(dirname "${BASH_SOURCE[0]}")/env_npu.sh"
+modelzoo_main 1 acc "$@"
