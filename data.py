@@ -1,9 +1,11 @@
 """Data: JSON Lines and webdataset formats, training samples with bad-input handling, the
-iteration sampler, loaders and the evaluation dataset. Nothing here imports model code.
+iteration sampler and loaders. Nothing here imports model code.
 
 The data folder (vocabulary, synonym table, demo corpus) is `data/` beside this file, or
 $DECLIP_DATA when set: the one rule every default path follows.
 """
+import codecs
+import glob
 import os
 import random
 from pathlib import Path
@@ -19,8 +21,11 @@ DATA_DIR = Path(os.environ.get('DECLIP_DATA', ROOT / 'data'))
 BPE_PATH = DATA_DIR / 'bpe_simple_vocab_16e6.txt.gz'
 SYNONYMS_PATH = DATA_DIR / 'wordnet_synonyms.tsv.gz'
 SEED_MIX = 1_000_003
+SAMPLE_TIMEOUT_S = 60.0                 # default of data.sample_timeout_s
+MAX_FILE_BYTES = images.MAX_FILE_BYTES  # default of data.max_file_bytes
 BAD_KINDS = ('missing', 'empty_file', 'not_image', 'truncated', 'too_large', 'empty_caption',
-             'bad_json', 'bad_encoding', 'bad_tar', 'other')
+             'bad_json', 'bad_encoding', 'bad_tar', 'unreadable', 'not_regular', 'file_too_large',
+             'outside_root', 'timeout', 'other')
 
 
 def seeded_rng(*parts):
@@ -57,26 +62,39 @@ def tokenize(texts, context_length=text.CONTEXT_LENGTH, bpe_path=BPE_PATH):
 # Formats: JSON Lines meta (YFCC15M / ImageNet-val layout), webdataset tar shards
 # ----------------------------------------------------------------------------------------------
 
-def index_lines(path, chunk=1 << 24):
-    """Byte offsets of the non-empty lines of a file as an int64 numpy array (a 15 M-line meta
-    costs 120 MB, not 15 M parsed dicts)."""
+def scan_lines(path, chunk=1 << 24):
+    """(offsets of the lines that hold more than whitespace, offsets of the blank ones) of a file
+    as int64 numpy arrays: a 15 M-line meta costs 120 MB, not 15 M parsed dicts. Lines of spaces,
+    tabs or a lone CR (a Windows-edited file) are blank, as is a UTF-8 byte-order mark at the start."""
     import numpy as np
-    starts, pos, last_newline = [], 0, -1
+    found = {True: [], False: []}
+    pos, start, content = 0, 0, False  # the line in progress: its offset, whether it has content
     with open(path, 'rb') as f:
-        while True:
-            buf = f.read(chunk)
-            if not buf:
-                break
-            nl = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10) + pos
-            ends = np.concatenate([[last_newline], nl])
-            line_starts = ends[:-1] + 1
-            starts.append(line_starts[nl > line_starts])
+        while buf := f.read(chunk):
+            arr = np.frombuffer(buf, dtype=np.uint8)
+            has = ((arr - np.uint8(9)) > 4) & (arr != 32)  # not \t \n \v \f \r (9..13, uint8 wrap) or space
+            if pos == 0 and buf.startswith(codecs.BOM_UTF8):
+                has[:3] = False
+            nl = np.flatnonzero(arr == 10)
+            seg = np.logical_or.reduceat(has, np.concatenate([[0], nl]))  # [0, nl0), [nl0, nl1), ...
             if len(nl):
-                last_newline = int(nl[-1])
+                found[bool(content or seg[0])].append([start])
+                starts, full = nl[:-1] + pos + 1, seg[1:-1]
+                found[True].append(starts[full])
+                found[False].append(starts[~full])
+                start, content = int(nl[-1]) + pos + 1, bool(seg[-1])
+            else:
+                content = content or bool(seg[0])
             pos += len(buf)
-    if pos > last_newline + 1:
-        starts.append(np.array([last_newline + 1]))
-    return np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
+    if content or start < pos:  # a last line without a newline
+        found[content].append([start])
+    return tuple(np.concatenate(found[k]).astype(np.int64) if found[k] else np.zeros(0, np.int64)
+                 for k in (True, False))
+
+
+def index_lines(path, chunk=1 << 24):
+    """Byte offsets of the lines of a file that hold more than whitespace (scan_lines)."""
+    return scan_lines(path, chunk)[0]
 
 
 def join_path(root, filename):
@@ -89,6 +107,19 @@ def join_path(root, filename):
     return os.path.join(root, filename.lstrip('/'))
 
 
+def confined_path(root, filename):
+    """join_path(root, filename), refused (BadSample 'outside_root') when a meta line could leave
+    the root: a filename with a `..` part (even one that would come back). A leading '/' is
+    stripped, the reference's rule, so absolute names stay inside too. Symlinks inside the root
+    are its owner's and are followed (a root that is a symlink, or a folder of links to images
+    elsewhere, as bench.py builds, keeps working); what they point at must still be a regular file
+    of bounded size (images.read_file). An empty root confines nothing: filenames are then paths
+    as given."""
+    if root and '..' in filename.split('/'):
+        raise BadSample('outside_root', f'{filename!r} under {root}')
+    return join_path(root, filename)
+
+
 class JsonlMeta:
     """Random access to the records of several (root, meta file) pairs by line offsets."""
 
@@ -99,8 +130,8 @@ class JsonlMeta:
         self.sources = []
         for root, meta in zip(roots, metas):
             if not Path(meta).is_file():
-                raise FileNotFoundError(f'meta file not found: {meta}')
-            self.sources.append((root, meta, index_lines(meta)))
+                raise FileNotFoundError(f'meta file not found (or not a regular file): {meta}')
+            self.sources.append((root, meta, *scan_lines(meta)))
         self.cumulative = np.cumsum([len(s[2]) for s in self.sources])
         self.handles = {}
 
@@ -113,28 +144,35 @@ class JsonlMeta:
         local = i - (int(self.cumulative[src - 1]) if src else 0)
         return src, local
 
+    def where(self, i):
+        """'meta:line' of record i (blank lines counted), for messages."""
+        import numpy as np
+        src, local = self.locate(i)
+        _, meta, offsets, blanks = self.sources[src]
+        return f'{meta}:{local + 1 + int(np.searchsorted(blanks, offsets[local]))}'
+
     def record(self, i):
         """(root, record dict, 'meta:line' for messages); malformed lines raise BadSample."""
         import json
         src, local = self.locate(i)
-        root, meta, offsets = self.sources[src]
+        root, meta, offsets, _ = self.sources[src]
         handle = self.handles.get(src)
         if handle is None or handle[0] != os.getpid():  # one handle per worker process
             handle = self.handles[src] = (os.getpid(), open(meta, 'rb'))
         f = handle[1]
         f.seek(int(offsets[local]))
         raw = f.readline()
-        where = f'{meta}:{local + 1}'
+        where = self.where(i)
         try:
-            line = raw.decode('utf-8')
+            line = raw.decode('utf-8-sig')  # a byte-order mark is no error
         except UnicodeDecodeError as e:
-            raise BadSample('bad_encoding', where) from e
+            raise BadSample('bad_encoding', f'{where}: {e.reason} at byte {e.start}') from e
         try:
             rec = json.loads(line)
         except ValueError as e:
-            raise BadSample('bad_json', where) from e
-        if not isinstance(rec, dict) or 'filename' not in rec:
-            raise BadSample('bad_json', f'{where}: no "filename"')
+            raise BadSample('bad_json', f'{where}: {e}') from e
+        if not isinstance(rec, dict) or not isinstance(rec.get('filename'), str):
+            raise BadSample('bad_json', f'{where}: not an object with a "filename" string')
         return root, rec, where
 
     def __getstate__(self):
@@ -150,13 +188,15 @@ def first_caption(caption):
     return caption
 
 
-def iter_tar(path):
+def iter_tar(path, max_bytes=MAX_FILE_BYTES):
     """(key, {ext: bytes}) groups of consecutive members of a webdataset shard, with the standard
-    library; a broken member or header ends the shard with a BadSample group."""
+    library. A shard that is not a regular file (images.open_regular) or whose member or header is
+    broken ends with a group {'__error__': BadSample}; a member over `max_bytes` is not read, its
+    group carries the error."""
     import tarfile
     key, group = None, {}
     try:
-        with tarfile.open(path, 'r|*') as tar:
+        with images.open_regular(path) as f, tarfile.open(fileobj=f, mode='r|*') as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -167,11 +207,15 @@ def iter_tar(path):
                     yield key, group
                     group = {}
                 key = k
-                group[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
+                if member.size > max_bytes:
+                    group['__error__'] = BadSample('file_too_large', f'{name}: {member.size:,} bytes > '
+                                                   f'{max_bytes:,} (data.max_file_bytes)')
+                else:
+                    group[ext.lower()] = tar.extractfile(member).read()
+    except (BadSample, tarfile.TarError, OSError, EOFError) as e:
         if key is not None:
             yield key, group
-        yield f'{path}:broken', {'__error__': str(e).encode()}
+        yield f'{path}:broken', {'__error__': e if isinstance(e, BadSample) else BadSample('bad_tar', str(e))}
         return
     if key is not None:
         yield key, group
@@ -206,6 +250,17 @@ class FailureMonitor:
                     f'{self.max_rate:.0%}, data.max_bad_rate); examples:\n  ' + '\n  '.join(self.examples))
 
 
+def guarded(build, timeout_s):
+    """(build(), None, '') or, when it fails or runs past `timeout_s`, (None, kind, detail)."""
+    try:
+        with images.time_limit(timeout_s):
+            return build(), None, ''
+    except BadSample as e:
+        return None, e.kind, str(e)
+    except Exception as e:  # a sample must never stop training or evaluation; the monitor catches patterns
+        return None, 'other', f'{type(e).__name__}: {e}'
+
+
 class SampleBuilder:
     """Turns a caption and an image source into the tensors of one training sample."""
 
@@ -216,8 +271,8 @@ class SampleBuilder:
         self.monitor = FailureMonitor(cfg.bad_window, cfg.max_bad_rate)
 
     def __call__(self, caption, image, rng):
-        caption = first_caption(caption)
-        raw = images.read_bytes(image)
+        caption = self.tokenizer.head(first_caption(caption), self.cfg.context_length)
+        raw = images.read_bytes(image, max_bytes=self.cfg.max_file_bytes)
         img = images.open_image(raw, self.cfg.max_pixels)
         views, scale = self.cfg.views, tuple(self.cfg.crop_scale)
         if self.cfg.decode == 'device' and images.device_decodable(raw, img):
@@ -231,20 +286,11 @@ class SampleBuilder:
         return out
 
     def attempt(self, build, where):
-        """Run build(); a failure returns its kind (and is recorded), success returns None."""
-        try:
-            sample = build()
-        except DataError:
-            raise
-        except BadSample as e:
-            kind, detail = e.kind, str(e)
-        except Exception as e:  # a sample must never stop training; the monitor catches patterns
-            kind, detail = 'other', f'{type(e).__name__}: {e}'
-        else:
-            self.monitor.record(None)
-            return sample, None
-        self.monitor.record(f'{where}: {detail}'[:300])
-        return None, kind
+        """(sample, None) of build() (guarded, timed), or (None, kind) of a failure, which the
+        monitor records with `where` (meta file:line or shard key)."""
+        sample, kind, detail = guarded(build, self.cfg.sample_timeout_s)
+        self.monitor.record(None if kind is None else f'{where}: {detail}'[:300])
+        return sample, kind
 
 
 def bad_counts(kinds):
@@ -275,13 +321,10 @@ class PairDataset(torch.utils.data.Dataset):
         rng = seeded_rng(self.seed, position)
         failures = []
         for _ in range(100):
-            where = f'sample {index}'
-
             def build():
-                nonlocal where
-                root, rec, where = self.meta.record(index)
-                return self.builder(rec.get('caption'), join_path(root, str(rec['filename'])), rng)
-            sample, kind = self.builder.attempt(build, where)
+                root, rec, _ = self.meta.record(index)
+                return self.builder(rec.get('caption'), confined_path(root, rec['filename']), rng)
+            sample, kind = self.builder.attempt(build, self.meta.where(index))
             if sample is not None:
                 return {**sample, 'position': position, 'bad': bad_counts(failures)}
             failures.append(kind)
@@ -314,19 +357,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             order = torch.randperm(len(self.shards), generator=generator(self.cfg.seed, p)).tolist()
             if len(self.shards) >= total:
                 for s in order[g::total]:
-                    for key, group in iter_tar(self.shards[s]):
+                    for key, group in iter_tar(self.shards[s], self.cfg.max_file_bytes):
                         yield p, key, group
             else:
                 i = 0
                 for s in order:
-                    for key, group in iter_tar(self.shards[s]):
+                    for key, group in iter_tar(self.shards[s], self.cfg.max_file_bytes):
                         if i % total == g:
                             yield p, key, group
                         i += 1
 
     def build(self, group, rng):
         if '__error__' in group:
-            raise BadSample('bad_tar', group['__error__'].decode(errors='replace'))
+            raise group['__error__']
         image = next((group[e] for e in ('jpg', 'jpeg', 'png', 'webp') if e in group), None)
         if image is None or 'txt' not in group:
             raise BadSample('bad_tar', f'members {sorted(group)}')
@@ -424,7 +467,12 @@ def split_list(value):
 
 
 def _worker_init(worker_id):
+    """One thread per worker; SIGINT / SIGTERM are the training process's to handle (it finishes
+    its step and saves): a worker dying of Ctrl-C would fail that step. Workers end with it."""
+    import signal
     torch.set_num_threads(1)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=False):
@@ -445,33 +493,47 @@ def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=Fal
     return torch.utils.data.DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
 
 
-class EvalDataset(torch.utils.data.Dataset):
-    """Labelled images in the ImageNet-val JSON Lines layout (filename, label, label_name[, caption]);
-    this rank's share is indices rank, rank+W, ... (no padding duplicates)."""
-
-    def __init__(self, root, meta, *, rank=0, world=1, image_size=224, max_pixels=1 << 28):
-        import json
-        self.root, self.image_size, self.max_pixels = root, image_size, max_pixels
-        if not Path(meta).is_file():
-            raise FileNotFoundError(f'evaluation meta file not found: {meta}')
-        with open(meta, encoding='utf-8') as f:
-            self.records = [json.loads(line) for line in f if line.strip()]
-        self.indices = list(range(rank, len(self.records), world))
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        rec = self.records[self.indices[i]]
-        img = images.open_image(join_path(self.root, rec['filename']), self.max_pixels)
-        return images.eval_view(img, size=self.image_size), int(rec.get('label', -1)), self.indices[i]
-
-    def classes(self):
-        """(label, name) pairs of the classes in the file, sorted by label (the reference's order)."""
-        names = {int(r['label']): r['label_name'] for r in self.records}
-        return [(k, names[k]) for k in sorted(names)]
-
-
 if __name__ == '__main__':
     raise SystemExit('`python data.py setup` / `make-demo` moved: run `python prepare.py setup` or '
                      '`python prepare.py make-demo`')
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks of the data block of a config, before any work (naming the key or path)
+# ----------------------------------------------------------------------------------------------
+
+def _need(key, path, kind='file'):
+    if not path or not (Path(path).is_file() if kind == 'file' else Path(path).is_dir()):
+        raise ValueError(f'config.data.{key}: {kind} not found: {path!r}')
+
+
+def check_config(cfg):
+    """Every file and folder the data block names exists, the format and decode are known, and a
+    training meta file is not empty."""
+    _need('bpe_path', cfg.bpe_path)
+    if cfg.eda and cfg.eda_synonyms:
+        _need('synonyms_path (or set --config.data.eda_synonyms=False)', cfg.synonyms_path)
+    if cfg.format == 'jsonl':
+        metas, roots = split_list(cfg.train_meta), split_list(cfg.train_root)
+        if not metas:
+            raise ValueError('config.data.train_meta: no meta file given')
+        if len(roots) != len(metas):
+            raise ValueError(f'config.data.train_root: {len(roots)} roots for {len(metas)} meta files')
+        for meta, root in zip(metas, roots):
+            _need('train_meta', meta)
+            _need('train_root', root, 'folder')
+            with open(meta, 'rb') as f:
+                if not f.read(1 << 20).strip():
+                    raise ValueError(f'config.data.train_meta: {meta} has no samples')
+    elif cfg.format == 'wds':
+        if not any(glob.glob(p) for p in split_list(cfg.shards)):
+            raise ValueError(f'config.data.shards: no file matches {cfg.shards!r}')
+    else:
+        raise ValueError(f'config.data.format: "jsonl" or "wds", got {cfg.format!r}')
+    if cfg.val_meta:
+        _need('val_meta', cfg.val_meta)
+        _need('val_root', cfg.val_root, 'folder')
+    if cfg.decode not in ('host', 'device'):
+        raise ValueError(f'config.data.decode: "host" or "device", got {cfg.decode!r}')
+    if cfg.decode == 'device':
+        images.nvjpeg_decoder('cpu')  # torchvision must be importable before any work starts

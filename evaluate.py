@@ -1,4 +1,5 @@
-"""Zero-shot classification and image-text retrieval; loading of our, DeCLIP-reference and OpenAI weights.
+"""Zero-shot classification and image-text retrieval, the evaluation dataset; loading of our,
+DeCLIP-reference and OpenAI weights.
 
     python evaluate.py --ckpt runs/demo/checkpoints/last.pt
     python evaluate.py --ckpt declip_vitb32.pth.tar --val_root /data/imagenet/val --val_meta val_official.json
@@ -63,14 +64,39 @@ def _all_reduce(t):
     return t
 
 
+def _readable(batch, counts):
+    """The images of a loader batch (pixels, labels, indices[, BAD_KINDS index or -1 each]) that
+    could be read, as (pixels, labels, indices); the others are added to `counts` by kind."""
+    if len(batch) < 4:
+        return batch[:3]
+    bad = torch.as_tensor(batch[3])
+    counts += torch.bincount(bad[bad >= 0], minlength=len(data.BAD_KINDS))
+    return tuple(t[bad < 0] for t in batch[:3])
+
+
+def _skip_report(skipped, scored, what):
+    """{kind: count} of the skipped images; a DataError when nothing could be scored."""
+    by_kind = {k: n for k, n in zip(data.BAD_KINDS, skipped) if n}
+    if not scored:
+        raise data.DataError(f'none of the {sum(skipped)} evaluation {what} could be scored, every image was '
+                             f'skipped ({by_kind or "no images"}); the warnings above name files')
+    return by_kind
+
+
 @torch.no_grad()
 def zero_shot_eval(model, loader, classifier, *, label_ids, device, mean, std, autocast):
-    """Top-1/top-5 accuracy (%) of image . classifier^T (no temperature) over this rank's share,
-    summed exactly over ranks (each image is counted once). Row k of the classifier is the class
-    whose label is label_ids[k]."""
+    """Top-1/top-5 accuracy (%) of image . classifier^T (no temperature) over the images that could
+    be read, each counted once: the counts, skipped images by kind included, are summed over ranks
+    in one int64 all-reduce that every rank issues, however many of its images failed (a rank
+    with none left still takes part). Row k of the classifier is the class whose label is
+    label_ids[k]. No image scored on any rank is a DataError, on every rank."""
     label_ids = torch.as_tensor(label_ids, device=device)
     counts = torch.zeros(3, dtype=torch.long, device=device)  # int64: a dtype every backend reduces
-    for pixels, labels, _ in loader:
+    skipped = torch.zeros(len(data.BAD_KINDS), dtype=torch.long)
+    for batch in loader:
+        pixels, labels, _ = _readable(batch, skipped)
+        if not len(labels):
+            continue
         with autocast:
             feats = model.encode_image(images.normalize_images(pixels.to(device, non_blocking=True), mean, std))
         logits = F.normalize(feats.float(), dim=-1) @ classifier.T
@@ -79,10 +105,10 @@ def zero_shot_eval(model, loader, classifier, *, label_ids, device, mean, std, a
         counts[0] += (top5[:, 0] == labels).sum()
         counts[1] += (top5 == labels[:, None]).any(dim=1).sum()
         counts[2] += labels.numel()
-    counts = _all_reduce(counts)
-    total = max(counts[2].item(), 1)
-    return {'zeroshot_top1': 100 * counts[0].item() / total, 'zeroshot_top5': 100 * counts[1].item() / total,
-            'images': int(counts[2].item())}
+    top1, top5, scored, *skipped = _all_reduce(torch.cat([counts, skipped.to(device)])).tolist()
+    by_kind = _skip_report(skipped, scored, 'images')
+    return {'zeroshot_top1': 100 * top1 / scored, 'zeroshot_top5': 100 * top5 / scored, 'images': scored,
+            'images_skipped': sum(skipped), 'skipped': by_kind}
 
 
 def retrieval_metrics(image_emb, text_emb, ks=(1, 5, 10)):
@@ -95,6 +121,114 @@ def retrieval_metrics(image_emb, text_emb, ks=(1, 5, 10)):
         for k in ks:
             out[f'{name}_R@{k}'] = 100 * (rank < k).float().mean().item()
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation data: the ImageNet-val JSON Lines layout, checked line by line; unreadable images skipped
+# ----------------------------------------------------------------------------------------------
+
+def read_eval_meta(meta):
+    """(records, line numbers) of an evaluation meta file, every line checked before any image is
+    scored: a malformed one is a ValueError naming meta:line (blank lines and a byte-order mark
+    are accepted)."""
+    if not Path(meta).is_file():
+        raise FileNotFoundError(f'evaluation meta file not found (or not a regular file): {meta}')
+    records, lines, names = [], [], {}
+    with open(meta, 'rb') as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode('utf-8-sig')
+                if line.strip():
+                    records.append(check_eval_record(json.loads(line), names, n))
+                    lines.append(n)
+            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError included
+                raise ValueError(f'{meta}:{n}: {e}') from None
+    if not records:
+        raise ValueError(f'{meta}: no evaluation images')
+    return records, lines
+
+
+def check_eval_record(rec, names, n):
+    """`rec` if it is an object with a filename and a non-negative int label (if any) that has one
+    label_name across the file (`names`: label -> (name, line) so far); else a ValueError."""
+    if not isinstance(rec, dict):
+        raise ValueError(f'expected a JSON object, got {type(rec).__name__}')
+    if not isinstance(rec.get('filename'), str) or not rec['filename']:
+        raise ValueError('"filename" must be a non-empty string')
+    label, name = rec.get('label'), rec.get('label_name')
+    if 'label' in rec and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
+        raise ValueError(f'"label" must be a non-negative integer, got {label!r}')
+    if 'label_name' in rec and (not isinstance(name, str) or not name.strip()):
+        raise ValueError(f'"label_name" must be a non-empty string, got {name!r}')
+    if 'label' in rec and 'label_name' in rec:
+        first = names.setdefault(label, (name, n))
+        if first[0] != name:
+            raise ValueError(f'label {label} is named {name!r} here but {first[0]!r} on line {first[1]}')
+    return rec
+
+
+class EvalDataset(torch.utils.data.Dataset):
+    """Labelled images in the ImageNet-val JSON Lines layout (filename, label, label_name[, caption]);
+    this rank's share is indices rank, rank+W, ... (no padding duplicates). The meta file is
+    checked whole when read (read_eval_meta). Items are (uint8 view, label or -1, record index,
+    data.BAD_KINDS index or -1): an image that cannot be read (handled as training samples are:
+    regular files inside the root, bounded bytes and time) gives zeros and its kind, for
+    evaluation to skip and count; the first few of each process are named in a warning."""
+
+    def __init__(self, root, meta, *, rank=0, world=1, image_size=224, max_pixels=1 << 28,
+                 max_file_bytes=data.MAX_FILE_BYTES, sample_timeout_s=data.SAMPLE_TIMEOUT_S):
+        self.root, self.meta, self.image_size, self.max_pixels = root, meta, image_size, max_pixels
+        self.max_file_bytes, self.sample_timeout_s = max_file_bytes, sample_timeout_s
+        self.records, self.lines = read_eval_meta(meta)
+        self.indices = list(range(rank, len(self.records), world))
+        self.warned = 0
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        index = self.indices[i]
+        rec = self.records[index]
+        view, kind, detail = data.guarded(lambda: self.view(rec['filename']), self.sample_timeout_s)
+        if kind is not None:
+            view = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+            if self.warned < 5:
+                self.warned += 1
+                print(f'warning: evaluation image skipped, {self.where(index)}: {detail}', flush=True)
+        return view, rec.get('label', -1), index, -1 if kind is None else data.BAD_KINDS.index(kind)
+
+    def view(self, filename):
+        img = images.open_image(data.confined_path(self.root, filename), self.max_pixels, max_bytes=self.max_file_bytes)
+        return images.eval_view(img, size=self.image_size)
+
+    def where(self, index):
+        return f'{self.meta}:{self.lines[index]}'
+
+    def classes(self):
+        """(label, name) pairs of the classes in the file, sorted by label (the reference's order)."""
+        for index, rec in enumerate(self.records):
+            if 'label' not in rec or 'label_name' not in rec:
+                raise ValueError(f'{self.where(index)}: no "label" and "label_name", which zero-shot classes '
+                                 f'come from (or give a class-name list)')
+        return sorted({r['label']: r['label_name'] for r in self.records}.items())
+
+    def check_labels(self, label_ids):
+        """A ValueError naming meta:line unless every record's label is one of `label_ids`."""
+        known = set(label_ids)
+        for index, rec in enumerate(self.records):
+            if rec.get('label') not in known:
+                raise ValueError(f'{self.where(index)}: label {rec.get("label")!r} is not one of the {len(known)} '
+                                 f'classes evaluated ({min(known)}..{max(known)})')
+
+    def captions(self):
+        """The first caption of every record (retrieval); a missing one is a ValueError naming meta:line."""
+        out = []
+        for index, rec in enumerate(self.records):
+            try:
+                out.append(data.first_caption(rec.get('caption')))
+            except images.BadSample:
+                raise ValueError(f'{self.where(index)}: no caption (retrieval needs one per image)') from None
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,9 +287,19 @@ def from_openai(sd):
 
 
 def checkpoint_kind(obj):
-    if isinstance(obj, dict) and 'model' in obj and 'config' in obj and 'step' in obj:
+    """'ours', 'reference' or 'openai'; anything else is a ValueError saying what was expected."""
+    expected = ('expected a dict: a checkpoint of ours (model, config, step), a DeCLIP reference '
+                'checkpoint (model or state_dict) or a state dict of parameter names and tensors')
+    if not isinstance(obj, dict):
+        raise ValueError(f'{expected}; got {type(obj).__name__}')
+    if 'model' in obj and 'config' in obj and 'step' in obj:
+        if not isinstance(obj['model'], dict) or not isinstance(obj['config'], dict) or 'model' not in obj['config']:
+            raise ValueError(f'{expected}; got "model" {type(obj["model"]).__name__}, "config" '
+                             f'{type(obj["config"]).__name__} without a model block')
         return 'ours'
-    sd = obj.get('model', obj.get('state_dict', obj)) if isinstance(obj, dict) else obj
+    sd = obj.get('model', obj.get('state_dict', obj))
+    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
+        raise ValueError(f'{expected}; got a {type(sd).__name__} where parameter names should be')
     keys = list(sd)
     if any(k.startswith(('module.encode_text.', 'encode_text.')) for k in keys):
         return 'reference'
@@ -169,7 +313,10 @@ def load_model(path, config=None):
     OpenAI CLIP RN50 / ViT-B/32 state dicts. `preprocess` maps a PIL image to the normalised
     [3, 224, 224] tensor the weights expect (ImageNet mean/std; OpenAI's for OpenAI weights)."""
     obj = runtime.safe_load(path)
-    kind = checkpoint_kind(obj)
+    try:
+        kind = checkpoint_kind(obj)
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from None
     mean, std = images.IMAGENET_MEAN, images.IMAGENET_STD
     if kind == 'ours':
         cfg = ml_collections.ConfigDict(obj['config']).model
@@ -218,12 +365,20 @@ def _loader(ds, batch, workers):
 
 
 def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, workers, device,
-             autocast, tokenizer=None, rank=0, world=1):
-    """Run one task on this rank's share; every rank gets the merged metrics. `tokenizer`: the
-    model's own vocabulary (config.data.bpe_path; default: load_model's bpe_path, else the data
-    folder's)."""
+             autocast, tokenizer=None, rank=0, world=1, max_file_bytes=data.MAX_FILE_BYTES,
+             sample_timeout_s=data.SAMPLE_TIMEOUT_S):
+    """Run one task on this rank's share; every rank gets the merged metrics. The meta file is
+    checked first: a malformed line, or a label outside the classes evaluated, is a ValueError
+    naming file:line. Images that cannot be read are skipped and counted by kind ('skipped'); the
+    metrics are over the images scored. `tokenizer`: the model's own vocabulary
+    (config.data.bpe_path; default: load_model's bpe_path, else the data folder's)."""
+    if task not in ('zeroshot', 'retrieval'):
+        raise ValueError(f'unknown task {task!r} (zeroshot, retrieval)')
+    if task == 'retrieval' and world > 1:
+        raise ValueError('retrieval runs in a single process')
     tokenizer = tokenizer or data.get_tokenizer(getattr(model, 'bpe_path', data.BPE_PATH))
-    ds = data.EvalDataset(val_root, val_meta, rank=rank, world=world, image_size=model.cfg.image_size)
+    ds = EvalDataset(val_root, val_meta, rank=rank, world=world, image_size=model.cfg.image_size,
+                     max_file_bytes=max_file_bytes, sample_timeout_s=sample_timeout_s)
     mean, std = getattr(model, 'mean', images.IMAGENET_MEAN), getattr(model, 'std', images.IMAGENET_STD)
     ctx = model.cfg.context_length
     if task == 'zeroshot':
@@ -231,24 +386,38 @@ def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, wo
             label_ids, names = list(range(len(class_names))), class_names
         else:            # the classes of the evaluation file, sorted by label (as the reference)
             label_ids, names = map(list, zip(*ds.classes()))
+        ds.check_labels(label_ids)
         classifier = zero_shot_classifier(model, names, load_prompts(prompts), tokenizer=tokenizer,
                                           context_length=ctx, device=device)
-        return zero_shot_eval(model, _loader(ds, batch, workers), classifier, label_ids=label_ids, device=device,
-                              mean=mean, std=std, autocast=autocast)
-    if task != 'retrieval':
-        raise ValueError(f'unknown task {task!r} (zeroshot, retrieval)')
-    if world > 1:
-        raise ValueError('retrieval runs in a single process')
+        metrics = zero_shot_eval(model, _loader(ds, batch, workers), classifier, label_ids=label_ids,
+                                 device=device, mean=mean, std=std, autocast=autocast)
+    else:
+        metrics = retrieval(model, _loader(ds, batch, workers), ds.captions(), tokenizer=tokenizer,
+                            device=device, mean=mean, std=std, autocast=autocast)
+    if rank == 0 and metrics['skipped']:
+        print(f'warning: {sum(metrics["skipped"].values())} evaluation images skipped {metrics["skipped"]}; '
+              f'the metrics are over the images scored', flush=True)
+    return metrics
+
+
+@torch.no_grad()
+def retrieval(model, loader, captions, *, tokenizer, device, mean, std, autocast):
+    """R@k both ways over the pairs whose image could be read (the others skipped, counted by kind)."""
     img, txt = [], []
-    with torch.no_grad():
-        for pixels, _, index in _loader(ds, batch, workers):
-            captions = [ds.records[i]['caption'] for i in index.tolist()]
-            captions = [c[0] if isinstance(c, list) else c for c in captions]
-            with autocast:
-                feats = model.encode_image(images.normalize_images(pixels.to(device), mean, std))
-                img.append(F.normalize(feats.float(), dim=-1))
-                txt.append(F.normalize(model.encode_text(tokenizer(captions, ctx).to(device)).float(), dim=-1))
-    return {**retrieval_metrics(torch.cat(img), torch.cat(txt)), 'pairs': len(ds)}
+    skipped = torch.zeros(len(data.BAD_KINDS), dtype=torch.long)
+    for batch in loader:
+        pixels, _, index = _readable(batch, skipped)
+        if not len(index):
+            continue
+        texts = tokenizer([captions[i] for i in index.tolist()], model.cfg.context_length).to(device)
+        with autocast:
+            feats = model.encode_image(images.normalize_images(pixels.to(device), mean, std))
+            img.append(F.normalize(feats.float(), dim=-1))
+            txt.append(F.normalize(model.encode_text(texts).float(), dim=-1))
+    pairs = sum(len(t) for t in img)
+    by_kind = _skip_report(skipped.tolist(), pairs, 'pairs')
+    return {**retrieval_metrics(torch.cat(img), torch.cat(txt)), 'pairs': pairs,
+            'pairs_skipped': sum(by_kind.values()), 'skipped': by_kind}
 
 
 def report(metrics, ckpt, task):
@@ -256,6 +425,8 @@ def report(metrics, ckpt, task):
     width = max(len(k) for k in metrics)
     print('\n'.join(f'{k:<{width}}  {v:.2f}' if isinstance(v, float) else f'{k:<{width}}  {v}'
                     for k, v in metrics.items()))
+    scored, skipped = ('images', 'images_skipped') if task == 'zeroshot' else ('pairs', 'pairs_skipped')
+    print(f'(over the {metrics[scored]} {scored} scored; {metrics[skipped]} skipped, by kind: {metrics["skipped"]})')
     out = Path(FLAGS.out or (str(Path(ckpt).with_suffix('')) + f'.{task}.json'))
     out.write_text(json.dumps(metrics, indent=2))
     print(f'wrote {out}')
@@ -278,7 +449,9 @@ def main(argv):
         _, autocast, _ = runtime.precision(FLAGS.precision, device_type)
         metrics = evaluate(model, val_root=val_root, val_meta=val_meta, task=FLAGS.task, prompts=FLAGS.prompts,
                            class_names=names, batch=FLAGS.batch_size, workers=FLAGS.workers, device=device,
-                           autocast=autocast, rank=rank, world=world)
+                           autocast=autocast, rank=rank, world=world,
+                           max_file_bytes=run_data.get('max_file_bytes', data.MAX_FILE_BYTES),
+                           sample_timeout_s=run_data.get('sample_timeout_s', data.SAMPLE_TIMEOUT_S))
         if rank == 0:
             report({'checkpoint': str(FLAGS.ckpt), 'kind': model.kind, 'task': FLAGS.task,
                     'prompts': FLAGS.prompts if FLAGS.task == 'zeroshot' else None, **metrics}, FLAGS.ckpt, FLAGS.task)

@@ -1,7 +1,10 @@
 """Images: host decode and RandomResizedCrop/flip/resize to uint8 (loader workers), batched
 device-side colour jitter / grayscale / blur / normalisation, optional device JPEG decode."""
+import contextlib
 import io
 import math
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -21,23 +24,89 @@ class BadSample(Exception):
         self.kind = kind
 
 
-def read_bytes(source):
-    """The bytes of a path (or bytes as given); a missing or empty file is a BadSample."""
-    raw = source
-    if isinstance(source, (str, Path)):
+MAX_FILE_BYTES = 64 << 20  # default bound on the bytes of one image file (data.max_file_bytes)
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def open_regular(path):
+    """A binary file object of `path` if, symlinks followed, it is a regular file. Anything else
+    (FIFO, device, socket, directory) is refused before it is opened: a FIFO blocks its reader
+    forever and /dev/zero never ends. O_NONBLOCK keeps even a racing FIFO's open from waiting for
+    a writer, and the type is checked again on the open descriptor."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise BadSample('not_regular', str(path))
+        fd = os.open(path, _OPEN_FLAGS)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise BadSample('missing', str(path)) from e
+    except OSError as e:
+        raise BadSample('unreadable', f'{path}: {e.strerror or e}') from e
+    f = os.fdopen(fd, 'rb')
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise BadSample('not_regular', str(path))
+    return f
+
+
+def read_file(path, *, max_bytes):
+    """The bytes of a regular file (open_regular) of at most `max_bytes`; a bigger one is a
+    BadSample 'file_too_large', found from its size or, for files that misreport it, by reading
+    one byte past the bound."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise BadSample('file_too_large', f'{path}: {size:,} bytes > {max_bytes:,} (data.max_file_bytes)')
         try:
-            raw = Path(source).read_bytes()
-        except FileNotFoundError as e:
-            raise BadSample('missing', str(source)) from e
+            raw = f.read(size + 1)
+            if len(raw) > size:  # grew, or a size of 0 that means "unknown"
+                raw += f.read(max_bytes + 1 - len(raw))
+        except (OSError, TypeError) as e:  # TypeError: a non-blocking read that had no data
+            raise BadSample('unreadable', f'{path}: {e}') from e
+    if len(raw) > max_bytes:
+        raise BadSample('file_too_large', f'{path}: more than {max_bytes:,} bytes (data.max_file_bytes)')
+    return raw
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Raise BadSample 'timeout' in the body after `seconds` (SIGALRM from ITIMER_REAL), so that no
+    sample holds a loader worker, or the main process with data.workers=0, forever: a blocked read
+    is interrupted too. Signals reach the main thread only: in another thread, with seconds <= 0
+    or while a real-time timer of someone else is running (it is left alone), the body runs
+    without a limit. The previous SIGALRM handler is restored."""
+    import signal
+    import threading
+    if (seconds <= 0 or threading.current_thread() is not threading.main_thread()
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise BadSample('timeout', f'over {seconds:g} s (data.sample_timeout_s)')
+    previous = signal.signal(signal.SIGALRM, expire)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield
+    finally:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:  # even when the alarm fires between the body's end and the line above
+            signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+
+
+def read_bytes(source, *, max_bytes=MAX_FILE_BYTES):
+    """The bytes of a path (read_file: a missing, irregular or too large file is a BadSample) or
+    bytes as given (bounded by whoever read them, e.g. data.iter_tar); empty ones are a BadSample."""
+    raw = read_file(source, max_bytes=max_bytes) if isinstance(source, (str, Path)) else source
     if not raw:
         raise BadSample('empty_file', str(source) if isinstance(source, (str, Path)) else '')
     return raw
 
 
-def open_image(source, max_pixels):
+def open_image(source, max_pixels, *, max_bytes=MAX_FILE_BYTES):
     """Open (header only) a path or bytes as a PIL image; size checked before any decoding."""
     from PIL import Image, UnidentifiedImageError
-    raw = read_bytes(source)
+    raw = read_bytes(source, max_bytes=max_bytes)
     try:
         img = Image.open(io.BytesIO(raw))
     except UnidentifiedImageError as e:
@@ -52,18 +121,40 @@ def open_image(source, max_pixels):
 
 
 def to_rgb(img):
-    """Decode to RGB from L/LA/P/PA/CMYK/I;16/I/RGBA sources (truncated files raise)."""
+    """Decode to RGB from every mode Pillow opens (truncated files raise). 16-bit data (I;16,
+    I;16L, I;16B, I;16N, and 'I', whose files are 16-bit PNG/TIFF, clipped to 0..65535) is scaled
+    to 8 bits (v * 255 / 65535, rounded) rather than clipped; float ('F') images in [0, 1] are
+    scaled by 255, others clipped to 0..255 (NaN: 0). Alpha is dropped as convert('RGB') drops it
+    (palette transparency and premultiplied 'La' included)."""
+    from PIL import Image
     try:
         img.load()
     except (OSError, SyntaxError, ValueError) as e:
         raise BadSample('truncated', str(e)) from e
-    if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
-        img = img.point(lambda v: v * (1 / 256)).convert('L')
-    elif img.mode == 'F':
-        img = img.convert('L')
-    if img.mode in ('P', 'PA') and 'transparency' in img.info or img.mode == 'PA':
+    if img.mode.startswith('I') or img.mode == 'F':
+        img = _gray8(img)
+    elif img.mode == 'La':
+        gray, alpha = img.split()
+        img = Image.merge('RGBa', (gray, gray, gray, alpha))
+    elif img.mode in ('P', 'PA') and 'transparency' in img.info or img.mode == 'PA':
         img = img.convert('RGBA')
     return img.convert('RGB') if img.mode != 'RGB' else img
+
+
+def _gray8(img):
+    """An 8-bit 'L' image of a 16/32-bit integer or float one (to_rgb's scaling)."""
+    import numpy as np
+    from PIL import Image
+    a = np.asarray(img)
+    if img.mode == 'F':
+        a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        if a.size and a.min() >= 0 and a.max() <= 1:
+            a = a * 255
+        out = np.clip(np.rint(a), 0, 255)
+    else:
+        a = np.clip(a.astype(np.int64), 0, 65535)
+        out = (a * 255 + 32767) // 65535
+    return Image.fromarray(out.astype(np.uint8))
 
 
 def rrc_params(width, height, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):

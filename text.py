@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent
 MASK_ID, SOT_ID, EOT_ID, VOCAB_SIZE = 49406, 49407, 49408, 49409
 CONTEXT_LENGTH = 77
 IGNORE_INDEX = -100
+_WORD = regex.compile(r'\S+')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,6 +63,7 @@ class Tokenizer:
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.decoder = vocab
         self.ranks = {m: i for i, m in enumerate(merges)}
+        self.longest = max(map(len, vocab))  # characters of the longest vocabulary entry
         self.cache = {'<|mask|>': '<|mask|>', '<|startoftext|>': '<|startoftext|>',
                       '<|endoftext|>': '<|endoftext|>'}
 
@@ -117,9 +119,38 @@ class Tokenizer:
         flush()
         return ''.join(words).strip()
 
+    def head(self, text, context_length=CONTEXT_LENGTH):
+        """The part of `text` that its first context_length - 2 tokens come from, with room to
+        spare, so that a megabyte caption costs what a short one does (cleaning, BPE and EDA then
+        run on this prefix only).
+
+        The prefix ends after a whole word (whitespace-separated): 2 x (context_length - 2) words
+        at first, twice as many until they give 2 x (context_length - 2) tokens (twice the context,
+        so that EDA's deletions still fill it). Cleaning never joins two words and BPE works within
+        a word, so the tokens of whole leading words are the caption's leading tokens: the cut
+        removes none that truncation would keep (ftfy repairs mis-encoded text line by line, so a
+        cut line may be repaired differently). Words that spell more characters than that many
+        tokens can (each at most the longest vocabulary entry) are cut there, inside a word: its
+        tokens beyond the kept ones are the ones that change."""
+        want = 2 * (context_length - 2)
+        budget = want * self.longest
+        count = want
+        while True:
+            end, spelled = None, 0
+            for n, word in enumerate(_WORD.finditer(text), 1):
+                spelled += word.end() - word.start()
+                if spelled > budget:
+                    return text[:word.end() - (spelled - budget)]
+                if n == count:
+                    end = word.end()
+                    break
+            if end is None or len(self.encode(text[:end])) >= want:
+                return text if end is None else text[:end]
+            count *= 2
+
     def tokens(self, text, context_length=CONTEXT_LENGTH):
         """[sot] + BPE + [eot], overlong captions keep sot, the first context-2 BPE ids and eot."""
-        return [SOT_ID] + self.encode(text)[:context_length - 2] + [EOT_ID]
+        return [SOT_ID] + self.encode(self.head(text, context_length))[:context_length - 2] + [EOT_ID]
 
     def __call__(self, texts, context_length=CONTEXT_LENGTH):
         """Batch of padded ids, int64 [B, context_length] (pad id 0, as OpenAI)."""

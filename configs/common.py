@@ -46,6 +46,8 @@ def base_config(vision, *, declip=True):
         bpe_path=str(data.BPE_PATH), synonyms_path=str(data.SYNONYMS_PATH),
         batch_size=128, workers=8, prefetch=4, seed=seed, context_length=context_length,
         max_pixels=89_478_485,     # larger images are rejected as decompression bombs
+        max_file_bytes=data.MAX_FILE_BYTES,      # larger image files (and tar members) are bad samples
+        sample_timeout_s=data.SAMPLE_TIMEOUT_S,  # a sample taking longer is a bad sample (0: no limit)
         bad_window=1_000, max_bad_rate=0.1))
 
     c.eval = ml_collections.ConfigDict(dict(  # at model.image_size, shorter side resized to 256/224 of it

@@ -12,6 +12,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 import bench
 import data
+import evaluate
 import images
 import text
 from helpers import data_config, run_distributed, write_jpeg
@@ -73,10 +74,10 @@ def test_eval_dataset_layout_and_sharding(tmp_path):
         write_jpeg(tmp_path / f'ILSVRC2012_val_{i:08d}.JPEG', size=(300, 260), seed=i)
         recs.append({'filename': f'ILSVRC2012_val_{i:08d}.JPEG', 'label': 4 - i % 3, 'label_name': f'c{4 - i % 3}'})
     (tmp_path / 'val.jsonl').write_text('\n'.join(map(json.dumps, recs)))
-    shards = [data.EvalDataset(str(tmp_path), str(tmp_path / 'val.jsonl'), rank=r, world=2) for r in range(2)]
+    shards = [evaluate.EvalDataset(str(tmp_path), str(tmp_path / 'val.jsonl'), rank=r, world=2) for r in range(2)]
     assert sorted(i for ds in shards for i in ds.indices) == list(range(5))
-    img, label, index = shards[1][0]
-    assert img.shape == (3, 224, 224) and label == recs[1]['label'] and index == 1
+    img, label, index, bad = shards[1][0]
+    assert img.shape == (3, 224, 224) and label == recs[1]['label'] and index == 1 and bad == -1
     assert shards[0].classes() == [(2, 'c2'), (3, 'c3'), (4, 'c4')]
 
 
