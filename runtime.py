@@ -4,8 +4,15 @@
 """
 import contextlib
 import datetime
+import ctypes
+import math
 import os
+import re
 import resource
+import signal
+import socket
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -152,6 +159,23 @@ def processes(device_type, timeout_s):
         finish_distributed()
 
 
+def all_reduce_sum(counts, device):
+    """Counts summed over ranks (through `device`: the backend's tensors), back on the host."""
+    counts = counts.to(device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return counts.cpu()
+
+
+def gather_to_first(tensor, world):
+    """[every rank's tensor] on rank 0 (None elsewhere)."""
+    if world == 1:
+        return [tensor]
+    out = [torch.empty_like(tensor) for _ in range(world)] if dist.get_rank() == 0 else None
+    dist.gather(tensor, out, dst=0)
+    return out
+
+
 PRECISIONS = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
 
 
@@ -238,21 +262,78 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+KEPT_COPY = re.compile(r'step_(\d+)\.pt')
+
+
 def _kept_copies(ckpt_dir):
-    """step_<N>.pt files, oldest first."""
-    return sorted(Path(ckpt_dir).glob('step_*.pt'), key=lambda p: int(p.stem[5:]))
+    """step_<N>.pt files, oldest first (other names, e.g. a user's step_best.pt, are not ours)."""
+    found = ((m, p) for p in Path(ckpt_dir).glob('step_*.pt') if (m := KEPT_COPY.fullmatch(p.name)))
+    return [p for _, p in sorted((int(m.group(1)), p) for m, p in found)]
+
+
+def leaves(tree, prefix=''):
+    """{'a.b': value} of a nested dict (tuples as lists: a checkpoint's config compares equal)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(leaves(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _matches(key, patterns):
+    return any(key.startswith(p) if p.endswith('.') else key == p for p in patterns)
+
+
+def check_values(tree, rules):
+    """A config's leaves, after checking that every number (also inside lists) is finite and that
+    the keys of each rule (exact names, or prefixes ending in '.') obey it: (keys, ok, 'rule')."""
+    values = leaves(tree)
+    for key, value in values.items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if not math.isfinite(v):
+                    raise ValueError(f'config.{key}: must be a finite number, got {v}')
+                for keys, ok, rule in rules:
+                    if _matches(key, keys) and not ok(v):
+                        raise ValueError(f'config.{key}: must be {rule}, got {value}')
+    return values
+
+
+def config_changes(saved, current, defining):
+    """(a line per changed key, the lines of those that match `defining`) between a checkpoint's
+    config and this run's. A key only one of them has (another version of the code) is a change
+    but never a defining one."""
+    old, new = leaves(saved), leaves(current)
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k, '<absent>') != new.get(k, '<absent>')]
+    lines = {k: f'  {k}: {old.get(k, "<absent>")!r} -> {new.get(k, "<absent>")!r}' for k in keys}
+    return list(lines.values()), [line for k, line in lines.items()
+                                  if _matches(k, defining) and k in old and k in new]
+
+
+def load_checkpoint(path):
+    """safe_load of a file that must be one of our checkpoints (a dict with model and step)."""
+    state = safe_load(path)
+    if not isinstance(state, dict) or not {'model', 'step', 'config'} <= state.keys():
+        kind = type(state).__name__ if not isinstance(state, dict) else f'a dict with keys {sorted(state)[:6]}'
+        raise RuntimeError(f'{path}: not a training checkpoint (expected a dict with model, step and config; '
+                           f'found {kind})')
+    return state
 
 
 def find_checkpoint(ckpt_dir, warn=print):
-    """(path, state) of last.pt, else of the newest kept copy; unreadable files are skipped with a
-    warning. (None, None) when there is none."""
+    """(path, state, unreadable) of last.pt, else of the newest readable kept copy; `unreadable`
+    lists the (path, error) of files that exist but could not be read (each warned about)."""
+    unreadable = []
     for path in [Path(ckpt_dir) / 'last.pt', *reversed(_kept_copies(ckpt_dir))]:
         if path.is_file():
             try:
-                return path, safe_load(path)
+                return path, load_checkpoint(path), unreadable
             except Exception as e:  # noqa: BLE001 - try the next copy
                 warn(f'skipping unreadable checkpoint {path}: {e}')
-    return None, None
+                unreadable.append((path, e))
+    return None, None, unreadable
 
 
 def prune_copies(ckpt_dir, keep):
@@ -266,3 +347,81 @@ def fault_pause(var):
     """Fault-injection hook for the reliability tests (sleeps while the variable is set)."""
     if os.environ.get(var):
         time.sleep(float(os.environ[var]))
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per workdir, preemption, launcher death
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+    """An exclusive lock on `workdir` for the life of this process (flock: the kernel drops it
+    when the process dies, however it dies). A second run on the same workdir stops at once,
+    naming the holder. (flock is per host on some network file systems.)"""
+    import fcntl
+    path = Path(workdir) / 'run.lock'
+    f = open(path, 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise RuntimeError(f'{workdir} is in use by another run ({holder}); wait for it to end or use '
+                           f'another --workdir') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()
+
+
+class StopSignals:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) set `received`; the loop then finishes its step,
+    writes a checkpoint and exits non-zero. A second signal ends the process at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signal.Signals(signum).name
+        print(f'{self.received}: stopping after this step and writing a checkpoint (send it again to exit '
+              f'at once)', file=sys.stderr, flush=True)
+
+
+def exit_with_parent():
+    """Under torchrun, end this worker when its launcher dies: a launcher killed with SIGKILL
+    cannot stop its workers, and they would otherwise run on as orphans. Linux: the kernel's
+    parent-death signal; elsewhere a thread that watches the parent pid."""
+    if 'TORCHELASTIC_RUN_ID' not in os.environ:
+        return
+    parent = os.getppid()
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), 'prctl')
+    except (OSError, AttributeError):
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the launcher died before the signal was asked for
+        os._exit(1)

@@ -9,7 +9,6 @@ A run resumes by itself from `workdir/checkpoints` (last.pt, else the newest kep
 import contextlib
 import dataclasses
 import datetime
-import glob
 import math
 import os
 import time
@@ -122,14 +121,15 @@ class TrainState:
         """The checkpoint dict on rank 0, None on the others. A collective: every rank calls it
         (bad-sample counts are summed over ranks, every rank's queue goes to rank 0)."""
         rank, world = losses.world_info()
-        bad = all_reduce_sum(self.bad_totals, self.device)
-        queues = gather_to_first(self.queue, world) if self.queue is not None else []
+        bad = runtime.all_reduce_sum(self.bad_totals, self.device)
+        queues = runtime.gather_to_first(self.queue, world) if self.queue is not None else []
         if rank != 0:
             return None
         return {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
                 'scaler': self.scaler.state_dict(), 'step': self.step, 'queues': [q.cpu() for q in queues],
                 'queue_ptr': self.queue_ptr, 'rng': torch.get_rng_state(), 'config': config,
-                'world_size': world, 'nonfinite_total': int(self.nonfinite_total), 'bad_totals': bad.tolist()}
+                'world_size': world, 'nonfinite_total': int(self.nonfinite_total),
+                'bad_totals': dict(zip(data.BAD_KINDS, bad.tolist()))}
 
     def load_state_dict(self, state):
         rank, _ = losses.world_info()
@@ -142,25 +142,8 @@ class TrainState:
             self.queue = state['queues'][rank].to(self.queue.device)
         torch.set_rng_state(state['rng'])
         self.nonfinite_total += state['nonfinite_total']
-        if rank == 0:  # the restored sum over ranks is counted once
-            self.bad_totals += torch.tensor(state['bad_totals'])
-
-
-def all_reduce_sum(counts, device):
-    """Counts summed over ranks (through `device`: the backend's tensors), back on the host."""
-    counts = counts.to(device)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    return counts.cpu()
-
-
-def gather_to_first(tensor, world):
-    """[every rank's tensor] on rank 0 (None elsewhere)."""
-    if world == 1:
-        return [tensor]
-    out = [torch.empty_like(tensor) for _ in range(world)] if dist.get_rank() == 0 else None
-    dist.gather(tensor, out, dst=0)
-    return out
+        if rank == 0:  # the restored sum over ranks is counted once (kinds this code knows)
+            self.bad_totals += torch.tensor([state['bad_totals'].get(k, 0) for k in data.BAD_KINDS])
 
 
 def build_state(cfg, device, rank=0):
@@ -193,12 +176,14 @@ def device_views(batch, *, cfg, step, rank, world, device, static=False):
     return rearrange(out, '(b v) c h w -> b v c h w', v=views.shape[1]), undecodable
 
 
-def nonfinite_anywhere(total, world):
-    """1.0 when the loss is not finite on any rank (a device tensor: no host sync)."""
-    bad = (~torch.isfinite(total.detach())).to(torch.float32)
+def flags_anywhere(total, stop, world):
+    """(loss not finite, stop requested) on any rank, as 0/1 device tensors: one small
+    collective, no host sync (the loop reads the stop flag a step later)."""
+    flags = torch.stack([(~torch.isfinite(total.detach())).float(),
+                         torch.full((), float(stop), device=total.device)])
     if world > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags[0], flags[1]
 
 
 def optimizer_step(state, skip):
@@ -216,10 +201,11 @@ def optimizer_step(state, skip):
     opt.zero_grad(set_to_none=True)
 
 
-def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False, keep_views=False):
-    """One whole training step; returns {'loss': {term: value}, 'skipped': 0/1 [, 'grad_norm']
-    [, 'views']} as device tensors. A non-finite loss on any rank skips the step everywhere: no
-    weight, optimiser-state or queue row changes (the queue pointer still advances)."""
+def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False, keep_views=False, stop=False):
+    """One whole training step; returns {'loss': {term: value}, 'skipped': 0/1, 'stop': 0/1
+    [, 'grad_norm'] [, 'views']} as device tensors. A non-finite loss on any rank skips the step
+    everywhere: no weight, optimiser-state or queue row changes (the queue pointer still
+    advances). `stop` (a signal arrived here) becomes 'stop' on every rank."""
     device = state.device
     for group in state.optimizer.param_groups:
         group['lr'] = lr_at(state.step + 1, cfg.optim, cfg.max_iter)
@@ -242,13 +228,13 @@ def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False,
                                             weights=loss_weights(cfg))
     if _injected_nonfinite(state.step):
         total = total * float('nan')
-    skip = nonfinite_anywhere(total, world)
+    skip, stop = flags_anywhere(total, stop, world)
     # 5. backward; queue push and optimiser step (both no-ops where skip); logit-scale clamp
     state.scaler.scale(total).backward()
     for k in keys:
         state.queue, state.queue_ptr = losses.nn_queue_push(queue=state.queue, ptr=state.queue_ptr, feats=k,
                                                             skip=skip)
-    metrics = {'loss': {'total': total.detach(), **terms}, 'skipped': skip}
+    metrics = {'loss': {'total': total.detach(), **terms}, 'skipped': skip, 'stop': stop}
     if keep_views:
         metrics['views'] = views.detach()
     if grad_norm:
@@ -275,55 +261,85 @@ def _injected_nonfinite(step):
 # Configuration checks: fail before any work, naming the key or path
 # ----------------------------------------------------------------------------------------------
 
-def _need_file(key, path):
-    if not path or not Path(path).is_file():
-        raise ValueError(f'config.{key}: file not found: {path!r}')
+POSITIVE = ('max_iter', 'log_every', 'ckpt_every', 'keep_every', 'eval_every', 'max_nonfinite',
+            'dist_timeout_s', 'mlm_bucket', 'data.batch_size', 'data.prefetch', 'data.bad_window',
+            'data.max_pixels', 'loss.queue_size', 'eval.batch_size', 'optim.eps')
+NON_NEGATIVE = ('seed', 'stop_at', 'keep_copies', 'tb_images', 'peak_tflops', 'data.workers', 'eval.workers',
+                'optim.base_lr', 'optim.warmup_lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
+                *(f'loss.{k}' for k in LOSS_TERMS))
+BELOW_ONE = ('optim.beta1', 'optim.beta2', 'data.max_bad_rate')
+
+
+def check_numbers(cfg):
+    """Every number finite; counts, rates and model sizes in range (a NaN learning rate would
+    otherwise train NaN weights and a zero batch would fail only after the model is built)."""
+    values = runtime.check_values(cfg.to_dict(), [
+        (POSITIVE, lambda v: v > 0, '> 0'), (NON_NEGATIVE, lambda v: v >= 0, '>= 0'),
+        (BELOW_ONE, lambda v: 0 <= v < 1, 'in [0, 1)'), (('model.',), lambda v: v > 0, '> 0')])
+    lo, hi = values['data.crop_scale']
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f'config.data.crop_scale: need 0 < min <= max <= 1, got {tuple(cfg.data.crop_scale)}')
 
 
 def check_config(cfg):
-    _need_file('data.bpe_path', cfg.data.bpe_path)
-    if cfg.data.eda and cfg.data.eda_synonyms:
-        _need_file('data.synonyms_path (or set --config.data.eda_synonyms=False)', cfg.data.synonyms_path)
-    if cfg.data.format == 'jsonl':
-        metas, roots = data.split_list(cfg.data.train_meta), data.split_list(cfg.data.train_root)
-        if not metas:
-            raise ValueError('config.data.train_meta: no meta file given')
-        for meta in metas:
-            _need_file('data.train_meta', meta)
-        if len(roots) != len(metas):
-            raise ValueError(f'config.data.train_root: {len(roots)} roots for {len(metas)} meta files')
-    elif cfg.data.format == 'wds':
-        if not any(glob.glob(p) for p in data.split_list(cfg.data.shards)):
-            raise ValueError(f'config.data.shards: no file matches {cfg.data.shards!r}')
-    else:
-        raise ValueError(f'config.data.format: "jsonl" or "wds", got {cfg.data.format!r}')
+    """Everything the run will need, before any work and before the workdir is created."""
+    check_numbers(cfg)
+    data.check_config(cfg.data)
     if cfg.data.val_meta:
-        _need_file('data.val_meta', cfg.data.val_meta)
+        evaluate.read_eval_meta(cfg.data.val_meta)   # every line, naming file:line
+        try:
+            templates = evaluate.load_prompts(cfg.eval.prompts)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f'config.eval.prompts: {e}') from None
+        if not templates:
+            raise ValueError(f'config.eval.prompts: {cfg.eval.prompts!r} has no templates')
     if cfg.model.declip and (cfg.data.views != 2 or not cfg.data.mask):
         raise ValueError('config.model.declip needs data.views=2 and data.mask=True')
     runtime.precision(cfg.precision, 'cpu')
     runtime.shape_modes('cpu', jit_compile=cfg.npu_jit_compile, static_shapes=cfg.static_shapes)
-    if not isinstance(cfg.mlm_bucket, int) or cfg.mlm_bucket < 1:
-        raise ValueError(f'config.mlm_bucket: a positive integer, got {cfg.mlm_bucket!r}')
     if str(cfg.compile).lower() not in ('auto', 'true', 'false'):
         raise ValueError(f'config.compile: auto, true or false, got {cfg.compile!r}')
-    if cfg.data.decode not in ('host', 'device'):
-        raise ValueError(f'config.data.decode: "host" or "device", got {cfg.data.decode!r}')
-    if cfg.data.decode == 'device':
-        images.nvjpeg_decoder('cpu')  # torchvision must be importable before any work starts
 
 
 # ----------------------------------------------------------------------------------------------
 # Around the loop: resume, checkpoints, logging, evaluation
 # ----------------------------------------------------------------------------------------------
 
-def resume(state, ckpt_dir, world):
-    """Continue from the newest readable checkpoint of the workdir, if there is one."""
-    path, saved = runtime.find_checkpoint(ckpt_dir, warn=logging.warning)
+RUN_DEFINING = ('model.', 'loss.', 'optim.', 'seed', 'data.seed', 'data.batch_size', 'data.format',
+                'data.train_root', 'data.train_meta', 'data.shards', 'data.views', 'data.image_size',
+                'data.crop_scale', 'data.eda', 'data.eda_synonyms', 'data.mask', 'data.context_length')
+
+
+def check_resumed_config(saved, cfg, path, allow_change):
+    """Refuse (unless allowed) a resume whose config changes what the run computes: model,
+    losses, optimiser, batch size, data sources and order; warn for the rest (max_iter too:
+    extending a run is deliberate, though it reshapes the rest of the cosine schedule)."""
+    lines, refused = runtime.config_changes(saved, cfg.to_dict(), RUN_DEFINING)
+    if refused and not allow_change:
+        raise ValueError(f'{path} belongs to a run with another config; resuming would change it:\n'
+                         + '\n'.join(refused) + '\nuse the same config, another --workdir, or --allow_config_change')
+    if lines:
+        logging.warning('resuming %s with a changed config:\n%s', path, '\n'.join(lines))
+
+
+def resume(state, cfg, ckpt_dir, world, *, start_over=False, allow_change=False):
+    """Continue from the newest readable checkpoint of the workdir, if there is one. Checkpoints
+    that exist but none of which can be read stop the run (unless `start_over`: they are then
+    renamed *.unreadable and the run starts from step 0)."""
+    path, saved, unreadable = runtime.find_checkpoint(ckpt_dir, warn=logging.warning)
+    rank = losses.world_info()[0]
+    if saved is None and unreadable and not start_over:
+        raise RuntimeError('no readable checkpoint in {}:\n{}\nrepair or move them, or pass --start_over to '
+                           'start from step 0'.format(ckpt_dir, '\n'.join(f'  {p}: {e}' for p, e in unreadable)))
     if saved is None:
+        if unreadable and world > 1:
+            dist.barrier()  # every rank has looked before rank 0 renames
+        for bad, _ in unreadable if rank == 0 else ():
+            bad.rename(bad.with_name(bad.name + '.unreadable'))
         return
+    check_resumed_config(saved['config'], cfg, path, allow_change)
     state.load_state_dict(saved)
-    if losses.world_info()[0] == 0:
+    if rank == 0:
         logging.info('resumed from %s at step %d', path, state.step)
     if saved['world_size'] != world:
         logging.warning('resuming a %d-process run with %d processes: data order and NN queues of '
@@ -331,7 +347,11 @@ def resume(state, ckpt_dir, world):
 
 
 def save(state, cfg, ckpt_dir):
-    """last.pt (and every keep_every steps a kept copy), written by rank 0 for all ranks."""
+    """last.pt (and every keep_every steps a kept copy), written by rank 0 for all ranks. Weights
+    that are not finite are never written (every rank holds the same parameters, so all agree)."""
+    if not torch.stack([p.isfinite().all() for p in state.model.parameters()]).all():
+        raise SystemExit(f'step {state.step}: the weights are not finite; no checkpoint written (the last good '
+                         f'one in {ckpt_dir} stays)')
     saved = state.state_dict(cfg.to_dict())
     if saved is None:
         return
@@ -360,7 +380,8 @@ def zero_shot(state, cfg, autocast, rank, world):
             model, val_root=cfg.data.val_root, val_meta=cfg.data.val_meta, task='zeroshot',
             prompts=cfg.eval.prompts, class_names=None, batch=cfg.eval.batch_size, workers=cfg.eval.workers,
             device=state.device, autocast=autocast, rank=rank, world=world,
-            tokenizer=data.get_tokenizer(cfg.data.bpe_path))
+            tokenizer=data.get_tokenizer(cfg.data.bpe_path), max_file_bytes=cfg.data.max_file_bytes,
+            sample_timeout_s=cfg.data.sample_timeout_s)
     finally:
         model.train()
 
@@ -414,7 +435,7 @@ class RunLog:
         """Every rank calls this at a log step (the bad-sample sum is a collective)."""
         step, n_good = state.step, float(self.good)
         values = {k: float(v) / n_good for k, v in self.sums.items()} if n_good else {}
-        bad = all_reduce_sum(state.bad_totals, state.device)
+        bad = runtime.all_reduce_sum(state.bad_totals, state.device)
         elapsed = time.perf_counter() - self.t_last
         step_s = elapsed / self.count
         img_s = self.cfg.data.batch_size * self.world / step_s
@@ -439,10 +460,11 @@ class RunLog:
 
     def evaluation(self, metrics, step):
         if self.writer is not None:
-            for k in ('zeroshot_top1', 'zeroshot_top5'):
-                self.writer.add_scalar(f'eval/{k}', metrics[k], step)
-            print(f'step {step}: zero-shot top-1 {metrics["zeroshot_top1"]:.2f} '
-                  f'top-5 {metrics["zeroshot_top5"]:.2f} ({metrics["images"]} images)', flush=True)
+            skipped = metrics.get('images_skipped', 0)
+            for k in ('zeroshot_top1', 'zeroshot_top5', 'images_skipped'):
+                self.writer.add_scalar(f'eval/{k}', metrics.get(k, 0), step)
+            print(f'step {step}: zero-shot top-1 {metrics["zeroshot_top1"]:.2f} top-5 {metrics["zeroshot_top5"]:.2f} '
+                  f'({metrics["images"]} images' + (f', {skipped} unreadable skipped)' if skipped else ')'), flush=True)
         self.t_last = time.perf_counter()
 
     def close(self):
@@ -456,9 +478,8 @@ def stop_if_diverged(state, cfg, ckpt_dir):
     if run_len:
         logging.warning('step %d: non-finite loss, step skipped (%d in a row)', state.step, run_len)
     if run_len >= cfg.max_nonfinite:
-        raise SystemExit(f'stopping: {run_len} consecutive non-finite losses at step {state.step} '
-                         f'(config.max_nonfinite={cfg.max_nonfinite}); the last checkpoint in '
-                         f'{ckpt_dir} is intact')
+        raise SystemExit(f'stopping: {run_len} consecutive non-finite losses at step {state.step} (config.'
+                         f'max_nonfinite={cfg.max_nonfinite}); the last checkpoint in {ckpt_dir} is intact')
 
 
 def due(step, every):
@@ -469,60 +490,93 @@ def due(step, every):
 # The training loop
 # ----------------------------------------------------------------------------------------------
 
-def train(cfg, workdir):
-    """Check the config, set up device and processes, run the loop; returns the model."""
+def train(cfg, workdir, *, start_over=False, allow_config_change=False):
+    """Check the config, set up device and processes, hold the workdir, run the loop; returns
+    the model."""
     check_config(cfg)
+    runtime.exit_with_parent()
     device, device_type = runtime.setup_device(runtime.dist_env()[2], cfg.device)
     if cfg.data.decode == 'device' and device_type not in ('cuda', 'cpu'):
         raise ValueError(f'config.data.decode=device needs CUDA (nvJPEG); on {device_type} torchvision would '
                          f'decode on the CPU inside the training process: use data.decode=host')
     jit, static = runtime.configure_shapes(device_type, jit_compile=cfg.npu_jit_compile,
                                            static_shapes=cfg.static_shapes)
-    with runtime.processes(device_type, cfg.dist_timeout_s) as (rank, world):
+    workdir, first = Path(workdir), runtime.dist_env()[0] == 0
+    if first:
+        (workdir / 'checkpoints').mkdir(parents=True, exist_ok=True)
+    with (runtime.workdir_lock(workdir) if first else contextlib.nullcontext()), \
+            runtime.processes(device_type, cfg.dist_timeout_s) as (rank, world):
         if rank == 0:
             dtype = runtime.precision(cfg.precision, device_type)[0]
             backend = dist.get_backend() if dist.is_initialized() else 'none (one process)'
             npu = f' | jit compile {jit}' if jit is not None else ''
             print(f'device {device} | backend {backend} | precision {dtype} | world size {world} | '
                   f'static shapes {static}{npu}', flush=True)
-        return run(cfg, Path(workdir), device, rank, world, static)
+        state = build_state(cfg, device, rank)
+        state.static_shapes = static
+        resume(state, cfg, workdir / 'checkpoints', world, start_over=start_over, allow_change=allow_config_change)
+        wrap_ddp(state, cfg, world)
+        return run(state, cfg, workdir, rank, world)
 
 
-def run(cfg, workdir, device, rank, world, static_shapes=False):
-    ckpt_dir = workdir / 'checkpoints'
+def eval_due(step, cfg):
+    return bool(cfg.data.val_meta) and step > 0 and (due(step, cfg.eval_every) or step == cfg.max_iter)
+
+
+def run(state, cfg, workdir, rank, world):
+    """The loop: a step, then logging, checkpoint and evaluation when due. A signal stops it after
+    the step all ranks agree on, with a checkpoint; an evaluation that a crash interrupted runs
+    again first on resume (the checkpoint before it was written first)."""
+    ckpt_dir, marker = workdir / 'checkpoints', workdir / 'checkpoints' / 'evaluated_step'
     if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob('*.tmp'):  # a write interrupted by a crash
+        for stale in ckpt_dir.glob('*.tmp'):  # a write interrupted by a crash (the lock says it is no one's)
             stale.unlink()
-    state = build_state(cfg, device, rank)
-    state.static_shapes = static_shapes
-    resume(state, ckpt_dir, world)
-    wrap_ddp(state, cfg, world)
-    _, autocast, _ = runtime.precision(cfg.precision, device.type)
+    _, autocast, _ = runtime.precision(cfg.precision, state.device.type)
     start, end = state.step, min(cfg.stop_at or cfg.max_iter, cfg.max_iter)
+    if start >= end:
+        if rank == 0:
+            print(f'nothing to do: the run is at step {start} and this invocation ends at step {end} '
+                  f'(stop_at={cfg.stop_at}, max_iter={cfg.max_iter})', flush=True)
+        return state.model
     batches = iter(data.build_train_loader(cfg.data, rank=rank, world=world, start_step=start,
-                                           max_iter=cfg.max_iter, pin_memory=device.type != 'cpu'))
+                                           max_iter=cfg.max_iter, pin_memory=state.device.type != 'cpu'))
     log = RunLog(cfg, workdir, rank=rank, world=world, start=start)
-    while state.step < end:
-        batch = log.next_batch(batches)
-        log_now = due(state.step + 1, cfg.log_every) or state.step + 1 == end
-        counter = log.flop_counter()
-        with counter or contextlib.nullcontext():
-            metrics = train_step(state, batch, cfg=cfg, autocast=autocast, rank=rank, world=world,
-                                 grad_norm=log_now, keep_views=state.step == start and log.wants_views())
-        if counter is not None:
-            log.flops_per_step = counter.get_total_flops()
-        if 'views' in metrics:
-            log.views(metrics['views'], start)
-        log.add(metrics)
-        if log_now:
-            stop_if_diverged(state, cfg, ckpt_dir)
-            log.log(state, metrics, end)
-        if due(state.step, cfg.ckpt_every) or state.step == end:
-            save(state, cfg, ckpt_dir)  # skipped steps changed nothing: still the last good state
-        if cfg.data.val_meta and (due(state.step, cfg.eval_every) or state.step == cfg.max_iter):
-            log.evaluation(zero_shot(state, cfg, autocast, rank, world), state.step)
+
+    def evaluation():
+        log.evaluation(zero_shot(state, cfg, autocast, rank, world), state.step)
+        if rank == 0:
+            marker.write_text(str(state.step))
+
+    if eval_due(start, cfg) and (not marker.is_file() or marker.read_text().strip() != str(start)):
+        evaluation()
+    with runtime.StopSignals() as signals:
+        stop, stopping = None, False
+        while state.step < end and not stopping:
+            batch = log.next_batch(batches)
+            log_now = due(state.step + 1, cfg.log_every) or state.step + 1 == end
+            counter = log.flop_counter()
+            with counter or contextlib.nullcontext():
+                metrics = train_step(state, batch, cfg=cfg, autocast=autocast, rank=rank, world=world,
+                                     grad_norm=log_now, keep_views=state.step == start and log.wants_views(),
+                                     stop=signals.received is not None)
+            if counter is not None:
+                log.flops_per_step = counter.get_total_flops()
+            if 'views' in metrics:
+                log.views(metrics['views'], start)
+            log.add(metrics)
+            if log_now:
+                stop_if_diverged(state, cfg, ckpt_dir)
+                log.log(state, metrics, end)
+            stopping = stop is not None and bool(stop)   # the previous step's flag, the same on every rank
+            stop = metrics['stop']
+            if due(state.step, cfg.ckpt_every) or state.step == end or eval_due(state.step, cfg) or stopping:
+                save(state, cfg, ckpt_dir)  # skipped steps changed nothing: still the last good state
+            if eval_due(state.step, cfg) and not stopping:
+                evaluation()
     log.close()
+    if stopping:
+        raise SystemExit(f'stopped at step {state.step} ({signals.received or "signal on another rank"}); the '
+                         f'checkpoint is written: run the same command to resume')
     return state.model
 
 
@@ -530,12 +584,16 @@ def main(argv):
     del argv
     if FLAGS.workdir is None:
         raise app.UsageError('--workdir is required')
-    train(FLAGS.config, FLAGS.workdir)
+    train(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over, allow_config_change=FLAGS.allow_config_change)
 
 
 if __name__ == '__main__':
     config_flags.DEFINE_config_file('config', None, 'config file, e.g. configs/demo.py or configs/r50.py:smoke',
                                     lock_config=True)
     flags.DEFINE_string('workdir', None, 'where checkpoints/ and tb/ go; an existing run resumes')
+    flags.DEFINE_bool('start_over', False, 'when no checkpoint of the workdir can be read, rename them '
+                      '*.unreadable and start from step 0 (otherwise that is an error)')
+    flags.DEFINE_bool('allow_config_change', False, 'resume even if the config changes the model, losses, '
+                      'optimiser, schedule, batch size or data')
     flags.mark_flag_as_required('config')
     app.run(main)

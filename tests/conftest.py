@@ -1,9 +1,14 @@
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest  # noqa: E402
+
+MARK = f'DECLIP_TEST_SUITE={os.getpid()}'.encode()
 
 
 @pytest.fixture(scope='session')
@@ -14,3 +19,30 @@ def demo_dir(tmp_path_factory):
     return out
 
 
+def _left_behind():
+    """Processes started by this test session (they inherit the mark) that are still alive, but
+    multiprocessing's own helper (it lives as long as this process)."""
+    found = []
+    for d in Path('/proc').iterdir() if Path('/proc').is_dir() else []:
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                cmd = (d / 'cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace')
+                if MARK in (d / 'environ').read_bytes().split(b'\0') and 'resource_tracker' not in cmd:
+                    found.append((int(d.name), cmd[:200]))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.fixture(scope='session', autouse=True)
+def no_process_left_behind():
+    """The suite ends with no process it started still running (killed and reported if any)."""
+    os.environ['DECLIP_TEST_SUITE'] = str(os.getpid())
+    yield
+    deadline = time.time() + 15           # workers of a run that just ended may still be exiting
+    while _left_behind() and time.time() < deadline:
+        time.sleep(0.5)
+    left = _left_behind()
+    for pid, _ in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f'processes left behind: {left}'

@@ -1,0 +1,250 @@
+"""Nothing lost, nothing hangs: unreadable checkpoints, a second run on one workdir, preemption
+signals, a killed launcher, a failing evaluation, non-finite numbers, config drift at resume."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import runtime
+import train
+from configs import demo
+from helpers import ROOT, free_port, run, smoke_overrides
+
+
+def smoke(demo_dir, **over):
+    """The demo smoke config on the test corpus, one process, no compile; `over`: dotted keys."""
+    cfg = demo.get_config('smoke')
+    cfg.compile = 'false'
+    for arg in smoke_overrides(demo_dir, **over):
+        key, value = arg[len('--config.'):].split('=', 1)
+        *parents, leaf = key.split('.')
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], str) else value
+    return cfg
+
+
+def step_of(path):
+    return runtime.safe_load(path)['step']
+
+
+# ---------------------------------------------------------------- 1, 15: checkpoint files
+
+def test_unreadable_checkpoints_stop_the_run_unless_told_to_start_over(tmp_path, demo_dir):
+    work, ckpts = tmp_path / 'w', tmp_path / 'w' / 'checkpoints'
+    train.train(smoke(demo_dir, max_iter=2, keep_every=2), work)
+    (ckpts / 'last.pt').write_bytes(b'torn')
+    train.train(smoke(demo_dir, max_iter=3, keep_every=5), work)      # falls back to step_2.pt
+    assert step_of(ckpts / 'last.pt') == 3
+    for p in ckpts.glob('*.pt'):
+        p.write_bytes(b'torn')
+    with pytest.raises(RuntimeError, match='no readable checkpoint') as e:
+        train.train(smoke(demo_dir, max_iter=4), work)
+    assert 'last.pt' in str(e.value) and (ckpts / 'last.pt').read_bytes() == b'torn'
+    train.train(smoke(demo_dir, max_iter=1), work, start_over=True)
+    assert step_of(ckpts / 'last.pt') == 1 and (ckpts / 'last.pt.unreadable').read_bytes() == b'torn'
+
+
+def test_foreign_files_in_checkpoints_are_left_alone(tmp_path, demo_dir):
+    ckpts = tmp_path / 'checkpoints'
+    ckpts.mkdir()
+    (ckpts / 'step_best.pt').write_bytes(b'mine')
+    train.train(smoke(demo_dir, max_iter=2, keep_every=1, keep_copies=1), tmp_path)
+    assert (ckpts / 'step_best.pt').read_bytes() == b'mine' and step_of(ckpts / 'last.pt') == 2
+    assert sorted(p.name for p in ckpts.glob('step_*.pt')) == ['step_2.pt', 'step_best.pt']
+    torch.save({'step': 99}, tmp_path / 'other.pt')           # a torch file that is not a checkpoint
+    with pytest.raises(RuntimeError, match='other.pt: not a training checkpoint'):
+        runtime.load_checkpoint(tmp_path / 'other.pt')
+
+
+# ---------------------------------------------------------------- 2: one run per workdir
+
+def test_a_second_run_on_a_held_workdir_stops_naming_the_holder(tmp_path, demo_dir):
+    work = tmp_path / 'w'
+    (work / 'checkpoints').mkdir(parents=True)
+    inflight = work / 'checkpoints' / 'last.pt.tmp'
+    inflight.write_bytes(b'being written')
+    with runtime.workdir_lock(work):
+        res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(work), *smoke_overrides(demo_dir)])
+    assert res.returncode != 0 and f'is in use by another run (pid {os.getpid()}' in res.stderr
+    assert inflight.read_bytes() == b'being written'
+
+
+# ---------------------------------------------------------------- 3, 4: signals, launcher death
+
+def _start(work, demo_dir, nproc=1, **over):
+    launcher = [sys.executable, 'train.py'] if nproc == 1 else [
+        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
+        '--master_port', str(free_port()), 'train.py']
+    args = smoke_overrides(demo_dir, **{'max_iter': 500, 'ckpt_every': 400, 'data.val_meta': '', **over})
+    return subprocess.Popen([*launcher, '--config', 'configs/demo.py:smoke', '--workdir', str(work), *args],
+                            cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for_step(proc, step):
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f'step {step}/'):
+            return lines
+    raise AssertionError('run ended early:\n' + ''.join(lines[-30:]))
+
+
+def _processes_mentioning(text):
+    found = []
+    for d in Path('/proc').iterdir():
+        try:
+            if d.name.isdigit() and text in (d / 'cmdline').read_bytes().decode(errors='replace'):
+                found.append(int(d.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize('nproc, sig', [(1, signal.SIGINT), (2, signal.SIGTERM)])
+def test_a_signal_finishes_the_step_and_writes_a_checkpoint(tmp_path, demo_dir, nproc, sig):
+    work = tmp_path / 'w'
+    proc = _start(work, demo_dir, nproc)
+    try:
+        _wait_for_step(proc, 3)
+        proc.send_signal(sig)             # to the launcher: torchrun forwards it to its workers
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and 'the checkpoint is written' in out, out[-3000:]
+    stopped = step_of(work / 'checkpoints' / 'last.pt')
+    assert 3 <= stopped < 500 and f'stopped at step {stopped}' in out
+    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(work),
+               *smoke_overrides(demo_dir, **{'max_iter': stopped + 1, 'data.val_meta': ''})])
+    assert res.returncode == 0 and f'at step {stopped}' in res.stderr, res.stderr[-3000:]
+
+
+def test_a_second_signal_exits_at_once(tmp_path, demo_dir):
+    """The second SIGTERM arrives while the stop's checkpoint write is held (a test hook)."""
+    os.environ['DECLIP_TEST_PAUSE_BEFORE_RENAME'] = '60'
+    try:
+        proc = _start(tmp_path / 'w', demo_dir)
+    finally:
+        del os.environ['DECLIP_TEST_PAUSE_BEFORE_RENAME']
+    try:
+        _wait_for_step(proc, 2)
+        proc.send_signal(signal.SIGTERM)
+        while not list((tmp_path / 'w' / 'checkpoints').glob('*.tmp')):
+            assert proc.poll() is None
+            time.sleep(0.05)
+        start = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM and time.time() - start < 10
+
+
+def test_workers_exit_when_their_launcher_is_killed(tmp_path, demo_dir):
+    work = tmp_path / 'killed-launcher'
+    proc = _start(work, demo_dir, nproc=2)
+    try:
+        _wait_for_step(proc, 2)
+        assert len(_processes_mentioning(str(work))) >= 3       # launcher + 2 workers
+        proc.kill()                                             # the launcher only: SIGKILL
+        proc.wait()
+        deadline = time.time() + 30
+        while _processes_mentioning(str(work)) and time.time() < deadline:
+            time.sleep(0.5)
+        left = _processes_mentioning(str(work))
+    finally:
+        for pid in _processes_mentioning(str(work)):
+            os.kill(pid, signal.SIGKILL)
+        proc.stdout.close()
+    assert not left
+
+
+# ---------------------------------------------------------------- 5: evaluation never loses steps
+
+def test_a_failing_evaluation_loses_no_steps_and_runs_again_on_resume(tmp_path, demo_dir, monkeypatch):
+    cfg = smoke(demo_dir, max_iter=4, eval_every=2, ckpt_every=3)
+    seen = []
+
+    def failing(state, *args):
+        seen.append(state.step)
+        raise OSError('disk gone')
+    monkeypatch.setattr(train, 'zero_shot', failing)
+    with pytest.raises(OSError):
+        train.train(cfg, tmp_path)
+    assert seen == [2] and step_of(tmp_path / 'checkpoints' / 'last.pt') == 2   # saved before evaluating
+    monkeypatch.setattr(train, 'zero_shot', lambda state, *a: seen.append(state.step) or
+                        {'zeroshot_top1': 0.0, 'zeroshot_top5': 0.0, 'images': 0})
+    train.train(cfg, tmp_path)
+    assert seen == [2, 2, 4]               # the interrupted evaluation first, then the due one
+    train.train(smoke(demo_dir, max_iter=5, eval_every=2, ckpt_every=3), tmp_path)
+    assert seen == [2, 2, 4, 5]            # step 4's evaluation finished: not repeated; 5 is the last step
+
+
+# ---------------------------------------------------------------- 6, 14: numbers and names first
+
+@pytest.mark.parametrize('key, value, message', [
+    ('optim.warmup_lr', float('nan'), 'config.optim.warmup_lr: must be a finite number'),
+    ('optim.base_lr', -1e-4, 'config.optim.base_lr: must be >= 0'),
+    ('data.batch_size', 0, 'config.data.batch_size: must be > 0'),
+    ('optim.beta2', 1.0, 'config.optim.beta2: must be in [0, 1)'),
+    ('max_iter', 0, 'config.max_iter: must be > 0'),
+    ('model.embed_dim', 0, 'config.model.embed_dim: must be > 0'),
+    ('loss.nn', float('inf'), 'config.loss.nn: must be a finite number'),
+    ('eval.prompts', 'prompt7', "config.eval.prompts: prompt set 'prompt7' not found"),
+    ('data.val_root', '/nonexistent', 'config.data.val_root: folder not found'),
+])
+def test_bad_values_fail_before_the_workdir_exists(tmp_path, demo_dir, key, value, message):
+    cfg = smoke(demo_dir)
+    section, _, leaf = key.rpartition('.')
+    (cfg[section] if section else cfg)[leaf] = value
+    with pytest.raises(ValueError, match=message.replace('[', r'\[').replace(')', r'\)')):
+        train.train(cfg, tmp_path / 'w')
+    assert not (tmp_path / 'w').exists()
+
+
+def test_an_empty_meta_file_fails_before_the_workdir_exists(tmp_path, demo_dir):
+    (tmp_path / 'empty.jsonl').write_text('\n \r\n')
+    with pytest.raises(ValueError, match='empty.jsonl has no samples'):
+        train.train(smoke(demo_dir, **{'data.train_meta': tmp_path / 'empty.jsonl'}), tmp_path / 'w')
+    assert not (tmp_path / 'w').exists()
+
+
+def test_non_finite_weights_are_never_written(tmp_path, demo_dir):
+    cfg = smoke(demo_dir)
+    state = train.build_state(cfg, torch.device('cpu'))
+    with torch.no_grad():
+        next(state.model.parameters())[0] = float('nan')
+    (tmp_path / 'checkpoints').mkdir()
+    with pytest.raises(SystemExit, match='weights are not finite'):
+        train.save(state, cfg, tmp_path / 'checkpoints')
+    assert not list((tmp_path / 'checkpoints').iterdir())
+
+
+# ---------------------------------------------------------------- 11, 12: resuming
+
+def test_resume_with_a_changed_config(tmp_path, demo_dir):
+    train.train(smoke(demo_dir, max_iter=2), tmp_path)
+    with pytest.raises(ValueError, match=r"data.batch_size: 8 -> 4") as e:
+        train.train(smoke(demo_dir, max_iter=3, **{'data.batch_size': 4}), tmp_path)
+    assert '--allow_config_change' in str(e.value) and 'max_iter' not in str(e.value)
+    with pytest.raises(ValueError, match=r'model.vision_width: 128 -> 64'):   # another architecture
+        train.train(smoke(demo_dir, max_iter=3, **{'model.vision_width': 64}), tmp_path)
+    assert step_of(tmp_path / 'checkpoints' / 'last.pt') == 2
+    train.train(smoke(demo_dir, max_iter=3, log_every=3), tmp_path)          # logging only: a warning
+    train.train(smoke(demo_dir, max_iter=4, log_every=3, **{'data.batch_size': 4}), tmp_path,
+                allow_config_change=True)
+    assert step_of(tmp_path / 'checkpoints' / 'last.pt') == 4
+
+
+def test_stop_at_at_or_below_the_resumed_step_says_so(tmp_path, demo_dir, capsys):
+    train.train(smoke(demo_dir, max_iter=6, stop_at=2), tmp_path)
+    capsys.readouterr()
+    train.train(smoke(demo_dir, max_iter=6, stop_at=2), tmp_path)
+    assert 'nothing to do: the run is at step 2 and this invocation ends at step 2' in capsys.readouterr().out
