@@ -25,8 +25,10 @@ R50 = dict(vision='resnet', embed_dim=1024, image_size=224, patch_size=32, visio
 def model_config(vision, *, declip=True, **overrides):
     """A config's `model` block: the image tower `vision` (ViT_B32, R50 or a variant), CLIP's
     text tower (77 tokens, DeCLIP's 49,409 ids, width 512, 12 layers) and, with `declip`, the
-    SimSiam heads (1024 / 512) and the MLM head; the ViT patch embedding frozen (reference quirk)."""
-    fields = dict(vision, freeze_conv1=True, concat_views=False, context_length=text.CONTEXT_LENGTH,
+    SimSiam heads (1024 / 512) and the MLM head; the ViT patch embedding frozen (reference quirk);
+    the ResNet's BatchNorm synchronised over the job (the reference's R50 config asks for it)."""
+    fields = dict(vision, freeze_conv1=True, concat_views=False, sync_bn=vision['vision'] == 'resnet',
+                  context_length=text.CONTEXT_LENGTH,
                   vocab_size=text.VOCAB_SIZE, text_width=512, text_layers=12, text_heads=8, declip=declip,
                   simsiam_dim=1024, predictor_dim=512)
     return ml_collections.ConfigDict({**fields, **overrides})
@@ -113,6 +115,48 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj
+
+
+class SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) whose gradient is the all_reduce(SUM) of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the whole job's batch (SyncBN): the
+    per-channel sums of x and x^2 are all-reduced with autograd (any backend: gloo, nccl, hccl),
+    in fp32 and shifted by the running mean (the same on every rank) against cancellation.
+    In evaluation or a single process it is plain BatchNorm2d; state-dict names are unchanged."""
+
+    def forward(self, x):
+        dist = torch.distributed
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        shift = self.running_mean.detach().view(1, c, 1, 1)
+        d = x.float() - shift
+        count = torch.full((1,), x.numel() / c, device=x.device)
+        sums = SumOverRanks.apply(torch.cat([d.sum((0, 2, 3)), (d * d).sum((0, 2, 3)), count]))
+        n = sums[-1]
+        mean_d = sums[:c] / n
+        var = sums[c:2 * c] / n - mean_d * mean_d
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean_d + self.running_mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        y = (d - mean_d.view(1, c, 1, 1)) * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+        return (y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)).to(x.dtype)
 
 
 class Bottleneck(nn.Module):
@@ -255,6 +299,14 @@ class PredictionMLP(nn.Module):
         return self.layer2(F.relu(self.bn1(self.linear1(x))))
 
 
+
+def capped_scale(theta, cap=100.0):
+    """exp(theta) with its value capped at `cap` and the gradient of the uncapped exp(theta), as
+    the reference (which overwrites the value's .data): theta above ln(cap) still learns, and can
+    come back down, where exp().clamp() would give it no gradient at all."""
+    scale = theta.exp()
+    return scale - (scale - scale.clamp(max=cap)).detach()
+
 class DeCLIP(nn.Module):
     """CLIP towers plus, when `declip` is on, the SimSiam projector/predictor and the MLM head."""
 
@@ -308,7 +360,7 @@ class DeCLIP(nn.Module):
         tokens in `text` (computed on the host so that no device sync is needed).
         """
         image = self.encode_views(images)
-        out = {'image': image, 'logit_scale': self.logit_scale.exp().clamp(max=100)}
+        out = {'image': image, 'logit_scale': capped_scale(self.logit_scale)}
         if self.cfg.declip and mlm_index is not None:
             out['text'], words = self.encode_text(text, return_tokens=True)
             words = rearrange(words, 'b l w -> (b l) w').index_select(0, mlm_index)
@@ -325,4 +377,9 @@ class DeCLIP(nn.Module):
 
 def build_model(model_config):
     """DeCLIP (or, with model.declip False, the CLIP baseline) from a config's `model` block."""
-    return DeCLIP(model_config)
+    model = DeCLIP(model_config)
+    if model_config.get('sync_bn', False):
+        for m in model.visual.modules():
+            if type(m) is nn.BatchNorm2d:
+                m.__class__ = GlobalBatchNorm2d
+    return model

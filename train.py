@@ -65,12 +65,11 @@ def lr_at(t, optim, max_iter):
 
 
 def build_model(cfg, device):
-    """cfg.model on `device` as the step runs it: channels-last ResNet on CUDA, logit
-    scale clamped, both towers compiled when config.compile says so ('auto': on CUDA)."""
+    """cfg.model on `device` as the step runs it: channels-last ResNet on CUDA, both towers
+    compiled when config.compile says so ('auto': on CUDA)."""
     model = declip.build_model(cfg.model).to(device)
     if cfg.model.vision == 'resnet' and device.type == 'cuda':  # NHWC is slow on NPU
         model = model.to(memory_format=torch.channels_last)
-    model.clamp_logit_scale_()
     mode = str(cfg.compile).lower()
     if mode == 'true' or (mode == 'auto' and device.type == 'cuda'):
         model.visual.compile()        # in place: state-dict names unchanged
@@ -229,7 +228,9 @@ def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False,
     if _injected_nonfinite(state.step):
         total = total * float('nan')
     skip, stop = flags_anywhere(total, stop, world)
-    # 5. backward; queue push and optimiser step (both no-ops where skip); logit-scale clamp
+    # 5. logit scale into [3, 6] (so the first forward used ln(1/0.07)); backward; queue push and
+    #    optimiser step (both no-ops where skip); the clamp again
+    state.model.clamp_logit_scale_()
     state.scaler.scale(total).backward()
     for k in keys:
         state.queue, state.queue_ptr = losses.nn_queue_push(queue=state.queue, ptr=state.queue_ptr, feats=k,

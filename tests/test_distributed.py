@@ -157,3 +157,34 @@ def test_hccl_rules_wrapper_refuses_float64(tmp_path):
     res = _under_hccl_rules(tmp_path / 'out', str(script), [])
     assert res.returncode != 0 and 'dist.all_reduce with torch.float64' in res.stderr
     assert json.loads((tmp_path / 'out' / 'rank0.json').read_text()) == ['all_reduce torch.int64 [2]']
+
+
+def _global_bn_rank(rank, world):
+    g = torch.Generator().manual_seed(0)
+    x_full = torch.randn(2 * 4, 3, 5, 5, generator=g) * 3 + 7
+    w_full = torch.randn(2 * 4, 3, 5, 5, generator=g)
+    ref = torch.nn.BatchNorm2d(3)
+    bn = declip.GlobalBatchNorm2d(3)
+    for _ in range(2):       # the second step also checks the shift by the updated running mean
+        x_ref = x_full.clone().requires_grad_()
+        y_ref = ref(x_ref)
+        (y_ref * w_full).sum().backward()
+        x = x_full[rank * 4:(rank + 1) * 4].clone().requires_grad_()
+        y = bn(x)
+        (y * w_full[rank * 4:(rank + 1) * 4]).sum().backward()
+        torch.testing.assert_close(y, y_ref.detach()[rank * 4:(rank + 1) * 4], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad, x_ref.grad[rank * 4:(rank + 1) * 4], rtol=1e-4, atol=1e-5)
+        for p, q in ((bn.weight, ref.weight), (bn.bias, ref.bias)):
+            total = p.grad.clone()
+            torch.distributed.all_reduce(total)
+            torch.testing.assert_close(total, q.grad, rtol=1e-5, atol=1e-5)
+            p.grad = q.grad = None
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_sync_batchnorm_uses_the_global_batch():
+    """2 ranks x 4 images: outputs, input gradients, summed weight gradients and running statistics
+    equal plain BatchNorm2d over all 8 images."""
+    run_distributed(_global_bn_rank, 2)

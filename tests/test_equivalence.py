@@ -1,5 +1,7 @@
-"""The smoke run's per-step losses are those recorded from the code before the module split and
-the train_step rewrite (tests/fixtures/smoke_losses.json, 1 and 2 processes)."""
+"""The smoke run's per-step losses are those recorded (tests/fixtures/smoke_losses.json, 1 and 2
+processes). First recorded from the code before the module split and the train_step rewrite;
+re-recorded once, when the first forward moved to the reference's logit scale ln(1/0.07) instead
+of the clamped 3 (with only that change undone, the losses equalled the first recording)."""
 import json
 from pathlib import Path
 

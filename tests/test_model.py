@@ -1,4 +1,6 @@
 """State-dict layout against the reference's key lists, parameter counts, conv1 freeze, features."""
+import math
+
 import pytest
 import torch
 
@@ -161,3 +163,38 @@ def test_resnet_views_use_per_view_batchnorm():
     feats = model.encode_views(images)
     for v in range(2):
         torch.testing.assert_close(feats[v], model.encode_image(images[:, v]), rtol=1e-5, atol=1e-5)
+
+
+def test_logit_scale_value_is_capped_but_its_gradient_is_that_of_exp():
+    """The reference overwrites exp(theta)'s value with min(., 100) through .data: the forward
+    sees 100 and theta still gets d/dtheta of 2 * exp(theta) = 2 e^5 at theta = 5."""
+    theta = torch.tensor([5.0], requires_grad=True)
+    s = declip.capped_scale(theta)
+    (2 * s).sum().backward()
+    assert s.item() == 100.0
+    torch.testing.assert_close(theta.grad, torch.tensor([2 * math.exp(5.0)]), rtol=1e-6, atol=0)
+    theta = torch.tensor([2.0], requires_grad=True)
+    s = declip.capped_scale(theta)
+    s.sum().backward()
+    torch.testing.assert_close(s.detach(), torch.tensor([math.exp(2.0)]))
+    torch.testing.assert_close(theta.grad, torch.tensor([math.exp(2.0)]))
+
+
+def test_first_forward_uses_the_initial_logit_scale_then_it_is_clamped():
+    """As the reference: theta = ln(1/0.07) in the first forward, clamped into [3, 6] after the
+    forward (before backward) and after the step."""
+    import bench
+    import runtime
+    import train
+    from configs import demo
+    cfg = demo.get_config('smoke')
+    cfg.compile = 'false'
+    state = train.build_state(cfg, torch.device('cpu'))
+    seen = []
+    state.model.register_forward_hook(lambda m, args, out: seen.append(out['logit_scale'].item()))
+    batch = bench._synthetic_batch(cfg, 8, torch.device('cpu'))
+    _, autocast, _ = runtime.precision('fp32', 'cpu')
+    for _ in range(2):
+        train.train_step(state, batch, cfg=cfg, autocast=autocast)
+    assert seen[0] == pytest.approx(1 / 0.07, rel=1e-6) and seen[1] >= math.exp(3.0) * (1 - 1e-6)
+    assert 3.0 <= state.model.logit_scale.item() <= 6.0
