@@ -7,7 +7,7 @@
     python bench.py e2e --workers=16 --step_ms=71                # real loader over JPEG files
 
 The mode comes first; flags a mode does not use are ignored. `step` and `precision` time
-train.train_step, the loop's own step. Every mode runs on CPU with tiny settings (tests smoke it).
+trainstep.train_step, the loop's own step. Every mode runs on CPU with tiny settings (tests smoke it).
 """
 import copy
 import json
@@ -31,7 +31,7 @@ import images
 import losses
 import runtime
 import text
-import train
+import trainstep
 
 FLAGS = flags.FLAGS
 ROOT = Path(__file__).resolve().parent
@@ -199,16 +199,16 @@ def matmul_peak_tflops(device, dtype, n):
 
 
 def trainer(cfg, device):
-    """step(batch) -> the step's loss (a device tensor): train.train_step, the training loop's own
+    """step(batch) -> the step's loss (a device tensor): trainstep.train_step, the training loop's own
     step (device views and colour ops, forward, declip_loss, non-finite skip, NN queue push,
-    backward, AdamW with found_inf, logit-scale clamp), from train.build_state's fresh state
+    backward, AdamW with found_inf, logit-scale clamp), from trainstep.build_state's fresh state
     (initial weights from cfg.seed, cfg.precision and cfg.compile as the loop takes them). Each
     call is the next step: its own LR and augmentation stream, (cfg.seed, step)."""
-    state = train.build_state(cfg, device)
+    state = trainstep.build_state(cfg, device)
     _, autocast, _ = runtime.precision(cfg.precision, device.type)
 
     def step(batch):
-        return train.train_step(state, batch, cfg=cfg, autocast=autocast)['loss']['total']
+        return trainstep.train_step(state, batch, cfg=cfg, autocast=autocast)['loss']['total']
     return step
 
 
@@ -256,7 +256,7 @@ def _time_step(step, device, warmup, steps):
 
 
 def bench_step(args):
-    """Throughput of train.train_step on one synthetic in-memory batch (with --decode=device its
+    """Throughput of trainstep.train_step on one synthetic in-memory batch (with --decode=device its
     JPEG bytes: decode, crop and resize happen in the step); FLOPs counted by torch."""
     cfg = _load_config(args.config, compile=args.compile, precision=args.precision)
     device, device_type = runtime.setup_device(0)
@@ -282,7 +282,7 @@ def bench_step(args):
 
 def bench_precision(args):
     """Low precision against fp32 from the same initial weights over the same batches (the same
-    train.train_step): every loss finite, and the first --compare losses within --rtol of fp32's."""
+    trainstep.train_step): every loss finite, and the first --compare losses within --rtol of fp32's."""
     device, _ = runtime.setup_device(0)
     names = ('fp32', args.precision if args.precision != 'auto' else 'bf16')
     runs = {}

@@ -14,7 +14,7 @@ import evaluate
 import images
 import runtime
 import text
-import train
+import trainstep
 from configs import demo
 from helpers import free_port, run, scalars, smoke_overrides, torchrun
 
@@ -147,13 +147,13 @@ def test_queues_and_pointer_after_resume_equal_the_uninterrupted_run(full_run, d
 def test_logged_lr_is_the_schedule(full_run):
     """train/lr of step t is lr_at(t): the first and the last step of the smoke run (and all between)."""
     cfg = SMOKE
-    first, last = train.lr_at(1, cfg.optim, cfg.max_iter), train.lr_at(cfg.max_iter, cfg.optim, cfg.max_iter)
+    first, last = trainstep.lr_at(1, cfg.optim, cfg.max_iter), trainstep.lr_at(cfg.max_iter, cfg.optim, cfg.max_iter)
     assert len({first, last, cfg.optim.warmup_lr}) == 3
     lrs, _ = scalars(full_run, 'train/lr')
     assert sorted(lrs) == list(range(1, cfg.max_iter + 1))
     assert lrs[1] == pytest.approx(first, rel=1e-6) and lrs[cfg.max_iter] == pytest.approx(last, rel=1e-6, abs=1e-12)
     for step, value in lrs.items():
-        assert value == pytest.approx(train.lr_at(step, cfg.optim, cfg.max_iter), rel=1e-6, abs=1e-12), step
+        assert value == pytest.approx(trainstep.lr_at(step, cfg.optim, cfg.max_iter), rel=1e-6, abs=1e-12), step
 
 
 # ---------------------------------------------------------------- 6. zero-shot classifier rows

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import runtime
+import trainstep
 import train
 from configs import demo
 from helpers import ROOT, free_port, run, smoke_overrides
@@ -218,7 +219,7 @@ def test_an_empty_meta_file_fails_before_the_workdir_exists(tmp_path, demo_dir):
 
 def test_non_finite_weights_are_never_written(tmp_path, demo_dir):
     cfg = smoke(demo_dir)
-    state = train.build_state(cfg, torch.device('cpu'))
+    state = trainstep.build_state(cfg, torch.device('cpu'))
     with torch.no_grad():
         next(state.model.parameters())[0] = float('nan')
     (tmp_path / 'checkpoints').mkdir()

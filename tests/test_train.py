@@ -11,7 +11,7 @@ import declip
 import evaluate
 import runtime
 import text
-import train
+import trainstep
 from configs import demo, r50, vitb32
 from helpers import run, scalars, smoke_overrides, torchrun
 
@@ -27,7 +27,7 @@ def spec_lr(t):
 @pytest.mark.parametrize('t', [1, 2, 1250, 2499, 2500, 2501, 10_000, 64_000, 128_000, 128_001])
 def test_lr_schedule(t):
     cfg = vitb32.get_config()
-    assert train.lr_at(t, cfg.optim, cfg.max_iter) == pytest.approx(spec_lr(t), rel=1e-12, abs=1e-15)
+    assert trainstep.lr_at(t, cfg.optim, cfg.max_iter) == pytest.approx(spec_lr(t), rel=1e-12, abs=1e-15)
 
 
 def spec_no_decay(name):
@@ -44,7 +44,7 @@ def spec_no_decay(name):
 def test_parameter_groups_follow_the_spec(config):
     with torch.device('meta'):
         model = declip.build_model(config.get_config().model)
-    decay, no_decay = train.param_groups(model, 0.1)
+    decay, no_decay = trainstep.param_groups(model, 0.1)
     assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     got = {names[id(p)]: False for p in decay['params']} | {names[id(p)]: True for p in no_decay['params']}
@@ -309,15 +309,15 @@ def test_a_skipped_step_changes_nothing_even_when_the_queue_wraps(monkeypatch):
     cfg = demo.get_config('smoke')
     cfg.compile, cfg.loss.queue_size = 'false', 20          # batch 8: 8 EDA + 8 caption keys a step
     cpu = torch.device('cpu')
-    state = train.build_state(cfg, cpu)
+    state = trainstep.build_state(cfg, cpu)
     batch = bench._synthetic_batch(cfg, cfg.data.batch_size, cpu)
     _, autocast, _ = runtime.precision('fp32', 'cpu')
-    assert float(train.train_step(state, batch, cfg=cfg, autocast=autocast)['skipped']) == 0
+    assert float(trainstep.train_step(state, batch, cfg=cfg, autocast=autocast)['skipped']) == 0
     assert state.queue_ptr == 16
     before = {'queue': state.queue.clone(), 'model': {k: v.clone() for k, v in state.model.named_parameters()},
               'adam': [s['exp_avg'].clone() for s in state.optimizer.state.values()]}
     monkeypatch.setenv('DECLIP_TEST_NONFINITE_STEPS', '1')   # the second (0-based 1) step
-    assert float(train.train_step(state, batch, cfg=cfg, autocast=autocast)['skipped']) == 1
+    assert float(trainstep.train_step(state, batch, cfg=cfg, autocast=autocast)['skipped']) == 1
     assert state.queue_ptr == 8                             # 16 + 8 >= 20: restart at 0, then 0 + 8
     assert torch.equal(state.queue, before['queue'])
     assert all(torch.equal(v, before['model'][k]) for k, v in state.model.named_parameters())
