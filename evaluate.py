@@ -1,10 +1,11 @@
 """Zero-shot classification and image-text retrieval, the evaluation dataset; loading of our,
-DeCLIP-reference and OpenAI weights.
+DeCLIP-reference and OpenAI weights, export to open_clip's layout, inference on one's own data.
 
     python evaluate.py --ckpt runs/demo/checkpoints/last.pt
     python evaluate.py --ckpt declip_vitb32.pth.tar --val_root /data/imagenet/val --val_meta val_official.json
     torchrun --nproc_per_node 8 evaluate.py --ckpt runs/r50/checkpoints/last.pt --prompts prompt80
     python evaluate.py --ckpt runs/demo/checkpoints/last.pt --task retrieval
+    python evaluate.py --ckpt runs/demo/checkpoints/last.pt --export exports/demo   # open_clip layout
 """
 import json
 import math
@@ -269,21 +270,75 @@ def infer_model_config(sd):
 def from_openai(sd):
     """OpenAI CLIP names -> ours: text tower under encode_text., token rows moved so that
     sot/eot land on DeCLIP's ids (49407/49408; <|mask|> 49406 gets zeros), text_projection
-    parameter [width, embed] -> Linear weight (transposed) with zero bias, scalar logit scale -> [1]."""
+    parameter [width, embed] -> Linear weight (transposed) with zero bias (open_clip's `proj_bias`
+    Linear, text_projection.weight / .bias, is taken as it is), scalar logit scale -> [1]."""
     out = {k: v for k, v in sd.items() if k.startswith('visual.')}
     for k, v in sd.items():
-        if k.startswith(('transformer.', 'ln_final.', 'positional_embedding')):
+        if k.startswith(('transformer.', 'ln_final.', 'positional_embedding', 'text_projection.')):
             out['encode_text.' + k] = v
     emb = sd['token_embedding.weight']
     new = torch.zeros(text.VOCAB_SIZE, emb.shape[1], dtype=emb.dtype)
     new[:text.MASK_ID] = emb[:text.MASK_ID]
     new[text.SOT_ID], new[text.EOT_ID] = emb[49406], emb[49407]
     out['encode_text.token_embedding.weight'] = new
-    proj = sd['text_projection']
-    out['encode_text.text_projection.weight'] = proj.T.contiguous()
-    out['encode_text.text_projection.bias'] = torch.zeros(proj.shape[1], dtype=proj.dtype)
+    if 'text_projection' in sd:
+        proj = sd['text_projection']
+        out['encode_text.text_projection.weight'] = proj.T.contiguous()
+        out['encode_text.text_projection.bias'] = torch.zeros(proj.shape[1], dtype=proj.dtype)
     out['logit_scale'] = sd['logit_scale'].reshape(1)
     return out
+
+
+def to_open_clip(model):
+    """(state dict, open_clip_config.json object) of the image and text towers in open_clip's
+    layout: OpenAI CLIP's names, token rows moved back to OpenAI's ids (sot/eot 49406/49407; the
+    <|mask|> row dropped: 49,408 rows), a scalar logit scale. DeCLIP's text projection has a bias,
+    which cannot in general be folded into weights (it follows ln_final and pooling; ln_final's
+    bias could absorb it only where the projection is onto, which R50's 512 -> 1024 is not), so
+    the text tower is open_clip's with `proj_bias` (text_projection.weight [embed, width] and
+    .bias). QuickGELU and the model's own mean/std are in the config."""
+    cfg = model.cfg
+    sd = {k: v for k, v in model.state_dict().items() if k.startswith('visual.')}
+    sd |= {k: v for k, v in model.encode_text.state_dict().items() if k != 'token_embedding.weight'}
+    emb = model.encode_text.token_embedding.weight.detach()
+    sd['token_embedding.weight'] = torch.cat([emb[:text.MASK_ID], emb[text.SOT_ID:]])
+    sd['logit_scale'] = model.logit_scale.detach().reshape(())
+    resnet = cfg.vision == 'resnet'   # open_clip's heads: width (x 32 for a ResNet) // head_width
+    vision_cfg = dict(image_size=cfg.image_size, width=cfg.vision_width, patch_size=None if resnet else cfg.patch_size,
+                      layers=list(cfg.vision_layers) if resnet else cfg.vision_layers,
+                      head_width=cfg.vision_width * (32 if resnet else 1) // cfg.vision_heads)
+    text_cfg = dict(context_length=cfg.context_length, vocab_size=len(sd['token_embedding.weight']),
+                    width=cfg.text_width, heads=cfg.text_heads, layers=cfg.text_layers, proj_bias=True)
+    mean, std = getattr(model, 'mean', images.IMAGENET_MEAN), getattr(model, 'std', images.IMAGENET_STD)
+    return sd, {'model_cfg': dict(embed_dim=cfg.embed_dim, quick_gelu=True, vision_cfg=vision_cfg, text_cfg=text_cfg),
+                'preprocess_cfg': dict(mean=list(mean), std=list(std), interpolation='bilinear')}
+
+
+def export_open_clip(model, out_dir):
+    """Write to_open_clip's weights and config in open_clip's folder layout (what its
+    'local-dir:' and 'hf-hub:' model names read); returns the two paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd, config = to_open_clip(model)
+    runtime.save_checkpoint(out / 'open_clip_pytorch_model.bin', sd)
+    (out / 'open_clip_config.json').write_text(json.dumps(config, indent=2))
+    return out / 'open_clip_pytorch_model.bin', out / 'open_clip_config.json'
+
+
+def _openai_norm(path):
+    """OpenAI's mean/std, or those of an open_clip_config.json beside `path` (an export), whose
+    text tower must then be QuickGELU's, as ours (GELU weights would give other features)."""
+    config = Path(path).parent / 'open_clip_config.json'
+    if not config.is_file():
+        return OPENAI_MEAN, OPENAI_STD
+    try:
+        found = json.loads(config.read_text())
+        pre, quick_gelu = found.get('preprocess_cfg', {}), found['model_cfg'].get('quick_gelu', False)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f'{config}: not an open_clip config ({type(e).__name__}: {e})') from None
+    if not quick_gelu:
+        raise ValueError(f'{config}: a GELU model (quick_gelu is not true); this code builds QuickGELU towers')
+    return tuple(pre.get('mean', OPENAI_MEAN)), tuple(pre.get('std', OPENAI_STD))
 
 
 def checkpoint_kind(obj):
@@ -308,52 +363,100 @@ def checkpoint_kind(obj):
     raise ValueError(f'unrecognised checkpoint layout (first keys: {keys[:5]})')
 
 
-def load_model(path, config=None):
-    """(model in eval mode, preprocess) for our checkpoints, DeCLIP reference .pth.tar files and
-    OpenAI CLIP RN50 / ViT-B/32 state dicts. `preprocess` maps a PIL image to the normalised
-    [3, 224, 224] tensor the weights expect (ImageNet mean/std; OpenAI's for OpenAI weights)."""
+HEADS = ('projector.', 'predictor.', 'text_label_predictor.')   # training-only heads
+
+
+def _check_keys(path, sd, model):
+    """A RuntimeError naming `path` unless `sd` holds every tower tensor of `model`, shaped as
+    there, and nothing else (the training heads may be missing or extra)."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd and not k.startswith(HEADS)]
+    unexpected = [k for k in sd if k not in want and not k.startswith(HEADS)]
+    shapes = [f'{k} {tuple(sd[k].shape)}, expected {tuple(v.shape)}' for k, v in want.items()
+              if k in sd and not k.startswith(HEADS) and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise RuntimeError(f'{path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}, '
+                           f'shape mismatches {shapes[:8]}')
+
+
+def _read(path):
+    """(state dict in our names, model config, {kind, mean, std, run_config}) of a checkpoint file,
+    its tower tensors checked against the config (on the meta device: no memory, no time)."""
     obj = runtime.safe_load(path)
     try:
         kind = checkpoint_kind(obj)
     except ValueError as e:
         raise ValueError(f'{path}: {e}') from None
-    mean, std = images.IMAGENET_MEAN, images.IMAGENET_STD
+    info = dict(kind=kind, mean=images.IMAGENET_MEAN, std=images.IMAGENET_STD, run_config={})
     if kind == 'ours':
-        cfg = ml_collections.ConfigDict(obj['config']).model
-        sd = obj['model']
+        sd, cfg, info['run_config'] = obj['model'], ml_collections.ConfigDict(obj['config']).model, obj['config']
     else:
-        sd = obj.get('model', obj.get('state_dict', obj)) if kind == 'reference' else obj
-        sd = _strip(sd, 'module.')
+        sd = _strip(obj.get('model', obj.get('state_dict', obj)) if kind == 'reference' else obj, 'module.')
         if kind == 'openai':
             sd = from_openai(sd)
-            mean, std = OPENAI_MEAN, OPENAI_STD
+            info['mean'], info['std'] = _openai_norm(path)
         sd = {k: v for k, v in sd.items() if not k.startswith('visual.fc.')}
         if 'logit_scale' in sd:
             sd['logit_scale'] = sd['logit_scale'].reshape(1)
-        cfg = infer_model_config(sd)
+        try:
+            cfg = infer_model_config(sd)
+        except KeyError as e:
+            raise ValueError(f'{path}: no {e} (needed to infer the model)') from None
+    with torch.device('meta'):
+        _check_keys(path, sd, declip.build_model(cfg))
+    return sd, cfg, info
+
+
+def load_weights(path):
+    """(state dict, model config) of our checkpoint, a DeCLIP reference .pth.tar or an OpenAI CLIP
+    (or open_clip export) state dict, to start a new run from: the config is the file's (ours) or
+    inferred from shapes (CLIP, declip False, when the file has no heads). Keys in our names:
+    visual.* (OpenAI's), encode_text.* and logit_scale [1], always; projector.*, predictor.*,
+    text_label_predictor.* only where the file has them (DeCLIP runs; not CLIP runs, OpenAI
+    files), else they keep their fresh init under load_state_dict(strict=False); the reference's
+    visual.fc.* dropped. OpenAI token rows land on DeCLIP's ids (sot/eot 49406/49407 ->
+    49407/49408), the <|mask|> row 49406 is zeros, the bias-free text_projection becomes a
+    Linear with zero bias. Every tower tensor is checked present and shaped as the config says
+    (a RuntimeError naming the file)."""
+    return _read(path)[:2]
+
+
+def load_model(path, config=None):
+    """(model in eval mode, preprocess) for the files load_weights reads. `preprocess` maps a PIL
+    image to the normalised [3, S, S] tensor the weights expect (ImageNet mean/std; OpenAI's for
+    OpenAI weights, an export's own). The model carries kind, mean, std, run_config, bpe_path and
+    tokenize(texts): int64 ids [len(texts), context length] in the model's own vocabulary."""
+    sd, cfg, info = _read(path)
     if config is not None:
         cfg = config.model if 'model' in config else config
     model = declip.build_model(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    heads = ('projector.', 'predictor.', 'text_label_predictor.')
-    missing = [k for k in missing if not k.startswith(heads)]
-    unexpected = [k for k in unexpected if not k.startswith(heads)]
-    if missing or unexpected:
-        raise RuntimeError(f'{path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}')
+    _check_keys(path, sd, model)
+    model.load_state_dict(sd, strict=False)
     model.eval()
-    model.kind, model.mean, model.std = kind, mean, std
-    model.run_config = obj['config'] if kind == 'ours' else {}  # the training run's config, as saved
-    bpe_path = Path(model.run_config['data']['bpe_path']) if kind == 'ours' else data.BPE_PATH
+    for name, value in info.items():
+        setattr(model, name, value)
+    bpe_path = Path(model.run_config['data']['bpe_path']) if model.kind == 'ours' else data.BPE_PATH
     if not bpe_path.is_file():
         print(f'warning: {path} was trained with the vocabulary {bpe_path}, which is not here; '
               f'using {data.BPE_PATH}', flush=True)
         bpe_path = data.BPE_PATH
     model.bpe_path = bpe_path
-    size = cfg.image_size
+    model.tokenize = lambda texts: data.get_tokenizer(bpe_path)(texts, cfg.context_length)
+    size, mean, std = cfg.image_size, model.mean, model.std
 
     def preprocess(img):
         return images.normalize_images(images.eval_view(img, size=size)[None], mean, std)[0]
     return model, preprocess
+
+
+@torch.no_grad()
+def predict(model, pixels, texts):
+    """(unit-norm image embeddings [B, D], unit-norm text embeddings [T, D], probabilities [B, T])
+    of preprocessed images [B, 3, S, S] and a list of strings (load_model's model): the
+    probabilities are softmax over the texts of scale * cosine, the scale as in training."""
+    img = F.normalize(model.encode_image(pixels).float(), dim=-1)
+    txt = F.normalize(model.encode_text(model.tokenize(texts).to(pixels.device)).float(), dim=-1)
+    return img, txt, (declip.capped_scale(model.logit_scale.float()) * img @ txt.T).softmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,6 +537,9 @@ def report(metrics, ckpt, task):
 
 def main(argv):
     del argv
+    if FLAGS.export:
+        print('wrote', *export_open_clip(load_model(FLAGS.ckpt)[0], FLAGS.export))
+        return
     device, device_type = runtime.setup_device(runtime.dist_env()[2])
     with runtime.processes(device_type, FLAGS.timeout_s) as (rank, world):
         model, _ = load_model(FLAGS.ckpt)
@@ -467,7 +573,9 @@ def define_flags():
     flags.DEFINE_string('prompts', 'prompt80', 'prompt1, prompt6, prompt8, prompt80, cc or file:<path>')
     flags.DEFINE_integer('batch_size', 256, 'images per batch')
     flags.DEFINE_integer('workers', min(8, os.cpu_count() or 1), 'loader workers')
-    flags.DEFINE_string('precision', 'auto', 'auto, bf16, fp16 or fp32')
+    flags.DEFINE_enum('precision', 'fp32', ['fp32', 'bf16', 'fp16', 'auto'],
+                      'fp32 reproduces published numbers; auto: bf16 where supported, else fp16')
+    flags.DEFINE_string('export', '', 'write the towers in open_clip\'s layout to this folder; no evaluation')
     flags.DEFINE_integer('timeout_s', 1800, 'collective timeout under torchrun')
     flags.DEFINE_string('out', '', 'JSON output (default: beside the checkpoint)')
     flags.mark_flag_as_required('ckpt')
