@@ -9,12 +9,14 @@
 The mode comes first; flags a mode does not use are ignored. `step` and `precision` time
 trainstep.train_step, the loop's own step. Every mode runs on CPU with tiny settings (tests smoke it).
 """
+import ast
 import copy
 import json
 import math
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,19 +62,19 @@ def _rates(fns, items, min_seconds, chunk=20):
     return {name: done[name] / spent[name] for name in fns}
 
 
+def _pil_crop(img, rng, size):
+    from PIL import Image
+    left, top, w, h = images.rrc_params(img.width, img.height, rng)
+    return img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+
+
 def pil_views(raw, rng, size=224):
     """The previous CPU part, for comparison: like images.train_views, but Pillow's crop + BILINEAR
     resize + flip (torchvision's RandomResizedCrop on PIL images, exactly)."""
-    from PIL import Image
     img = images.to_rgb(images.open_image(raw, 1 << 30))
-    out = torch.empty(2, 3, size, size, dtype=torch.uint8)
-    for v in range(2):
-        left, top, w, h = images.rrc_params(img.width, img.height, rng)
-        view = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
-        if rng.random() < 0.5:
-            view = view.transpose(Image.FLIP_LEFT_RIGHT)
-        out[v] = images._to_chw(view)
-    return out
+    views = [_pil_crop(img, rng, size) for _ in range(2)]
+    flip = 0  # PIL.Image.Transpose.FLIP_LEFT_RIGHT
+    return torch.stack([images._to_chw(v.transpose(flip) if rng.random() < 0.5 else v) for v in views])
 
 
 def moco_pil_views(raw, rng, size=224):
@@ -85,8 +87,7 @@ def moco_pil_views(raw, rng, size=224):
     img = Image.open(io.BytesIO(raw)).convert('RGB')
     out = []
     for _ in range(2):
-        left, top, w, h = images.rrc_params(img.width, img.height, rng)
-        v = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+        v = _pil_crop(img, rng, size)
         if rng.random() < 0.8:
             ops = [lambda x: ImageEnhance.Brightness(x).enhance(rng.uniform(0.6, 1.4)),
                    lambda x: ImageEnhance.Contrast(x).enhance(rng.uniform(0.6, 1.4)),
@@ -199,25 +200,19 @@ def matmul_peak_tflops(device, dtype, n):
 
 
 def trainer(cfg, device):
-    """step(batch) -> the step's loss (a device tensor): trainstep.train_step, the training loop's own
-    step (device views and colour ops, forward, declip_loss, non-finite skip, NN queue push,
-    backward, AdamW with found_inf, logit-scale clamp), from trainstep.build_state's fresh state
-    (initial weights from cfg.seed, cfg.precision and cfg.compile as the loop takes them). Each
-    call is the next step: its own LR and augmentation stream, (cfg.seed, step)."""
+    """step(batch) -> its loss: trainstep.train_step (the loop's step) from build_state's fresh state;
+    each call is the next step, with its own LR and augmentation stream."""
     state = trainstep.build_state(cfg, device)
     _, autocast, _ = runtime.precision(cfg.precision, device.type)
-
-    def step(batch):
-        return trainstep.train_step(state, batch, cfg=cfg, autocast=autocast)['loss']['total']
-    return step
+    return lambda batch: trainstep.train_step(state, batch, cfg=cfg, autocast=autocast)['loss']['total']
 
 
 def _jpeg_batch(cfg, batch, folder):
     """A device-decode batch (JPEG bytes, boxes, flips) of `batch` files from `folder`, cycled."""
     raws = [f.read_bytes() for f in _image_files(folder, batch)]
     raws = [(raw, *images.open_image(raw, 1 << 30).size) for raw in raws]
-    rng, scale = random.Random(0), tuple(cfg.data.crop_scale)
-    return images.collate_jpeg([images.jpeg_sample(*raws[i % len(raws)], rng, views=cfg.data.views, scale=scale)
+    crops = dict(views=cfg.data.views, scale=tuple(cfg.data.crop_scale), flip=images.host_flip(cfg.data.augmentation))
+    return images.collate_jpeg([images.jpeg_sample(*raws[i % len(raws)], random.Random(i), **crops)
                                 for i in range(batch)])
 
 
@@ -258,7 +253,8 @@ def _time_step(step, device, warmup, steps):
 def bench_step(args):
     """Throughput of trainstep.train_step on one synthetic in-memory batch (with --decode=device its
     JPEG bytes: decode, crop and resize happen in the step); FLOPs counted by torch."""
-    cfg = _load_config(args.config, compile=args.compile, precision=args.precision)
+    cfg = _load_config(args.config, compile=args.compile, precision=args.precision, overrides=args.set)
+    cfg.data.batch_size = args.batch // cfg.accum_steps
     device, device_type = runtime.setup_device(0)
     batch = _synthetic_batch(cfg, args.batch, device)
     if args.decode == 'device':
@@ -267,8 +263,7 @@ def bench_step(args):
     step_s, flops, syncs = _time_step(lambda: step(batch), device, args.warmup, args.steps)
     peak = matmul_peak_tflops(device, torch.bfloat16 if device_type != 'cpu' else torch.float32,
                               args.matmul_n or (8192 if device_type != 'cpu' else 1024))
-    mem = runtime.peak_memory_gib(device_type)
-    tflops = flops / step_s / 1e12
+    mem, tflops = runtime.peak_memory_gib(device_type), flops / step_s / 1e12
     result = {'config': args.config, 'batch': args.batch, 'device': str(device), 'precision': args.precision,
               'compile': args.compile, 'decode': args.decode, 'img_per_s': args.batch / step_s,
               'step_ms': step_s * 1000, 'tflops': tflops, 'matmul_peak_tflops': peak, 'mfu': tflops / peak,
@@ -291,8 +286,7 @@ def bench_precision(args):
         step = trainer(cfg, device)
         runs[name] = torch.stack([step(_synthetic_batch(cfg, args.batch, device, seed=t))
                                   for t in range(args.steps)]).float().cpu()
-    ref, low = runs[names[0]], runs[names[1]]
-    k = min(args.compare, args.steps)
+    (ref, low), k = runs.values(), min(args.compare, args.steps)
     rel = ((low[:k] - ref[:k]).abs() / ref[:k].abs()).max().item()
     finite = bool(torch.isfinite(low).all() and torch.isfinite(ref).all())
     ok = finite and rel <= args.rtol
@@ -338,17 +332,6 @@ def _pairwise_clip_loss(*, images, texts, all_images, all_texts, logit_scale, la
         for txt, all_text in zip(texts, all_texts):
             total = total + losses.pair_loss(logit_scale * image @ all_text.T, logit_scale * txt @ all_image.T, labels)
     return total / (len(images) * len(texts))
-
-
-def _whole_batch_plan(plan, device):
-    """device_augment's former form: every op on the whole batch, kept by torch.where where the
-    sample's flag is set (what a device-side mask does without host-known subsets)."""
-    n = len(plan[0][1])
-    index = torch.arange(n, device=device)
-
-    def masked(op, mask):
-        return lambda y, f: torch.where(mask.view(-1, 1, 1, 1), op(y, f), y)
-    return [(masked(op, mask.to(device)), n, index, param.float().to(device)) for op, mask, param in plan]
 
 
 def _view_variants(p):
@@ -409,14 +392,10 @@ def _colour_variants(p):
     uint8_views = torch.randint(0, 256, (p.batch * p.cfg.data.views, 3, size, size), generator=p.g).to(
         p.device, torch.uint8)
 
-    def augment():
-        return images.device_augment(uint8_views, generator=torch.Generator().manual_seed(0))
-
-    def augment_whole_batch():
-        with mock.patch.object(images, '_plan_on_device', _whole_batch_plan):
-            return augment()
+    def augment(static):
+        return lambda: images.device_augment(uint8_views, generator=torch.Generator().manual_seed(0), static=static)
     return {'colour ops: every op on the whole batch (torch.where) -> each op on its samples': (
-        augment_whole_batch, augment)}
+        augment(True), augment(False))}
 
 
 def _adamw_variants(p):
@@ -459,9 +438,9 @@ def bench_parts(args):
     return rows, result
 
 
-def _load_config(spec, compile=False, precision=None):
-    """A config file path with an optional `:arg`, as train.py takes it; the towers are compiled
-    only when asked (--compile), whatever the file says; `precision` replaces the file's."""
+def _load_config(spec, compile=False, precision=None, overrides=()):
+    """A config file[:arg] as train.py takes it, compiled only with --compile, `precision` and
+    `overrides` ('key.path=value', a Python literal) replacing the file's."""
     import importlib.util
     path, _, arg = spec.partition(':')
     module_spec = importlib.util.spec_from_file_location('bench_config', path)
@@ -471,6 +450,9 @@ def _load_config(spec, compile=False, precision=None):
     cfg.compile = str(compile).lower()
     if precision:
         cfg.precision = precision
+    for key, _, value in (item.partition('=') for item in overrides):
+        parent, _, leaf = key.rpartition('.')
+        (cfg[parent] if parent else cfg)[leaf] = ast.literal_eval(value)
     return cfg
 
 
@@ -496,16 +478,14 @@ def _e2e_once(args, root):
 
 
 def bench_e2e(args):
-    """The real loader over JPEG files with N workers feeding a consumer that takes --step_ms per
-    batch: achieved pairs/s and the fraction of time the consumer waited for data (the median of
-    --repeats runs)."""
+    """The real loader over JPEG files, N workers, a consumer taking --step_ms per batch: pairs/s
+    and the fraction of time it waited for data (median of --repeats runs)."""
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        lines = []
-        for i, src in enumerate(_image_files(args.images, args.limit)):
+        root, files = Path(tmp), _image_files(args.images, args.limit)
+        for src in files:
             (root / src.name).symlink_to(src.resolve())
-            lines.append(json.dumps({'filename': src.name, 'caption': f'a natural photo number {i} of something'}))
-        (root / 'meta.jsonl').write_text('\n'.join(lines) + '\n')
+        (root / 'meta.jsonl').write_text(''.join(json.dumps({'filename': src.name, 'caption': f'a natural photo {i}'})
+                                                 + '\n' for i, src in enumerate(files)))
         runs = sorted(_e2e_once(args, root) for _ in range(args.repeats))
     pairs, wait = runs[len(runs) // 2]
     result = {'workers': args.workers, 'batch': args.batch, 'decode': args.decode, 'pairs_per_s': pairs,
@@ -517,6 +497,25 @@ def bench_e2e(args):
     return rows, result
 
 
+def bench_memory(args):
+    """`step`'s peak memory and time per sample, plain / --accum micro-batches / gradient
+    checkpointing, each in its own process (peak RSS is per process), as ratios to plain."""
+    variants = {'plain': 'accum_steps=1', f'accum_steps {args.accum}': f'accum_steps={args.accum}',
+                'grad checkpointing': 'model.grad_checkpointing=True'}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, override in variants.items():
+            cmd = [sys.executable, str(ROOT / 'bench.py'), 'step', f'--config={args.config}', f'--set={override}',
+                   f'--batch={args.batch}', f'--warmup={args.warmup}', f'--steps={args.steps}', f'--out={tmp}/s.json']
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            results[name] = json.loads((Path(tmp) / 's.json').read_text())
+    mem, speed = results['plain']['peak_mem_gib'], results['plain']['img_per_s']
+    rows = [(name, f'{r["peak_mem_gib"]:.3f} GiB', f'x{r["peak_mem_gib"] / mem:.2f} memory',
+             f'{1000 / r["img_per_s"]:.2f} ms/sample', f'x{speed / r["img_per_s"]:.2f} time')
+            for name, r in results.items()]
+    return rows, {'config': args.config, 'batch': args.batch, 'variants': results}
+
+
 def print_table(title, rows):
     width = max(len(r[0]) for r in rows)
     print(f'\n{title}')
@@ -524,9 +523,11 @@ def print_table(title, rows):
         print(f'  {row[0]:<{width}}  ' + '  '.join(f'{c:>18}' for c in row[1:]))
 
 
-MODES = {'data': bench_data, 'step': bench_step, 'precision': bench_precision, 'parts': bench_parts, 'e2e': bench_e2e}
+MODES = {'data': bench_data, 'step': bench_step, 'precision': bench_precision, 'parts': bench_parts, 'e2e': bench_e2e,
+         'memory': bench_memory}
 # The defaults that differ between modes: flags left unset (None or '') take their mode's value.
 MODE_DEFAULTS = {'step': dict(batch=256, precision='auto', warmup=5, steps=20),
+                 'memory': dict(batch=64, warmup=2, steps=5),
                  'precision': dict(batch=128, precision='bf16', steps=200),
                  'parts': dict(batch=256, precision='auto'),
                  'e2e': dict(batch=256, warmup=2, steps=10)}
@@ -542,8 +543,7 @@ def define_flags():
     flags.DEFINE_boolean('compile', False, 'step, precision: torch.compile the towers')
     flags.DEFINE_integer('warmup', None, 'step, e2e: untimed steps first (default 5; e2e: 2)')
     flags.DEFINE_integer('steps', None, 'step, precision, e2e: timed steps (default 20; precision 200; e2e 10)')
-    flags.DEFINE_enum('decode', 'host', ['host', 'device'], "'device': step: each step starts from --images "
-                      'JPEG bytes (decode, crop, resize on the device); e2e: workers send JPEG bytes and boxes')
+    flags.DEFINE_enum('decode', 'host', ['host', 'device'], "step, e2e: 'device' decodes JPEG bytes in the step")
     flags.DEFINE_string('images', str(BENCH_IMAGES), 'data, e2e, step --decode=device: folder of .jpg files')
     flags.DEFINE_integer('limit', 240, 'data, e2e: at most this many images')
     flags.DEFINE_integer('matmul_n', 0, 'step: size of the MFU matmul (0: 8192 on accelerators, 1024 on CPU)')
@@ -558,6 +558,8 @@ def define_flags():
     flags.DEFINE_integer('size', 224, 'e2e: view size')
     flags.DEFINE_float('step_ms', 0.0, 'e2e: milliseconds the consumer spends on each batch')
     flags.DEFINE_integer('repeats', 1, 'e2e: runs (the median is reported)')
+    flags.DEFINE_multi_string('set', [], 'step: config override key=value (e.g. accum_steps=4)')
+    flags.DEFINE_integer('accum', 4, 'memory: micro-batches of the accumulation variant')
     flags.DEFINE_string('out', 'bench_out/bench.json', 'JSON output')
 
 

@@ -6,8 +6,10 @@ $DECLIP_DATA when set: the one rule every default path follows.
 """
 import codecs
 import glob
+import itertools
 import os
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -189,10 +191,10 @@ def first_caption(caption):
 
 
 def iter_tar(path, max_bytes=MAX_FILE_BYTES):
-    """(key, {ext: bytes}) groups of consecutive members of a webdataset shard, with the standard
-    library. A shard that is not a regular file (images.open_regular) or whose member or header is
-    broken ends with a group {'__error__': BadSample}; a member over `max_bytes` is not read, its
-    group carries the error."""
+    """('shard:key', {ext: bytes}) groups of consecutive members of a webdataset shard, with the
+    standard library. A shard that is not a regular file (images.open_regular) or whose member or
+    header is broken ends with a group {'__error__': BadSample}; a member over `max_bytes` is not
+    read, its group carries the error."""
     import tarfile
     key, group = None, {}
     try:
@@ -202,7 +204,7 @@ def iter_tar(path, max_bytes=MAX_FILE_BYTES):
                     continue
                 name = member.name
                 base, _, ext = os.path.basename(name).partition('.')
-                k = os.path.join(os.path.dirname(name), base)
+                k = f'{path}:{os.path.join(os.path.dirname(name), base)}'
                 if k != key and key is not None:
                     yield key, group
                     group = {}
@@ -266,6 +268,7 @@ class SampleBuilder:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.flip = images.host_flip(cfg.augmentation)
         self.tokenizer = get_tokenizer(cfg.bpe_path)
         self.eda = text.EDA(cfg.synonyms_path, use_synonyms=cfg.eda_synonyms) if cfg.eda else None
         self.monitor = FailureMonitor(cfg.bad_window, cfg.max_bad_rate)
@@ -274,11 +277,11 @@ class SampleBuilder:
         caption = self.tokenizer.head(first_caption(caption), self.cfg.context_length)
         raw = images.read_bytes(image, max_bytes=self.cfg.max_file_bytes)
         img = images.open_image(raw, self.cfg.max_pixels)
-        views, scale = self.cfg.views, tuple(self.cfg.crop_scale)
+        crops = dict(views=self.cfg.views, scale=tuple(self.cfg.crop_scale), flip=self.flip)
         if self.cfg.decode == 'device' and images.device_decodable(raw, img):
-            out = images.jpeg_sample(raw, img.width, img.height, rng, views=views, scale=scale)
+            out = images.jpeg_sample(raw, img.width, img.height, rng, **crops)
         else:
-            out = {'images': images.train_views(img, size=self.cfg.image_size, rng=rng, views=views, scale=scale)}
+            out = {'images': images.train_views(img, size=self.cfg.image_size, rng=rng, **crops)}
         length = self.cfg.context_length
         out['text'] = self.tokenizer(caption, length)[0]
         if self.eda is not None:
@@ -337,16 +340,13 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     Each pass visits the shards in an order derived from (seed, pass). Global worker g of G =
     world x workers takes shards g, g+G, ... (or, with fewer shards than G, every G-th sample), so
-    a pass yields every sample exactly once. Each worker emits whole batches and the DataLoader
-    takes them round-robin, so a restart at step k knows how many samples each worker had
-    consumed and skips them by reading tar headers only. A bad sample is replaced by the worker's
-    previous good one, re-augmented, which keeps positions one-to-one with samples."""
+    a pass yields every sample exactly once, mixed by a seeded shuffle buffer. Each worker emits
+    whole batches and the DataLoader takes them round-robin, so a restart at step k knows how many
+    samples each worker had consumed and skips them without decoding. A bad sample is replaced
+    by a random other one (as the reference does), never by one of its own batch."""
 
     def __init__(self, cfg, *, rank, world, start_step):
-        import glob
-        self.shards = sorted(p for pattern in split_list(cfg.shards) for p in glob.glob(pattern))
-        if not self.shards:
-            raise FileNotFoundError(f'no shards match data.shards={cfg.shards!r}')
+        self.shards = shard_paths(cfg.shards)
         self.cfg, self.rank, self.world, self.start_step = cfg, rank, world, start_step
         self.builder = None
 
@@ -355,17 +355,36 @@ class ShardStream(torch.utils.data.IterableDataset):
         g, total = self.rank * workers + worker, self.world * workers
         for p in range(1 << 62):
             order = torch.randperm(len(self.shards), generator=generator(self.cfg.seed, p)).tolist()
-            if len(self.shards) >= total:
-                for s in order[g::total]:
-                    for key, group in iter_tar(self.shards[s], self.cfg.max_file_bytes):
+            by_shard = len(self.shards) >= total
+            found, i = False, 0
+            for s in order[g::total] if by_shard else order:
+                for key, group in iter_tar(self.shards[s], self.cfg.max_file_bytes):
+                    if by_shard or i % total == g:
+                        found = True
                         yield p, key, group
-            else:
-                i = 0
-                for s in order:
-                    for key, group in iter_tar(self.shards[s], self.cfg.max_file_bytes):
-                        if i % total == g:
-                            yield p, key, group
-                        i += 1
+                    i += 1
+            if not found:
+                raise DataError(f'loader worker {g} of {total} (ranks x data.workers) gets no sample of '
+                                f'data.shards={self.cfg.shards!r}: use fewer workers or more samples')
+
+    def shuffled(self, worker, workers, buffer):
+        """samples() through a seeded shuffle buffer (`buffer`, which the caller may read) of
+        data.shuffle_buffer samples: a new sample takes the place of a random one, which leaves;
+        at the end of a pass the rest leave in random order."""
+        size, current, rng = max(int(self.cfg.shuffle_buffer), 1), None, None
+        for item in self.samples(worker, workers):
+            if item[0] != current:
+                if rng is not None:
+                    rng.shuffle(buffer)
+                while buffer:
+                    yield buffer.pop()
+                current, rng = item[0], seeded_rng(self.cfg.seed, 'shuffle', self.rank, worker, item[0])
+            if len(buffer) < size:
+                buffer.append(item)
+                continue
+            j = rng.randrange(size)
+            buffer[j], item = item, buffer[j]
+            yield item
 
     def build(self, group, rng):
         if '__error__' in group:
@@ -379,6 +398,25 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise BadSample('bad_encoding', 'txt') from e
         return self.builder(caption, image, rng)
 
+    def batch(self, items, spares, worker, start):
+        """The samples of `items` ((pass, key, group) at stream positions start, ...); a failing
+        one is replaced by a random one of the `spares` lists whose key is not in the batch yet."""
+        used = {key for _, key, _ in items}
+        for j, (_, key, group) in enumerate(items):
+            position, failures = start + j, []
+            rng = seeded_rng(self.cfg.seed, 'wds', self.rank, worker, position)
+            sample, kind = self.builder.attempt(lambda: self.build(group, rng), key)
+            while sample is None:
+                failures.append(kind)
+                free = [s for part in spares for s in part if s[1] not in used]
+                if not free or len(failures) > 100:
+                    raise DataError(f'no good sample to replace {key}: {len(failures)} tries failed, {len(free)} '
+                                    f'other samples in the neighbouring batches and the shuffle buffer')
+                _, other, group = rng.choice(free)
+                used.add(other)
+                sample, kind = self.builder.attempt(lambda: self.build(group, rng), other)
+            yield {**sample, 'position': position, 'bad': bad_counts(failures)}
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -387,25 +425,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         # the loader asks worker 0 first, so after k steps worker w plays the role of the worker
         # that would have produced step k + w
         worker = (worker + self.start_step) % workers
-        batch = self.cfg.batch_size
-        skip = len(range(worker, self.start_step, workers)) * batch
-        last_good, failures = None, []
-        for position, (p, key, group) in enumerate(self.samples(worker, workers)):
-            if position < skip:
-                last_good = group
-                continue
-            rng = seeded_rng(self.cfg.seed, 'wds', self.rank, worker, position)
-            sample, kind = self.builder.attempt(lambda: self.build(group, rng), key)
-            if sample is None:
-                failures.append(kind)
-                if last_good is not None:
-                    sample, _ = self.builder.attempt(lambda: self.build(last_good, rng), key)
-                if sample is None:
-                    continue
-            else:
-                last_good = group
-            yield {**sample, 'position': position, 'bad': bad_counts(failures)}
-            failures = []
+        size = self.cfg.batch_size
+        skip = len(range(worker, self.start_step, workers)) * size
+        buffer = []
+        stream = self.shuffled(worker, workers, buffer)
+        previous, current = [], list(itertools.islice(stream, size))
+        for start in itertools.count(0, size):
+            following = list(itertools.islice(stream, size))
+            if start >= skip:
+                yield from self.batch(current, (previous, following, buffer), worker, start)
+            previous, current = current, following
 
 
 class IterationSampler(torch.utils.data.Sampler):
@@ -436,11 +465,12 @@ class IterationSampler(torch.utils.data.Sampler):
 
 
 class Collate:
-    """Stacks samples and applies MLM masking (seeded by the batch's first stream position);
-    masked positions are returned as flat indices so the device never has to look for them."""
+    """Stacks samples and applies MLM masking, each `micro` samples (one device's batch; several
+    with config.accum_steps) seeded by their first stream position; masked positions are
+    returned as flat indices so the device never has to look for them."""
 
-    def __init__(self, *, mask, seed):
-        self.mask, self.seed = mask, seed
+    def __init__(self, *, mask, seed, micro=None):
+        self.mask, self.seed, self.micro = mask, seed, micro
 
     def __call__(self, samples):
         tokens = torch.stack([s['text'] for s in samples])
@@ -453,17 +483,40 @@ class Collate:
         if 'text_eda' in samples[0]:
             out['text_eda'] = torch.stack([s['text_eda'] for s in samples])
         if self.mask:
-            g = generator(self.seed, samples[0]['position'])
-            tokens, labels = text.mask_tokens(tokens, generator=g)
-            out['mlm_index'], out['mlm_targets'] = text.mlm_positions(labels)
+            micro = self.micro or len(samples)
+            masked = [text.mask_tokens(tokens[i:i + micro], generator=generator(self.seed, samples[i]['position']))
+                      for i in range(0, len(samples), micro)]
+            tokens = torch.cat([t for t, _ in masked])
+            out['mlm_index'], out['mlm_targets'] = text.mlm_positions(torch.cat([lab for _, lab in masked]))
         out['text'] = tokens
         return out
 
 
-def split_list(value):
+def split_list(value, *, braces=False):
+    """The items of a list, or of a comma-separated string (with `braces`, not at commas inside {...})."""
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
-    return [v for v in str(value).split(',') if v]
+    return [v for v in re.split(r',(?![^{}]*\})' if braces else ',', str(value)) if v]
+
+
+def shard_paths(spec):
+    """The sorted shard files of data.shards: comma-separated entries, each brace-expanded
+    (text.expand_braces), then a glob pattern (what matches) or a path (which must exist)."""
+    paths, missing = set(), []
+    for entry in split_list(spec, braces=True):
+        for name in text.expand_braces(entry):
+            if glob.has_magic(name):
+                paths.update(glob.glob(name))
+            elif os.path.lexists(name):
+                paths.add(name)
+            else:
+                missing.append(name)
+    if missing:
+        raise FileNotFoundError(f'{len(missing):,} shard(s) of data.shards={spec!r} do not exist: '
+                                + ', '.join(missing[:3]) + (', ...' if len(missing) > 3 else ''))
+    if not paths:
+        raise FileNotFoundError(f'no shards match data.shards={spec!r}')
+    return sorted(paths)
 
 
 def _worker_init(worker_id):
@@ -475,11 +528,13 @@ def _worker_init(worker_id):
         signal.signal(s, signal.SIG_IGN)
 
 
-def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=False):
+def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=False, accum=1):
     """Loader of uint8 view batches [B, V, 3, S, S] with (masked) tokens, MLM positions/targets,
-    EDA tokens and bad-sample counts, starting at `start_step`."""
-    collate = Collate(mask=cfg.mask, seed=cfg.seed)
-    kwargs = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate,
+    EDA tokens and bad-sample counts, starting at `start_step`. With `accum` = k a batch holds
+    the k micro-batches of virtual ranks rank*k .. rank*k+k-1 of a k*world job (JSON Lines: the
+    same stream positions, since (t*W + r)*kB = (t*kW + rk)*B; each micro-batch masked alone)."""
+    collate = Collate(mask=cfg.mask, seed=cfg.seed, micro=cfg.batch_size)
+    kwargs = dict(batch_size=cfg.batch_size * accum, num_workers=cfg.workers, collate_fn=collate,
                   pin_memory=pin_memory, worker_init_fn=_worker_init)
     if cfg.workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch)
@@ -488,7 +543,7 @@ def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=Fal
     if cfg.format != 'jsonl':
         raise ValueError(f'data.format must be "jsonl" or "wds", got {cfg.format!r}')
     dataset = PairDataset(cfg)
-    sampler = IterationSampler(len(dataset), batch_size=cfg.batch_size, world_size=world, rank=rank,
+    sampler = IterationSampler(len(dataset), batch_size=cfg.batch_size * accum, world_size=world, rank=rank,
                                max_iter=max_iter, seed=cfg.seed, start_step=start_step)
     return torch.utils.data.DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
 
@@ -508,8 +563,8 @@ def _need(key, path, kind='file'):
 
 
 def check_config(cfg):
-    """Every file and folder the data block names exists, the format and decode are known, and a
-    training meta file is not empty."""
+    """Every file and folder the data block names exists, the format, augmentation and decode are
+    known, and a training meta file is not empty."""
     _need('bpe_path', cfg.bpe_path)
     if cfg.eda and cfg.eda_synonyms:
         _need('synonyms_path (or set --config.data.eda_synonyms=False)', cfg.synonyms_path)
@@ -526,13 +581,18 @@ def check_config(cfg):
                 if not f.read(1 << 20).strip():
                     raise ValueError(f'config.data.train_meta: {meta} has no samples')
     elif cfg.format == 'wds':
-        if not any(glob.glob(p) for p in split_list(cfg.shards)):
-            raise ValueError(f'config.data.shards: no file matches {cfg.shards!r}')
+        try:
+            shard_paths(cfg.shards)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f'config.data.shards: {e}') from e
+        if not isinstance(cfg.shuffle_buffer, int) or cfg.shuffle_buffer < 0:
+            raise ValueError(f'config.data.shuffle_buffer: a sample count >= 0, got {cfg.shuffle_buffer!r}')
     else:
         raise ValueError(f'config.data.format: "jsonl" or "wds", got {cfg.format!r}')
     if cfg.val_meta:
         _need('val_meta', cfg.val_meta)
         _need('val_root', cfg.val_root, 'folder')
+    images.host_flip(cfg.augmentation)
     if cfg.decode not in ('host', 'device'):
         raise ValueError(f'config.data.decode: "host" or "device", got {cfg.decode!r}')
     if cfg.decode == 'device':

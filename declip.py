@@ -4,12 +4,14 @@ State-dict names follow OpenAI CLIP for `visual.*` and the DeCLIP reference for 
 `projector.*`, `predictor.*` and `text_label_predictor.*`, so released weights load unchanged.
 The model returns features; the losses live in losses.py.
 """
+import contextlib
 import math
 from collections import OrderedDict
 
 import ml_collections
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -28,6 +30,7 @@ def model_config(vision, *, declip=True, **overrides):
     SimSiam heads (1024 / 512) and the MLM head; the ViT patch embedding frozen (reference quirk);
     the ResNet's BatchNorm synchronised over the job (the reference's R50 config asks for it)."""
     fields = dict(vision, freeze_conv1=True, concat_views=False, sync_bn=vision['vision'] == 'resnet',
+                  grad_checkpointing=False,
                   context_length=text.CONTEXT_LENGTH,
                   vocab_size=text.VOCAB_SIZE, text_width=512, text_layers=12, text_heads=8, declip=declip,
                   simsiam_dim=1024, predictor_dim=512)
@@ -74,9 +77,33 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+@contextlib.contextmanager
+def _frozen_norm_statistics(module):
+    """BatchNorm layers of `module` that normalise as usual but leave their running statistics."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+def checkpointed(module, x, **kwargs):
+    """module(x) whose activations are recomputed in the backward instead of kept (memory for
+    time); the recompute does not update BatchNorm running statistics a second time."""
+    return torch.utils.checkpoint.checkpoint(
+        module, x, use_reentrant=False, **kwargs,
+        context_fn=lambda: (contextlib.nullcontext(), _frozen_norm_statistics(module)))
+
+
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads):
         super().__init__()
+        self.grad_checkpointing = False
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
         # CLIP's text-tower init; the DeCLIP reference applies it to the visual ViT too.
         proj_std = width ** -0.5 * (2 * layers) ** -0.5
@@ -87,8 +114,9 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
     def forward(self, x, causal=False):
+        keep = not (self.grad_checkpointing and torch.is_grad_enabled())
         for block in self.resblocks:
-            x = block(x, causal=causal)
+            x = block(x, causal=causal) if keep else checkpointed(block, x, causal=causal)
         return x
 
 
@@ -238,14 +266,16 @@ class ModifiedResNet(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith('bn3.weight') and name.startswith('layer'):
                 nn.init.zeros_(param)
-        self.num_stages = len(layers)
+        self.num_stages, self.grad_checkpointing = len(layers), False
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         x = self.avgpool(F.relu(self.bn3(self.conv3(x))))
+        keep = not (self.grad_checkpointing and torch.is_grad_enabled())
         for i in range(self.num_stages):
-            x = getattr(self, f'layer{i + 1}')(x)
+            stage = getattr(self, f'layer{i + 1}')
+            x = stage(x) if keep else checkpointed(stage, x)
         return self.attnpool(x)
 
 
@@ -378,6 +408,9 @@ class DeCLIP(nn.Module):
 def build_model(model_config):
     """DeCLIP (or, with model.declip False, the CLIP baseline) from a config's `model` block."""
     model = DeCLIP(model_config)
+    for tower in model.modules():
+        if isinstance(tower, (Transformer, ModifiedResNet)):
+            tower.grad_checkpointing = model_config.get('grad_checkpointing', False)
     if model_config.get('sync_bn', False):
         for m in model.visual.modules():
             if type(m) is nn.BatchNorm2d:

@@ -184,10 +184,23 @@ def _to_chw(img):
     return _pixels(img)[0].contiguous()
 
 
-def view_boxes(width, height, rng, *, views=2, scale=(0.2, 1.0)):
-    """RandomResizedCrop boxes (left, top, w, h) and horizontal flips (p 0.5) of `views` views."""
+# data.augmentation -> whether the host crops flip (p 0.5): MoCo v2 views (DeCLIP) do; the CLIP
+# baseline's STANDARD_CLIP is RandomResizedCrop only (and its device side only normalises)
+AUGMENTATIONS = {'moco_v2': True, 'standard_clip': False}
+
+
+def host_flip(augmentation):
+    """Whether the host crops of data.augmentation `augmentation` flip; an unknown name is an error."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f'config.data.augmentation: one of {", ".join(AUGMENTATIONS)}, got {augmentation!r}')
+    return AUGMENTATIONS[augmentation]
+
+
+def view_boxes(width, height, rng, *, views=2, scale=(0.2, 1.0), flip=True):
+    """RandomResizedCrop boxes (left, top, w, h) and horizontal flips (p 0.5) of `views` views;
+    without `flip` (the CLIP baseline's crops) no flip is drawn and none is made."""
     boxes = [rrc_params(width, height, rng, scale) for _ in range(views)]
-    return boxes, [rng.random() < 0.5 for _ in range(views)]
+    return boxes, [flip and rng.random() < 0.5 for _ in range(views)]
 
 
 def resize_crop(pixels, box, size, flip):
@@ -211,14 +224,14 @@ def _resize_float(crop, size):
     return view.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def train_views(img, *, size, rng, views=2, scale=(0.2, 1.0)):
-    """Independent RandomResizedCrop(size, scale) + horizontal flip (p 0.5) views of one image,
-    uint8 [views, 3, size, size]. Crops are drawn on the full-size geometry; JPEGs are then
-    decoded at the largest DCT reduction that keeps every crop >= size (draft mode). Resizing by
+def train_views(img, *, size, rng, views=2, scale=(0.2, 1.0), flip=True):
+    """Independent RandomResizedCrop(size, scale) + horizontal flip (p 0.5, if `flip`) views of
+    one image, uint8 [views, 3, size, size]. Crops are drawn on the full-size geometry; JPEGs are
+    then decoded at the largest DCT reduction that keeps every crop >= size (draft mode). Resizing by
     torch's uint8 kernel is Pillow's BILINEAR resize (torchvision's crop-then-resize) up to
     rounding (1 level, ~0.1 % of the values for photos), in half the time."""
     width, height = img.size
-    boxes, flips = view_boxes(width, height, rng, views=views, scale=scale)
+    boxes, flips = view_boxes(width, height, rng, views=views, scale=scale, flip=flip)
     if img.format == 'JPEG':
         factor = min(min(w, h) for _, _, w, h in boxes) / size
         if factor >= 2:
@@ -227,9 +240,9 @@ def train_views(img, *, size, rng, views=2, scale=(0.2, 1.0)):
     sx, sy = img.width / width, img.height / height
     pixels = _pixels(img)
     out = torch.empty(views, 3, size, size, dtype=torch.uint8)
-    for v, ((left, top, w, h), flip) in enumerate(zip(boxes, flips)):
+    for v, ((left, top, w, h), flipped) in enumerate(zip(boxes, flips)):
         box = round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy)
-        out[v] = resize_crop(pixels, box, size, flip)
+        out[v] = resize_crop(pixels, box, size, flipped)
     return out
 
 
@@ -480,10 +493,10 @@ def device_decodable(raw, img):
     return img.format == 'JPEG' and img.mode in ('RGB', 'L') and raw[-2:] == b'\xff\xd9'
 
 
-def jpeg_sample(raw, width, height, rng, *, views=2, scale=(0.2, 1.0)):
+def jpeg_sample(raw, width, height, rng, *, views=2, scale=(0.2, 1.0), flip=True):
     """A JPEG's bytes with the crop boxes (x0, y0, x1, y1) and flips its views will get on the
     device; the random draws are the host path's (train_views), so both modes crop alike."""
-    boxes, flips = view_boxes(width, height, rng, views=views, scale=scale)
+    boxes, flips = view_boxes(width, height, rng, views=views, scale=scale, flip=flip)
     return {'jpeg': torch.frombuffer(bytearray(raw), dtype=torch.uint8),
             'boxes': torch.tensor([(x, y, x + w, y + h) for x, y, w, h in boxes]),
             'flips': torch.tensor(flips)}

@@ -118,6 +118,25 @@ def mlm_loss(*, logits, targets):
     return total / (targets >= 0).sum().clamp(min=1)
 
 
+def nn_neighbours(keys, queue, dtype):
+    """Each (unit-norm) key's top-1 neighbour in the queue, passed through the model dtype and
+    re-normalised, as the reference does."""
+    return normalize_text(upcast(nn_lookup(queries=keys, queue=queue).to(dtype)))
+
+
+def contrastive_terms(*, images, texts, all_images, all_texts, neighbours, logit_scale, labels, weights):
+    """{'clip': MVS-CLIP, 'nn': NN loss} of one device's rows against every device's columns
+    (normalised features; `neighbours` None without the NN term, else one set per caption view)."""
+    terms = {}
+    if weights.get('clip', 0):
+        terms['clip'] = multiview_clip_loss(images=images, texts=texts, all_images=all_images,
+                                            all_texts=all_texts, logit_scale=logit_scale, labels=labels)
+    if neighbours is not None:
+        neighbours = neighbours * 2 if len(neighbours) == 1 else neighbours
+        terms['nn'] = nn_clip_loss(images=images, neighbours=neighbours, logit_scale=logit_scale, labels=labels)
+    return terms
+
+
 def declip_loss(features, *, queue, mlm_targets=None, weights, rank=None, world_size=None):
     """Weighted DeCLIP objective: w_clip*MVS-CLIP + w_ss*SimSiam + w_mlm*MLM + w_nn*NN.
 
@@ -139,24 +158,15 @@ def declip_loss(features, *, queue, mlm_targets=None, weights, rank=None, world_
     all_images = [gather_with_grad(u) for u in images]
     all_texts = [gather_with_grad(t) for t in texts]
 
-    terms, keys = {}, []
-    if weights.get('clip', 0):
-        terms['clip'] = multiview_clip_loss(images=images, texts=texts, all_images=all_images,
-                                            all_texts=all_texts, logit_scale=s, labels=labels)
+    keys = [t.detach() for t in texts] if weights.get('nn', 0) and queue is not None else []
+    neighbours = [gather_no_grad(nn_neighbours(k, queue, features['text'].dtype)) for k in keys] or None
+    terms = contrastive_terms(images=images, texts=texts, all_images=all_images, all_texts=all_texts,
+                              neighbours=neighbours, logit_scale=s, labels=labels, weights=weights)
     if weights.get('simsiam', 0) and 'p' in features:
         terms['simsiam'] = simsiam_loss(p=upcast(features['p']), z=upcast(features['z']))
     if weights.get('mlm', 0) and 'mlm_logits' in features:
         terms['mlm'] = mlm_loss(logits=features['mlm_logits'], targets=mlm_targets)
-    if weights.get('nn', 0) and queue is not None:
-        keys = [t.detach() for t in texts]
-        # neighbours pass through the model dtype and are re-normalised, as the reference does
-        neighbours = [normalize_text(upcast(nn_lookup(queries=k, queue=queue).to(features['text'].dtype)))
-                      for k in keys]
-        neighbours = [gather_no_grad(n) for n in neighbours]
-        if len(neighbours) == 1:
-            neighbours = neighbours * 2
-        terms['nn'] = nn_clip_loss(images=images, neighbours=neighbours, logit_scale=s, labels=labels)
-        keys = keys[::-1]
+    keys = keys[::-1]
     total = sum(weights[name] * value for name, value in terms.items())
     return total, {name: value.detach() for name, value in terms.items()}, keys
 

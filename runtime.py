@@ -25,8 +25,11 @@ import torch.distributed as dist
 # ----------------------------------------------------------------------------------------------
 
 def dist_env():
-    """(rank, world size, local rank) from torchrun's environment; a single process without it."""
+    """(rank, world size, local rank) from torchrun's environment, else from SLURM's (srun: one
+    task per device; MASTER_ADDR / MASTER_PORT must then be set), else a single process."""
     env = os.environ
+    if 'RANK' not in env and 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', 1)) > 1:
+        return int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']), int(env.get('SLURM_LOCALID', 0))
     return int(env.get('RANK', 0)), int(env.get('WORLD_SIZE', 1)), int(env.get('LOCAL_RANK', 0))
 
 
@@ -134,6 +137,10 @@ def configure_shapes(device_type, *, jit_compile='auto', static_shapes='auto'):
 
 
 def init_distributed(device_type, rank, world, timeout_s):
+    missing = [k for k in ('MASTER_ADDR', 'MASTER_PORT') if k not in os.environ]
+    if missing:
+        raise RuntimeError(f'{world} processes but {" and ".join(missing)} not set (torchrun sets them; under '
+                           f'SLURM export them, e.g. the first host of $SLURM_JOB_NODELIST and a free port)')
     backend = {'cuda': 'nccl', 'npu': 'hccl'}.get(device_type, 'gloo')
     dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))

@@ -1,7 +1,9 @@
-"""Text: CLIP byte-level BPE tokenizer with DeCLIP's <|mask|> id, MLM masking, EDA caption augmentation."""
+"""Text: CLIP byte-level BPE tokenizer with DeCLIP's <|mask|> id, MLM masking, EDA caption augmentation,
+shell-style brace expansion of name patterns."""
 import functools
 import gzip
 import html
+import itertools
 from pathlib import Path
 
 import ftfy
@@ -40,11 +42,15 @@ def _clean(text):
 
 
 class Tokenizer:
-    """OpenAI CLIP byte-level BPE with DeCLIP's id layout: ... 49405, <|mask|>, sot, eot."""
+    """OpenAI CLIP byte-level BPE with DeCLIP's id layout: ... 49405, <|mask|>, sot, eot.
 
-    _split = regex.compile(
-        r"""<\|startoftext\|>|<\|endoftext\|>|<\|mask\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-        regex.IGNORECASE)
+    Special ids come from the code only (tokens(), mask_tokens): caption text is split into
+    words, numbers and punctuation runs, so a literal '<|mask|>', '<|startoftext|>' or
+    '<|endoftext|>' in a caption is the BPE of '<|', the word and '|>'. (The reference gives
+    those pieces for '<|mask|>' but the special ids for sot/eot, which would let a caption move
+    the eot pooling position.)"""
+
+    _split = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
     def __init__(self, bpe_path):
         bpe_path = Path(bpe_path)
@@ -64,8 +70,7 @@ class Tokenizer:
         self.decoder = vocab
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.longest = max(map(len, vocab))  # characters of the longest vocabulary entry
-        self.cache = {'<|mask|>': '<|mask|>', '<|startoftext|>': '<|startoftext|>',
-                      '<|endoftext|>': '<|endoftext|>'}
+        self.cache = {}
 
     def bpe(self, token):
         """Greedy lowest-rank merging of one pre-token; memoised because captions repeat words."""
@@ -311,3 +316,37 @@ class EDA:
             raise ValueError('empty caption')
         return ' '.join(rng.choice(self.ops)(words, rng))
 
+
+# ----------------------------------------------------------------------------------------------
+# Name patterns (data.shards)
+# ----------------------------------------------------------------------------------------------
+
+MAX_NAMES = 1_000_000  # names one pattern may expand to
+
+
+def _brace_choices(body):
+    """The alternatives of one {body}: a 'lo..hi[..step]' range (zero-padded to the wider end when
+    an end has a leading zero, as the shell does) or an 'a,b' list; None for other text."""
+    r = regex.fullmatch(r'(-?(\d+))\.\.(-?(\d+))(?:\.\.-?(\d+))?', body)
+    if r is None:
+        return body.split(',') if ',' in body else None
+    lo, hi, step = int(r[1]), int(r[3]), int(r[5] or 1) or 1
+    numbers = range(lo, hi + 1, step) if lo <= hi else range(lo, hi - 1, -step)
+    if len(numbers) > MAX_NAMES:
+        raise ValueError(f'{{{body}}} makes more than {MAX_NAMES:,} names')
+    pad = max(len(r[1]), len(r[3])) if any(len(d) > 1 and d[0] == '0' for d in (r[2], r[4])) else 0
+    return [str(n).zfill(pad) for n in numbers]
+
+
+def expand_braces(pattern):
+    """The names a shell's brace expansion makes of `pattern`, in order: '{a,b}' lists and
+    '{0..1023}' / '{00000..01023}' ranges, several (not nested); other braces stay as written."""
+    pieces, last, count = [], 0, 1
+    for m in regex.finditer(r'\{([^{}]*)\}', pattern):
+        choices = _brace_choices(m[1])
+        if choices is not None:
+            pieces += [[pattern[last:m.start()]], choices]
+            last, count = m.end(), count * len(choices)
+    if count > MAX_NAMES:
+        raise ValueError(f'{pattern!r} makes more than {MAX_NAMES:,} names')
+    return [''.join(p) for p in itertools.product(*pieces, [pattern[last:]])]

@@ -29,10 +29,10 @@ FLAGS = flags.FLAGS
 # Configuration checks: fail before any work, naming the key or path
 # ----------------------------------------------------------------------------------------------
 
-POSITIVE = ('max_iter', 'log_every', 'ckpt_every', 'keep_every', 'eval_every', 'max_nonfinite',
+POSITIVE = ('max_iter', 'accum_steps', 'log_every', 'ckpt_every', 'keep_every', 'eval_every', 'max_nonfinite',
             'dist_timeout_s', 'mlm_bucket', 'data.batch_size', 'data.prefetch', 'data.bad_window',
             'data.max_pixels', 'loss.queue_size', 'eval.batch_size', 'optim.eps')
-NON_NEGATIVE = ('seed', 'stop_at', 'keep_copies', 'tb_images', 'peak_tflops', 'data.workers', 'eval.workers',
+NON_NEGATIVE = ('seed', 'stop_at', 'data.shuffle_buffer', 'keep_copies', 'tb_images', 'peak_tflops', 'data.workers', 'eval.workers',
                 'optim.base_lr', 'optim.warmup_lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
                 *(f'loss.{k}' for k in trainstep.LOSS_TERMS))
 BELOW_ONE = ('optim.beta1', 'optim.beta2', 'data.max_bad_rate')
@@ -53,6 +53,8 @@ def check_config(cfg):
     """Everything the run will need, before any work and before the workdir is created."""
     check_numbers(cfg)
     data.check_config(cfg.data)
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise ValueError(f'config.init_from: file not found: {cfg.init_from!r}')
     if cfg.data.val_meta:
         evaluate.read_eval_meta(cfg.data.val_meta)   # every line, naming file:line
         try:
@@ -61,9 +63,16 @@ def check_config(cfg):
             raise ValueError(f'config.eval.prompts: {e}') from None
         if not templates:
             raise ValueError(f'config.eval.prompts: {cfg.eval.prompts!r} has no templates')
+    if cfg.accum_steps > 1 and (cfg.data.format != 'jsonl' or cfg.data.decode != 'host' or cfg.model.sync_bn):
+        raise ValueError('config.accum_steps > 1 needs data.format=jsonl, data.decode=host and model.sync_bn=False '
+                         '(synchronised BatchNorm cannot see the other micro-batches)')
     if cfg.model.declip and (cfg.data.views != 2 or not cfg.data.mask):
         raise ValueError('config.model.declip needs data.views=2 and data.mask=True')
-    runtime.precision(cfg.precision, 'cpu')
+    for key, name in (('precision', cfg.precision), ('eval.precision', cfg.eval.precision)):
+        try:
+            runtime.precision(name, 'cpu')
+        except ValueError as e:
+            raise ValueError(f'config.{key}: {e}') from None
     runtime.shape_modes('cpu', jit_compile=cfg.npu_jit_compile, static_shapes=cfg.static_shapes)
     if str(cfg.compile).lower() not in ('auto', 'true', 'false'):
         raise ValueError(f'config.compile: auto, true or false, got {cfg.compile!r}')
@@ -73,9 +82,10 @@ def check_config(cfg):
 # Around the loop: resume, checkpoints, logging, evaluation
 # ----------------------------------------------------------------------------------------------
 
-RUN_DEFINING = ('model.', 'loss.', 'optim.', 'seed', 'data.seed', 'data.batch_size', 'data.format',
+RUN_DEFINING = ('model.', 'loss.', 'optim.', 'seed', 'accum_steps', 'data.seed', 'data.batch_size', 'data.format',
                 'data.train_root', 'data.train_meta', 'data.shards', 'data.views', 'data.image_size',
-                'data.crop_scale', 'data.eda', 'data.eda_synonyms', 'data.mask', 'data.context_length')
+                'data.crop_scale', 'data.eda', 'data.eda_synonyms', 'data.mask', 'data.context_length',
+                'data.augmentation', 'data.shuffle_buffer')
 
 
 def check_resumed_config(saved, cfg, path, allow_change):
@@ -123,10 +133,12 @@ def save(state, cfg, ckpt_dir):
     saved = state.state_dict(cfg.to_dict())
     if saved is None:
         return
-    runtime.save_checkpoint(ckpt_dir / 'last.pt', saved)
-    if state.step % cfg.keep_every == 0 or state.step == cfg.max_iter:
-        runtime.save_checkpoint(ckpt_dir / f'step_{state.step}.pt', saved)
-        runtime.prune_copies(ckpt_dir, cfg.keep_copies)
+    paths = [ckpt_dir / 'last.pt'] + [ckpt_dir / f'step_{state.step}.pt'] * (
+        state.step % cfg.keep_every == 0 or state.step == cfg.max_iter)
+    for path in paths:
+        runtime.save_checkpoint(path, saved)
+    runtime.prune_copies(ckpt_dir, cfg.keep_copies)
+    logging.info('step %d: wrote %s', state.step, ', '.join(p.name for p in paths))
 
 
 def wrap_ddp(state, cfg, world):
@@ -140,8 +152,9 @@ def wrap_ddp(state, cfg, world):
         find_unused_parameters=cfg.model.declip and not all(weights[k] for k in ('simsiam', 'mlm')))
 
 
-def zero_shot(state, cfg, autocast, rank, world):
-    model = state.model
+def zero_shot(state, cfg, rank, world):
+    """In-run zero-shot top-1/top-5 on every rank, in config.eval.precision (fp32 by default)."""
+    model, (_, autocast, _) = state.model, runtime.precision(cfg.eval.precision, state.device.type)
     model.eval()
     try:
         return evaluate.evaluate(
@@ -206,7 +219,7 @@ class RunLog:
         bad = runtime.all_reduce_sum(state.bad_totals, state.device)
         elapsed = time.perf_counter() - self.t_last
         step_s = elapsed / self.count
-        img_s = self.cfg.data.batch_size * self.world / step_s
+        img_s = self.cfg.data.batch_size * self.cfg.accum_steps * self.world / step_s
         if self.writer is not None:
             scalars = {f'loss/{k}': v for k, v in values.items()}
             scalars.update({
@@ -218,12 +231,13 @@ class RunLog:
                 'mem/peak_gib': runtime.peak_memory_gib(state.device.type)})
             if self.cfg.peak_tflops and self.flops_per_step:
                 scalars['perf/mfu'] = self.flops_per_step / step_s / (self.cfg.peak_tflops * 1e12)
-            scalars.update({f'data/bad_{kind}': n for kind, n in zip(data.BAD_KINDS, bad.tolist())})
+            scalars['samples/bad_total'] = int(bad.sum())   # each kind once it occurs (after losses in the list)
+            scalars.update({f'samples/{kind}': n for kind, n in zip(data.BAD_KINDS, bad.tolist()) if n})
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
             eta = datetime.timedelta(seconds=int(step_s * (end - step)))
             print(f'step {step}/{self.cfg.max_iter} | eta {eta} | {img_s:.1f} img/s | lr {scalars["train/lr"]:.2e} | '
-                  + ' '.join(f'{k} {v:.4f}' for k, v in values.items()), flush=True)
+                  + ' '.join(f'{k} {v:.4f}' for k, v in values.items()) + time.strftime(' | %H:%M:%S'), flush=True)
         self._reset()
 
     def evaluation(self, metrics, step):
@@ -283,8 +297,40 @@ def train(cfg, workdir, *, start_over=False, allow_config_change=False):
         state = trainstep.build_state(cfg, device, rank)
         state.static_shapes = static
         resume(state, cfg, workdir / 'checkpoints', world, start_over=start_over, allow_change=allow_config_change)
+        start = f'resumed at step {state.step}' if state.step else init_weights(state, cfg)
         wrap_ddp(state, cfg, world)
+        if rank == 0:
+            (workdir / 'config.json').write_text(cfg.to_json_best_effort(indent=2))
+            print(summary(state, cfg, world, start), flush=True)
         return run(state, cfg, workdir, rank, world)
+
+
+def init_weights(state, cfg):
+    """config.init_from into a fresh run: the tensors the file has; heads it lacks keep their
+    initialisation. Returns how the run starts, for the summary."""
+    if not cfg.init_from:
+        return 'fresh weights'
+    weights, _ = evaluate.load_weights(cfg.init_from)
+    try:
+        missing, unexpected = state.model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f'config.init_from: {cfg.init_from} does not fit config.model: {str(e)[:600]}') from None
+    fresh = sorted({k.split('.')[0] for k in missing})
+    return (f'initialised from {cfg.init_from} ({len(weights) - len(unexpected)} tensors'
+            + (f'; fresh: {", ".join(fresh)}' if fresh else '') + ')')
+
+
+def summary(state, cfg, world, start):
+    """The run in two lines: parallelism, batch, parameters, where it starts."""
+    params = {}
+    for name, p in state.model.named_parameters():
+        part = name.split('.')[0]
+        params[part] = params.get(part, 0) + p.numel()
+    counts = ', '.join(f'{k} {v / 1e6:.2f}M' for k, v in params.items())
+    batch = cfg.data.batch_size * cfg.accum_steps * world
+    return (f'global batch {batch} = {world} processes x {cfg.accum_steps} micro-batches x {cfg.data.batch_size} | '
+            f'{cfg.max_iter} steps | {cfg.data.format} data\nparameters {sum(params.values()) / 1e6:.2f}M '
+            f'({counts}) | {start}')
 
 
 def eval_due(step, cfg):
@@ -307,11 +353,12 @@ def run(state, cfg, workdir, rank, world):
                   f'(stop_at={cfg.stop_at}, max_iter={cfg.max_iter})', flush=True)
         return state.model
     batches = iter(data.build_train_loader(cfg.data, rank=rank, world=world, start_step=start,
-                                           max_iter=cfg.max_iter, pin_memory=state.device.type != 'cpu'))
+                                           max_iter=cfg.max_iter, pin_memory=state.device.type != 'cpu',
+                                           accum=cfg.accum_steps))
     log = RunLog(cfg, workdir, rank=rank, world=world, start=start)
 
     def evaluation():
-        log.evaluation(zero_shot(state, cfg, autocast, rank, world), state.step)
+        log.evaluation(zero_shot(state, cfg, rank, world), state.step)
         if rank == 0:
             marker.write_text(str(state.step))
 
@@ -350,8 +397,11 @@ def run(state, cfg, workdir, rank, world):
 
 def main(argv):
     del argv
-    if FLAGS.workdir is None:
+    if FLAGS.workdir is None and not FLAGS.print_config:
         raise app.UsageError('--workdir is required')
+    if FLAGS.print_config:
+        print(FLAGS.config)
+        return
     train(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over, allow_config_change=FLAGS.allow_config_change)
 
 
@@ -363,5 +413,6 @@ if __name__ == '__main__':
                       '*.unreadable and start from step 0 (otherwise that is an error)')
     flags.DEFINE_bool('allow_config_change', False, 'resume even if the config changes the model, losses, '
                       'optimiser, schedule, batch size or data')
+    flags.DEFINE_bool('print_config', False, 'print every config key with its value (defaults and overrides) and exit')
     flags.mark_flag_as_required('config')
     app.run(main)

@@ -2,6 +2,7 @@
 
 train.py runs it in its loop, bench.py times it, the tests call it; nothing here logs or saves.
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -83,8 +84,9 @@ def loss_weights(cfg):
 @dataclasses.dataclass
 class TrainState:
     """Everything a training step changes and a checkpoint keeps. `ddp` is what the step calls
-    (the model itself in a single process); `queue` is this rank's NN memory (unit-norm fp32
-    rows, None without the NN term) and `queue_ptr` its FIFO write position; `bad_totals` counts
+    (the model itself in a single process); `queue` [k, Q, D] holds the NN memories (unit-norm
+    fp32 rows, None without the NN term) of this rank's k = accum_steps virtual devices and
+    `queue_ptr` their common FIFO write position; `bad_totals` counts
     this rank's bad samples by kind (rank 0 also carries the restored sum of a resumed run);
     `static_shapes`: the step keeps every tensor shape fixed (runtime.shape_modes)."""
     model: torch.nn.Module
@@ -105,14 +107,16 @@ class TrainState:
 
     def state_dict(self, config):
         """The checkpoint dict on rank 0, None on the others. A collective: every rank calls it
-        (bad-sample counts are summed over ranks, every rank's queue goes to rank 0)."""
+        (bad-sample counts are summed over ranks, every rank's queues go to rank 0: `queues` has
+        one [Q, D] entry per virtual device, in virtual-rank order)."""
         rank, world = losses.world_info()
         bad = runtime.all_reduce_sum(self.bad_totals, self.device)
         queues = runtime.gather_to_first(self.queue, world) if self.queue is not None else []
         if rank != 0:
             return None
         return {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                'scaler': self.scaler.state_dict(), 'step': self.step, 'queues': [q.cpu() for q in queues],
+                'scaler': self.scaler.state_dict(), 'step': self.step,
+                'queues': [q.cpu() for qs in queues for q in qs],
                 'queue_ptr': self.queue_ptr, 'rng': torch.get_rng_state(), 'config': config,
                 'world_size': world, 'nonfinite_total': int(self.nonfinite_total),
                 'bad_totals': dict(zip(data.BAD_KINDS, bad.tolist()))}
@@ -124,23 +128,29 @@ class TrainState:
         if state['scaler']:
             self.scaler.load_state_dict(state['scaler'])
         self.step, self.queue_ptr = state['step'], state['queue_ptr']
-        if self.queue is not None and rank < len(state['queues']):
-            self.queue = state['queues'][rank].to(self.queue.device)
+        k = 0 if self.queue is None else len(self.queue)
+        if k and (rank + 1) * k <= len(state['queues']):
+            self.queue = torch.stack(state['queues'][rank * k:(rank + 1) * k]).to(self.queue.device)
         torch.set_rng_state(state['rng'])
         self.nonfinite_total += state['nonfinite_total']
+        totals = state['bad_totals']
+        if isinstance(totals, list):  # checkpoints that saved the first ten kinds as a list
+            totals = dict(zip(data.BAD_KINDS[:9] + ('other',), totals))
         if rank == 0:  # the restored sum over ranks is counted once (kinds this code knows)
-            self.bad_totals += torch.tensor([state['bad_totals'].get(k, 0) for k in data.BAD_KINDS])
+            self.bad_totals += torch.tensor([totals.get(k, 0) for k in data.BAD_KINDS])
 
 
 def build_state(cfg, device, rank=0):
-    """A fresh TrainState: identical initial weights on every rank (same seed), per-rank queue."""
+    """A fresh TrainState: identical initial weights on every rank (same seed), one queue per
+    virtual device v = rank * accum_steps + j (seeded by v, as rank v of the larger job)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
     _, _, use_scaler = runtime.precision(cfg.precision, device.type)
-    queue = None
+    queue, k = None, cfg.accum_steps
     if cfg.model.declip and cfg.loss.nn > 0:
-        queue = losses.init_queue(cfg.loss.queue_size, cfg.model.embed_dim, device=device,
-                                  generator=torch.Generator().manual_seed(cfg.seed * 1000 + rank))
+        queue = torch.stack([losses.init_queue(cfg.loss.queue_size, cfg.model.embed_dim, device=device,
+                                               generator=torch.Generator().manual_seed(cfg.seed * 1000 + v))
+                             for v in range(rank * k, (rank + 1) * k)])
     counter = torch.zeros((), dtype=torch.long, device=device)
     return TrainState(model=model, optimizer=build_optimizer(model, cfg.optim, device.type),
                       scaler=runtime.grad_scaler(device.type, use_scaler), queue=queue,
@@ -189,44 +199,69 @@ def optimizer_step(state, skip):
     opt.zero_grad(set_to_none=True)
 
 
-def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False, keep_views=False, stop=False):
-    """One whole training step; returns {'loss': {term: value}, 'skipped': 0/1, 'stop': 0/1
-    [, 'grad_norm'] [, 'views']} as device tensors. A non-finite loss on any rank skips the step
-    everywhere: no weight, optimiser-state or queue row changes (the queue pointer still
-    advances). `stop` (a signal arrived here) becomes 'stop' on every rank."""
-    device = state.device
-    for group in state.optimizer.param_groups:
-        group['lr'] = lr_at(state.step + 1, cfg.optim, cfg.max_iter)
-    # 1-2. the loader's views, colour ops on the device; (masked) captions, MLM positions, EDA captions
-    views, undecodable = device_views(batch, cfg=cfg, step=state.step, rank=rank, world=world, device=device,
-                                      static=state.static_shapes)
+def step_inputs(state, batch, *, cfg, rank, world):
+    """One device's inputs on the device: normalised augmented views, (masked) captions, EDA
+    captions, MLM positions and targets (padded to mlm_bucket with static shapes), and the count
+    of images nothing could decode."""
+    views, undecodable = device_views(batch, cfg=cfg, step=state.step, rank=rank, world=world,
+                                      device=state.device, static=state.static_shapes)
     names = ('text', 'text_eda', 'mlm_index', 'mlm_targets')
     host = {k: batch[k] for k in names if k in batch}
     if state.static_shapes and 'mlm_index' in host:
         host['mlm_index'], host['mlm_targets'] = text.pad_positions(host['mlm_index'], host['mlm_targets'],
                                                                     cfg.mlm_bucket)
-    tokens, text_eda, mlm_index, mlm_targets = (
-        host[k].to(device, non_blocking=True) if k in host else None for k in names)
-    # 3. features of both views and both captions (+ masked-token logits, SimSiam heads)
-    with autocast:
-        forward = state.model if state.ddp is None else state.ddp
-        out = forward(views, tokens, text_eda=text_eda, mlm_index=mlm_index)
-    # 4. the weighted objective; neighbours come from the queue as it was before this step
-    total, terms, keys = losses.declip_loss(out, queue=state.queue, mlm_targets=mlm_targets,
-                                            weights=loss_weights(cfg))
-    if _injected_nonfinite(state.step):
-        total = total * float('nan')
+    out = {k: host[k].to(state.device, non_blocking=True) if k in host else None for k in names}
+    return dict(out, views=views, undecodable=undecodable)
+
+
+def micro_batches(batch, k):
+    """The k micro-batches of a loader batch built with accum=k: rows split in k equal parts, the
+    flat MLM positions of each part re-based to its own rows (host tensors, no device sync)."""
+    n, length = len(batch['text']) // k, batch['text'].shape[1]
+    parts = []
+    for j in range(k):
+        part = {key: batch[key][j * n:(j + 1) * n] for key in ('images', 'text', 'text_eda') if key in batch}
+        if 'mlm_index' in batch:
+            lo, hi = torch.searchsorted(batch['mlm_index'], torch.tensor([j, j + 1]) * n * length).tolist()
+            part['mlm_index'] = batch['mlm_index'][lo:hi] - j * n * length
+            part['mlm_targets'] = batch['mlm_targets'][lo:hi]
+        parts.append(part)
+    return parts
+
+
+def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False, keep_views=False, stop=False):
+    """One whole training step; returns {'loss': {term: value}, 'skipped': 0/1, 'stop': 0/1
+    [, 'grad_norm'] [, 'views']} as device tensors (with accum_steps, the losses of virtual device
+    rank * k, as rank 0's are logged in a larger job). A non-finite loss on any rank skips the
+    step everywhere: no weight, optimiser-state or queue row changes (the queue pointer still
+    advances). `stop` (a signal arrived here) becomes 'stop' on every rank."""
+    for group in state.optimizer.param_groups:
+        group['lr'] = lr_at(state.step + 1, cfg.optim, cfg.max_iter)
+    k = cfg.accum_steps
+    # 1-2. each (virtual) device's views with its colour-op stream; captions, MLM positions, EDA captions
+    parts = [step_inputs(state, part, cfg=cfg, rank=rank * k + j, world=world * k)
+             for j, part in enumerate(micro_batches(batch, k) if k > 1 else [batch])]
+    # 3-4. features, the weighted objective (neighbours from the queues as they were), backward
+    if k == 1:
+        total, terms, keys = single_pass(state, parts[0], cfg=cfg, autocast=autocast)
+        keys = [keys]
+    else:
+        total, terms, keys = accumulated_passes(state, parts, cfg=cfg, autocast=autocast, rank=rank, world=world)
     skip, stop = flags_anywhere(total, stop, world)
-    # 5. logit scale into [3, 6] (so the first forward used ln(1/0.07)); backward; queue push and
-    #    optimiser step (both no-ops where skip); the clamp again
-    state.model.clamp_logit_scale_()
-    state.scaler.scale(total).backward()
-    for k in keys:
-        state.queue, state.queue_ptr = losses.nn_queue_push(queue=state.queue, ptr=state.queue_ptr, feats=k,
-                                                            skip=skip)
-    metrics = {'loss': {'total': total.detach(), **terms}, 'skipped': skip, 'stop': stop}
+    # 5. queue pushes and optimiser step (both no-ops where skip); logit scale into [3, 6]
+    #    before and after the step (so the first forward used ln(1/0.07))
+    queues = []
+    for queue, part_keys in zip(state.queue if state.queue is not None else [], keys):
+        ptr = state.queue_ptr
+        for key in part_keys:
+            queue, ptr = losses.nn_queue_push(queue=queue, ptr=ptr, feats=key, skip=skip)
+        queues.append(queue)
+    if queues:
+        state.queue, state.queue_ptr = torch.stack(queues), ptr
+    metrics = {'loss': {'total': terms.pop('total'), **terms}, 'skipped': skip, 'stop': stop}
     if keep_views:
-        metrics['views'] = views.detach()
+        metrics['views'] = parts[0]['views'].detach()
+    state.model.clamp_logit_scale_()
     if grad_norm:
         state.scaler.unscale_(state.optimizer)
         metrics['grad_norm'] = torch.nn.utils.get_total_norm(
@@ -237,11 +272,113 @@ def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False,
     state.nonfinite_total += skip.long()
     if 'bad' in batch:
         state.bad_totals += batch['bad']
-    state.bad_totals[data.BAD_KINDS.index('truncated')] += undecodable
+    state.bad_totals[data.BAD_KINDS.index('truncated')] += sum(p['undecodable'] for p in parts)
     state.step += 1
     return metrics
 
 
-def _injected_nonfinite(step):
+def single_pass(state, inputs, *, cfg, autocast):
+    """Forward, declip_loss (features gathered with gradient over ranks), backward: (total,
+    {term: value, 'total': value}, queue keys)."""
+    with autocast:
+        forward = state.model if state.ddp is None else state.ddp
+        out = forward(inputs['views'], inputs['text'], text_eda=inputs['text_eda'], mlm_index=inputs['mlm_index'])
+    queue = state.queue[0] if state.queue is not None else None
+    total, terms, keys = losses.declip_loss(out, queue=queue, mlm_targets=inputs['mlm_targets'],
+                                            weights=loss_weights(cfg))
+    total = _injected_nonfinite(state.step, total)
+    state.scaler.scale(total).backward()
+    return total, dict(terms, total=total.detach()), keys
+
+
+def _normalised(out):
+    """(image views, caption views) of a forward's output, unit-norm in at least fp32."""
+    texts = [out['text']] + ([out['text_eda']] if 'text_eda' in out else [])
+    return ([losses.normalize_image(losses.upcast(f)) for f in out['image']],
+            [losses.normalize_text(losses.upcast(t)) for t in texts])
+
+
+def accumulated_passes(state, parts, *, cfg, autocast, rank, world):
+    """k micro-batches as the k virtual devices rank*k+j of a k*world job, exactly (GradCache):
+    1. forward every part without gradient (BatchNorm buffers restored after); 2. gather the unit
+    features of all virtual devices, compute each local device's contrastive terms against all of
+    them, backward to the features and sum those gradients over ranks; 3. forward each part again
+    with gradient and back-propagate features . gradient (+ logit scale . its gradient, + the
+    per-device SimSiam and MLM terms), scaled 1/k so that DDP's mean over ranks is the mean over
+    virtual devices. Returns (total over parts, virtual device rank*k's terms, keys per part)."""
+    k, model, weights = len(parts), state.model, loss_weights(cfg)
+    buffers = [b.clone() for b in model.buffers()]
+    with torch.no_grad(), autocast:
+        cached = [model(p['views'], p['text'], text_eda=p['text_eda']) for p in parts]
+    for b, saved in zip(model.buffers(), buffers):
+        b.copy_(saved)
+    n = parts[0]['text'].shape[0]
+    local = [_normalised(out) for out in cached]
+    gathered = [losses.gather_no_grad(torch.cat(views)).requires_grad_()
+                for views in zip(*[imgs + txts for imgs, txts in local])]
+    n_img = len(local[0][0])
+    all_images, all_texts = gathered[:n_img], gathered[n_img:]
+    s = losses.upcast(cached[0]['logit_scale']).detach().requires_grad_()
+    keys = [[t.detach() for t in txts] if state.queue is not None else [] for _, txts in local]
+    neighbours = None
+    if state.queue is not None:
+        per_view = zip(*[[losses.nn_neighbours(key, q, cached[0]['text'].dtype) for key in ks]
+                         for ks, q in zip(keys, state.queue)])
+        neighbours = [losses.gather_no_grad(torch.cat(v)) for v in per_view]
+    contrastive = []
+    for j in range(k):
+        rows = slice((rank * k + j) * n, (rank * k + j + 1) * n)
+        terms = losses.contrastive_terms(
+            images=[a[rows] for a in all_images], texts=[a[rows] for a in all_texts], all_images=all_images,
+            all_texts=all_texts, neighbours=neighbours, logit_scale=s, weights=weights,
+            labels=(rank * k + j) * n + torch.arange(n, device=s.device))
+        contrastive.append(terms)
+    part_total = _injected_nonfinite(state.step, sum(weights[t] * v for terms in contrastive for t, v in terms.items()))
+    part_total.backward()
+    grads = [a.grad for a in gathered]
+    if world > 1:
+        for g in grads:
+            dist.all_reduce(g)
+    total, first = _second_passes(state, parts, contrastive, grads, s.grad, cfg=cfg, autocast=autocast, rank=rank)
+    return _injected_nonfinite(state.step, total), first, [ks[::-1] for ks in keys]
+
+
+def _second_passes(state, parts, contrastive, grads, scale_grad, *, cfg, autocast, rank):
+    """Step 3 of accumulated_passes: (total over parts, part 0's terms with its total)."""
+    k, weights = len(parts), loss_weights(cfg)
+    n = parts[0]['text'].shape[0]
+    forward = state.model if state.ddp is None else state.ddp
+    total, first, kept = 0.0, None, None
+    for j, p in enumerate(parts):
+        rows = slice((rank * k + j) * n, (rank * k + j + 1) * n)
+        quiet = state.ddp is not None and j < k - 1
+        with forward.no_sync() if quiet else contextlib.nullcontext():
+            with autocast:
+                out = forward(p['views'], p['text'], text_eda=p['text_eda'], mlm_index=p['mlm_index'])
+            if j == 0:   # BatchNorm running statistics: virtual device rank*k's update, as rank 0's in DDP
+                kept = [b.clone() for b in state.model.buffers()]
+            imgs, txts = _normalised(out)
+            surrogate = sum((f * g[rows]).sum() for f, g in zip(imgs + txts, grads))
+            if j == 0:
+                surrogate = surrogate + (losses.upcast(out['logit_scale']) * scale_grad).sum()
+            terms = dict(contrastive[j])
+            if weights.get('simsiam', 0) and 'p' in out:
+                terms['simsiam'] = losses.simsiam_loss(p=losses.upcast(out['p']), z=losses.upcast(out['z']))
+            if weights.get('mlm', 0) and 'mlm_logits' in out:
+                terms['mlm'] = losses.mlm_loss(logits=out['mlm_logits'], targets=p['mlm_targets'])
+            own = sum(weights[t] * terms[t] for t in terms if t not in contrastive[j])
+            state.scaler.scale((surrogate + own) / k).backward()
+        part = sum(weights[t] * v for t, v in terms.items())
+        total = total + part.detach()
+        if j == 0:
+            first = dict({t: v.detach() for t, v in terms.items()}, total=part.detach())
+    with torch.no_grad():
+        for b, saved in zip(state.model.buffers(), kept):
+            b.copy_(saved)
+    return total, first
+
+
+def _injected_nonfinite(step, loss):
     """Fault-injection hook: DECLIP_TEST_NONFINITE_STEPS=3,7 makes those (0-based) steps' loss NaN."""
-    return str(step) in os.environ.get('DECLIP_TEST_NONFINITE_STEPS', '').split(',')
+    hit = str(step) in os.environ.get('DECLIP_TEST_NONFINITE_STEPS', '').split(',')
+    return loss * float('nan') if hit else loss

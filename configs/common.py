@@ -22,6 +22,8 @@ def base_config(vision, *, declip=True):
     seed = ml_collections.FieldReference(0)
     c.seed = seed                 # weights, NN queues, augmentation streams; also data.seed
     c.max_iter = 128_001
+    c.accum_steps = 1             # k micro-batches a step per device = exactly a job with k times the devices
+    c.init_from = ''              # start a new run from these weights (ours, a DeCLIP .pth.tar, OpenAI CLIP)
     c.stop_at = 0                 # end this invocation after this many steps (0: at max_iter)
     c.device = 'auto'             # the accelerator torch sees, else CPU; or 'npu' / 'cuda' / 'cpu'
     c.precision = 'auto'          # fp32 on CPU, bf16 where supported, else fp16 + loss scaler
@@ -38,7 +40,8 @@ def base_config(vision, *, declip=True):
     c.data = ml_collections.ConfigDict(dict(
         format='jsonl',            # 'jsonl' (YFCC15M meta + image files) or 'wds' (tar shards)
         train_root='', train_meta='',  # comma-separated lists of equal length
-        shards='',                 # comma-separated glob patterns of .tar shards
+        shards='',                 # comma-separated .tar shards: globs, paths, {a,b} lists, {00000..01023} ranges
+        shuffle_buffer=2_000,      # samples each loader worker mixes (shards: memory x mean sample size)
         val_root='', val_meta='',  # ImageNet-val layout (JSON Lines with filename/label/label_name)
         image_size=image_size, views=2 if declip else 1,
         # 'moco_v2': crop 0.2-1, flip, colour jitter, grayscale, blur (DeCLIP); 'standard_clip': crop 0.5-1
@@ -54,7 +57,7 @@ def base_config(vision, *, declip=True):
         bad_window=1_000, max_bad_rate=0.1))
 
     c.eval = ml_collections.ConfigDict(dict(  # at model.image_size, shorter side resized to 256/224 of it
-        prompts='prompt80', batch_size=256, workers=8))
+        prompts='prompt80', batch_size=256, workers=8, precision='fp32'))  # fp32: the published numbers' precision
 
     c.log_every = 50
     c.ckpt_every = 1_000          # last.pt

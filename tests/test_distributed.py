@@ -6,6 +6,7 @@ means and NN queues), so its world-1 twin evaluates the two ranks' forwards sepa
 assembles the DeCLIP objective (mean over ranks of each rank's loss against all ranks'
 features) from the tested component losses, with plain autograd instead of collectives.
 """
+import contextlib
 import json
 
 import torch
@@ -188,3 +189,47 @@ def test_sync_batchnorm_uses_the_global_batch():
     """2 ranks x 4 images: outputs, input gradients, summed weight gradients and running statistics
     equal plain BatchNorm2d over all 8 images."""
     run_distributed(_global_bn_rank, 2)
+
+
+def _accum_run(rank, world, k, demo_dir, out):
+    """Three steps of the demo smoke config on the real loader; rank 0 saves its logged losses
+    and the gradients the optimiser saw."""
+    import train
+    import trainstep
+    from configs import demo
+    import data as data_module
+    cfg = demo.get_config('smoke')
+    cfg.compile, cfg.accum_steps = 'false', k
+    cfg.data.update(train_root=str(demo_dir / 'train'), train_meta=str(demo_dir / 'train.jsonl'))
+    state = trainstep.build_state(cfg, torch.device('cpu'), rank)
+    train.wrap_ddp(state, cfg, world)
+    batches = iter(data_module.build_train_loader(cfg.data, rank=rank, world=world, start_step=0, max_iter=3,
+                                                  accum=k))
+    seen, real = [], trainstep.optimizer_step
+
+    def capture(st, skip):
+        seen.append({n: p.grad.clone() for n, p in st.model.named_parameters() if p.grad is not None})
+        real(st, skip)
+    trainstep.optimizer_step = capture
+    logged = [trainstep.train_step(state, next(batches), cfg=cfg, autocast=contextlib.nullcontext(), rank=rank,
+                                   world=world)['loss'] for _ in range(3)]
+    trainstep.optimizer_step = real
+    if rank == 0:
+        torch.save({'losses': logged, 'grads': seen, 'queue': state.queue}, out)
+
+
+def test_accumulated_micro_batches_equal_a_job_with_more_devices(tmp_path, demo_dir):
+    """1 process x accum_steps 2 against 2 processes x 1 (same loader streams, NN lookups in two
+    queues): the losses of virtual device 0 and every parameter gradient, over three steps."""
+    run_distributed(_accum_run, 2, 1, demo_dir, tmp_path / 'w2.pt')
+    _accum_run(0, 1, 2, demo_dir, tmp_path / 'w1.pt')
+    wide, deep = torch.load(tmp_path / 'w2.pt'), torch.load(tmp_path / 'w1.pt')
+    for a, b in zip(wide['losses'], deep['losses']):
+        assert a.keys() == b.keys() == {'total', 'clip', 'nn', 'simsiam', 'mlm'}
+        for term in a:
+            torch.testing.assert_close(b[term], a[term], rtol=1e-5, atol=1e-6, msg=term)
+    for step, (a, b) in enumerate(zip(wide['grads'], deep['grads'])):
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=f'step {step}: {name}')
+    assert deep['queue'].shape[0] == 2

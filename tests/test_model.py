@@ -198,3 +198,33 @@ def test_first_forward_uses_the_initial_logit_scale_then_it_is_clamped():
         trainstep.train_step(state, batch, cfg=cfg, autocast=autocast)
     assert seen[0] == pytest.approx(1 / 0.07, rel=1e-6) and seen[1] >= math.exp(3.0) * (1 - 1e-6)
     assert 3.0 <= state.model.logit_scale.item() <= 6.0
+
+
+@pytest.mark.parametrize('vision', ['vit', 'resnet'])
+def test_gradient_checkpointing_changes_no_gradient_and_no_running_statistic(vision):
+    """The same DeCLIP forward/backward with the transformer blocks and ResNet stages recomputed:
+    equal features, parameter gradients and BatchNorm running statistics."""
+    from losses import declip_loss
+    cfg = tiny_config(vision)
+    cfg.model.sync_bn = False
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 2, 3, 32, 32, generator=g)
+    tokens = torch.randint(1, 1000, (4, 16), generator=g)
+    results = []
+    for on in (False, True):
+        cfg.model.grad_checkpointing = on
+        torch.manual_seed(0)
+        model = declip.build_model(cfg.model)
+        out = model(images, tokens, text_eda=tokens.roll(1, 0), mlm_index=torch.tensor([1, 17, 40]))
+        total, _, _ = declip_loss(out, queue=None, mlm_targets=torch.tensor([5, 6, 7]),
+                                  weights=dict(clip=0.4, simsiam=0.2, mlm=0.2, nn=0.0))
+        total.backward()
+        results.append(({k: p.grad for k, p in model.named_parameters() if p.grad is not None},
+                        {k: b.clone() for k, b in model.named_buffers()}, total.detach()))
+    (g0, b0, t0), (g1, b1, t1) = results
+    torch.testing.assert_close(t1, t0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
+    for k in b0:
+        torch.testing.assert_close(b1[k], b0[k], rtol=0, atol=0, msg=k)

@@ -202,3 +202,20 @@ def test_device_decode_is_refused_on_npu(monkeypatch, tmp_path, demo_dir):
     with pytest.raises(ValueError, match='decode=device needs CUDA'):
         train.train(cfg, tmp_path / 'w')
     assert not (tmp_path / 'w').exists()
+
+
+def test_ranks_come_from_torchrun_else_slurm(monkeypatch):
+    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID'):
+        monkeypatch.delenv(k, raising=False)
+    assert runtime.dist_env() == (0, 1, 0)
+    monkeypatch.setenv('SLURM_PROCID', '5')
+    monkeypatch.setenv('SLURM_NTASKS', '8')
+    monkeypatch.setenv('SLURM_LOCALID', '1')
+    assert runtime.dist_env() == (5, 8, 1)
+    monkeypatch.setenv('RANK', '2')           # torchrun inside a SLURM allocation wins
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    monkeypatch.setenv('LOCAL_RANK', '2')
+    assert runtime.dist_env() == (2, 4, 2)
+    monkeypatch.delenv('MASTER_ADDR', raising=False)
+    with pytest.raises(RuntimeError, match='MASTER_ADDR'):
+        runtime.init_distributed('cpu', 2, 4, 10)

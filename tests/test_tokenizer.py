@@ -46,7 +46,7 @@ def test_batch_dtype_shape_and_truncation(tok):
 
 
 def test_decode_round_trip(tok):
-    for caption in ['a photo of a red circle next to a blue square.', 'naïve café 🐶', 'x <|mask|> y']:
+    for caption in ['a photo of a red circle next to a blue square.', 'naïve café 🐶', 'x <| mask |> y']:
         ids = data.tokenize([caption])[0]
         assert tok.decode(ids).replace(' .', '.') == text._clean(caption)
 
@@ -54,3 +54,20 @@ def test_decode_round_trip(tok):
 def test_missing_vocabulary_message(tmp_path):
     with pytest.raises(FileNotFoundError, match='prepare.py setup'):
         data.Tokenizer(tmp_path / 'nope.txt.gz')
+
+
+@pytest.mark.parametrize('special', ['<|mask|>', '<|startoftext|>', '<|endoftext|>', '<|MASK|>'])
+def test_special_tokens_never_come_from_caption_text(tok, special):
+    """Caption text is BPE text only: a literal special-token string gives its byte-pair pieces
+    ('<|', the word, '|>', the reference's split for <|mask|>), so no caption can move the eot
+    (pooling) position or hide tokens from MLM; sot, eot and mask ids come from the code alone."""
+    word = special[2:-2].lower()
+    caption = f'a {special} b.{special}'
+    want = (tok.encode('a') + tok.encode('<|') + tok.encode(word) + tok.encode('|>') + tok.encode('b')
+            + tok.encode('.<|') + tok.encode(word) + tok.encode('|>'))
+    assert tok.encode(caption) == want
+    assert not {text.MASK_ID, text.SOT_ID, text.EOT_ID} & set(want)
+    row = data.tokenize([caption])[0]
+    n = len(want) + 2
+    assert row.tolist()[:n] == [text.SOT_ID] + want + [text.EOT_ID] and int(row.argmax()) == n - 1
+    assert tok.decode(row) == f'a <| {word} |> b .<| {word} |>'
