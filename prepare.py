@@ -2,7 +2,8 @@
 generated demo corpus.
 
     python prepare.py setup                 # data/bpe_simple_vocab_16e6.txt.gz, data/wordnet_synonyms.tsv.gz
-    python prepare.py make-demo             # data/demo: 20k train / 2k val pairs, shards, class names
+    python prepare.py make-demo             # data/demo: 10k train / 2k val pairs, shards, class names
+    python prepare.py compare-demo          # DeCLIP vs CLIP on the demo, 3 seeds: runs/compare/compare.md
     python prepare.py modelzoo-dataset      # dataset/: data/demo in the layout of the ModelZoo scripts in test/
 """
 import gzip
@@ -17,95 +18,114 @@ FLAGS = flags.FLAGS
 BPE_SHA256 = '924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a'
 
 # ----------------------------------------------------------------------------------------------
-# Demo data: coloured shapes with varied captions (a small real zero-shot task)
+# Demo data: large coloured shapes, captions naming colour and shape (zero-shot classes need both)
 # ----------------------------------------------------------------------------------------------
 
-DEMO_COLORS = {'red': (220, 30, 30), 'green': (30, 180, 40), 'blue': (35, 60, 230),
-               'white': (245, 245, 245), 'black': (15, 15, 15)}
-DEMO_SHAPES = ('circle', 'square', 'triangle', 'cross')
-DEMO_SIZES = {'small': 0.28, 'medium': 0.4, 'large': 0.55}
-DEMO_BACKGROUNDS = ('grey', 'sandy', 'striped', 'noisy')
+# class word -> (RGB, other words a caption may use for it: one caption in four does)
+DEMO_COLORS = {'red': ((215, 35, 35), ('crimson', 'scarlet')),
+               'yellow': ((240, 205, 25), ('golden', 'lemon')),
+               'green': ((35, 165, 55), ('emerald', 'grass green')),
+               'blue': ((40, 75, 225), ('cobalt', 'deep blue'))}
+DEMO_SHAPES = {'circle': ('disc', 'round dot'), 'square': ('box', 'block'), 'triangle': ('wedge', 'pyramid'),
+               'cross': ('plus sign', 'plus'), 'ring': ('hoop', 'donut')}
+# diameter as a fraction of the image side: even a 0.2-area crop (0.45 of the side) holds part of the object
+DEMO_SIZES = {'small': 0.5, 'medium': 0.62, 'large': 0.75}
+DEMO_BACKGROUNDS = {'grey': ((128, 128, 128), 'plain'), 'sandy': ((180, 165, 125), 'noisy'),
+                    'striped': ((115, 125, 135), 'stripes'), 'checked': ((140, 135, 125), 'checks'),
+                    'dark': ((60, 60, 66), 'noisy')}
 DEMO_TEMPLATES = (
     'a {size} {color} {shape} on a {bg} background',
-    'there is a {color} {shape} in the {where} of the picture',
+    'there is a {color} {shape} {where}',
     'photo of a {shape} painted {color}',
-    'a {color} {shape} next to a {color2} {shape2}',
-    'my drawing: one {size} {shape}, coloured {color}',
     'the {shape} here is {color} and {size}',
-    '{color} paint shaped like a {shape}, {where}',
+    'my drawing: one {size} {shape}, coloured {color}',
+    '{color} paint in the shape of a {shape}, {where}',
     'look at this {color} {shape}!',
-    'a {size} {color} {shape} and a tiny {color2} {shape2} nearby',
-    'clip art of a {shape} in {color} on {bg} paper',
+    'a {shape} in {color} on {bg} paper',
+    'clip art: {color} {shape}, {size}',
+    'i made a {shape} and painted it {color}',
+    'a {bg} backdrop with a {size} {color} {shape} {where}',
+    '{size} {shape}, {color}, {where}',
 )
-
-
-def _demo_image(rng, width, height, color, shape, size, color2=None, shape2=None):
-    import numpy as np
-    from PIL import Image, ImageDraw
-    bg = rng.choice(DEMO_BACKGROUNDS)
-    base = np.array({'grey': (128, 128, 128), 'sandy': (190, 170, 120), 'striped': (110, 140, 160),
-                     'noisy': (100, 110, 100)}[bg], dtype=np.float32)
-    nrng = np.random.default_rng(rng.randrange(1 << 32))
-    pixels = base + nrng.normal(0, 18 if bg == 'noisy' else 8, (height, width, 3))
-    if bg == 'striped':
-        pixels[(np.arange(height) // 6) % 2 == 0] += 25
-    img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-
-    def put(color, shape, frac, cx, cy):
-        r = frac * min(width, height) / 2
-        box = (cx - r, cy - r, cx + r, cy + r)
-        fill = DEMO_COLORS[color]
-        if shape == 'circle':
-            draw.ellipse(box, fill=fill)
-        elif shape == 'square':
-            draw.rectangle(box, fill=fill)
-        elif shape == 'triangle':
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-        else:
-            t = r / 3
-            draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
-            draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
-
-    cx = width * rng.uniform(0.35, 0.65)
-    cy = height * rng.uniform(0.35, 0.65)
-    if shape2 is not None:
-        side = rng.choice((-1, 1))
-        put(color2, shape2, 0.22, width / 2 + side * width * 0.33, height * rng.uniform(0.25, 0.75))
-        cx = width / 2 - side * width * 0.12
-    put(color, shape, DEMO_SIZES[size] * rng.uniform(0.9, 1.1), cx, cy)
-    where = ('left' if cx < width * 0.45 else 'right' if cx > width * 0.55 else 'middle')
-    return img, bg, where
-
-
-def _demo_pair(args):
-    """One (jpeg bytes, caption, label) of the demo set; deterministic from (seed, split, i)."""
-    import io
-    seed, split, i, width, height = args
-    rng = data.seeded_rng(seed, split, i)
-    color, shape = rng.choice(list(DEMO_COLORS)), rng.choice(DEMO_SHAPES)
-    size = rng.choice(list(DEMO_SIZES))
-    # validation images hold one object, so the class is unambiguous
-    template = rng.choice([t for t in DEMO_TEMPLATES if split == 'train' or '{shape2}' not in t])
-    second = '{shape2}' in template
-    color2 = rng.choice([c for c in DEMO_COLORS if c != color]) if second else None
-    shape2 = rng.choice([s for s in DEMO_SHAPES if s != shape]) if second else None
-    img, bg, where = _demo_image(rng, width, height, color, shape, size, color2, shape2)
-    caption = template.format(size=size, color=color, shape=shape, bg=bg, where=where,
-                              color2=color2, shape2=shape2)
-    buf = io.BytesIO()
-    img.save(buf, format='JPEG', quality=90)
-    label = list(DEMO_COLORS).index(color) * len(DEMO_SHAPES) + DEMO_SHAPES.index(shape)
-    return buf.getvalue(), caption, label
+# unit outlines (radius 1, y down) of the polygon shapes; circle and ring are drawn as ellipses
+_ARM = 0.34
+DEMO_OUTLINES = {
+    'square': ((-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)),
+    'triangle': ((0.0, -1.1), (0.95, 0.65), (-0.95, 0.65)),
+    'cross': ((-_ARM, -1), (_ARM, -1), (_ARM, -_ARM), (1, -_ARM), (1, _ARM), (_ARM, _ARM), (_ARM, 1),
+              (-_ARM, 1), (-_ARM, _ARM), (-1, _ARM), (-1, -_ARM), (-_ARM, -_ARM))}
 
 
 def demo_class_names():
+    """Zero-shot classes, label order: every colour with every shape ('red circle', ...)."""
     return [f'{c} {s}' for c in DEMO_COLORS for s in DEMO_SHAPES]
 
 
-def make_demo(out, *, train=20_000, val=2_000, seed=0, width=160, height=120, shard_size=1_000, workers=None):
+def demo_spec(seed, split, i):
+    """What sample i of a split shows and says, deterministic from (seed, split, i). Classes take
+    turns (i modulo the class count), so colours, shapes and classes are balanced."""
+    rng = data.seeded_rng(seed, split, i)
+    label = i % (len(DEMO_COLORS) * len(DEMO_SHAPES))
+    color, shape = list(DEMO_COLORS)[label // len(DEMO_SHAPES)], list(DEMO_SHAPES)[label % len(DEMO_SHAPES)]
+    size, bg = rng.choice(list(DEMO_SIZES)), rng.choice(list(DEMO_BACKGROUNDS))
+    room = max(0.0, 0.46 - DEMO_SIZES[size] * 1.08 / 2)      # the object stays inside the image
+    dx, dy = rng.uniform(-room, room), rng.uniform(-room, room)
+    where = ('in the middle' if max(abs(dx), abs(dy)) < 0.03 else
+             ('on the left' if dx < 0 else 'on the right') if abs(dx) >= abs(dy) else
+             ('near the top' if dy < 0 else 'near the bottom'))
+
+    def word(name, others):
+        return name if rng.random() < 0.75 else rng.choice(others)
+    caption = rng.choice(DEMO_TEMPLATES).format(color=word(color, DEMO_COLORS[color][1]), size=size, bg=bg,
+                                                shape=word(shape, DEMO_SHAPES[shape]), where=where)
+    return dict(label=label, color=color, shape=shape, size=size, bg=bg, dx=dx, dy=dy, caption=caption,
+                scale=rng.uniform(0.92, 1.08), angle=rng.uniform(-20, 20), noise=rng.randrange(1 << 32))
+
+
+def demo_image(spec, side):
+    """The picture of a demo_spec: a textured background and one object, side x side RGB."""
+    import math
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+    base, pattern = DEMO_BACKGROUNDS[spec['bg']]
+    nrng = np.random.default_rng(spec['noise'])
+    pixels = np.asarray(base, np.float32) + nrng.normal(0, 16 if pattern == 'noisy' else 6, (side, side, 3))
+    rows, cols = np.indices((side, side)) * 8 // side       # 8 stripes / an 8 x 8 board at any side
+    if pattern == 'stripes':
+        pixels[rows % 2 == 0] += 30
+    elif pattern == 'checks':
+        pixels[(rows + cols) % 2 == 0] += 30
+    fill = np.asarray(DEMO_COLORS[spec['color']][0]) + nrng.integers(-15, 16, 3)     # a shade of the colour
+    fill = tuple(int(c) for c in fill.clip(0, 255))
+    img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    r = DEMO_SIZES[spec['size']] * spec['scale'] * side / 2
+    cx, cy = side * (0.5 + spec['dx']), side * (0.5 + spec['dy'])
+    if spec['shape'] in ('circle', 'ring'):
+        width = max(2, round(r * 0.42)) if spec['shape'] == 'ring' else 0
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=None if width else fill, outline=fill, width=width)
+    else:
+        cos, sin = math.cos(math.radians(spec['angle'])), math.sin(math.radians(spec['angle']))
+        draw.polygon([(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos))
+                      for x, y in DEMO_OUTLINES[spec['shape']]], fill=fill)
+    return img
+
+
+def _demo_pair(args):
+    """One (jpeg bytes, caption, label) of the demo set."""
+    import io
+    seed, split, i, side = args
+    spec = demo_spec(seed, split, i)
+    buf = io.BytesIO()
+    demo_image(spec, side).save(buf, format='JPEG', quality=90)
+    return buf.getvalue(), spec['caption'], spec['label']
+
+
+def make_demo(out, *, train=10_000, val=2_000, seed=0, side=80, shard_size=1_000, workers=None):
     """Write the demo corpus: train/ JPEGs + train.jsonl (YFCC15M layout), shards/*.tar
-    (webdataset), val/ JPEGs + val.jsonl (ImageNet-val layout) + classnames.txt."""
+    (webdataset), val/ JPEGs + val.jsonl (ImageNet-val layout) + classnames.txt. The validation
+    images come from the same generator under another seed stream ('val' instead of 'train')."""
     import io
     import json
     import multiprocessing
@@ -116,7 +136,7 @@ def make_demo(out, *, train=20_000, val=2_000, seed=0, width=160, height=120, sh
     names = demo_class_names()
     with multiprocessing.get_context('fork').Pool(workers or os.cpu_count()) as pool:
         for split, n in (('train', train), ('val', val)):
-            jobs = [(seed, split, i, width, height) for i in range(n)]
+            jobs = [(seed, split, i, side) for i in range(n)]
             meta, tar = [], None
             for i, (jpeg, caption, label) in enumerate(pool.imap(_demo_pair, jobs, chunksize=64)):
                 name = f'{split}_{i:06d}.jpg'
@@ -179,6 +199,139 @@ def modelzoo_dataset(out, *, demo=data.DATA_DIR / 'demo', bpe=data.BPE_PATH):
     (out / 'val_official.json').write_text('\n'.join(val) + '\n')
     shutil.copyfile(bpe, out / Path(bpe).name)
     print(f'ModelZoo dataset layout of {demo} in {out}')
+
+
+# ----------------------------------------------------------------------------------------------
+# compare-demo: DeCLIP vs its CLIP twin at equal steps and at equal training time, over seeds
+# ----------------------------------------------------------------------------------------------
+
+COMPARE_LABELS = {'declip': 'DeCLIP (`configs/demo.py`)', 'clip': 'CLIP (`configs/demo.py:clip`)',
+                  'declip_short': "DeCLIP, as many steps as fit in CLIP's time"}
+
+
+def training_seconds(workdir):
+    """(seconds, steps) of a run's training: each log window's perf/step_ms times its steps, summed
+    (start-up and evaluation are not in it; a resumed run's re-logged windows count once)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(Path(workdir) / 'tb'), size_guidance={'scalars': 0})
+    acc.Reload()
+    step_ms = {e.step: e.value for e in acc.Scalars('perf/step_ms')}
+    seconds, last = 0.0, 0
+    for step in sorted(step_ms):
+        seconds += step_ms[step] * (step - last) / 1000
+        last = step
+    return seconds, last
+
+
+def _logged(cmd, log):
+    """Run a repository script, its output appended to `log`; a failure names the log and its tail."""
+    import subprocess
+    import sys
+    with open(log, 'a') as f:
+        f.write(f'$ {" ".join(cmd)}\n')
+        f.flush()
+        rc = subprocess.run([sys.executable, *cmd], cwd=data.ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc:
+        tail = '\n'.join(Path(log).read_text().splitlines()[-15:])
+        raise SystemExit(f'compare-demo: `python {" ".join(cmd)}` failed (exit {rc}); log {log}:\n{tail}')
+
+
+def compare_run(out, seed, name, overrides=(), *, steps=0, prompts='prompt6', val_root, val_meta):
+    """Train and evaluate one run of the comparison in out/seed<S>/<name> (a finished one with the
+    same command is read back, an interrupted one resumes). Training leaves evaluation to
+    evaluate.py, so the step times hold training only."""
+    import json
+    import time
+    work, config = Path(out) / f'seed{seed}' / name, 'configs/demo.py:clip' if name == 'clip' else 'configs/demo.py'
+    train_cmd = ['train.py', '--config', config, '--workdir', str(work), f'--config.seed={seed}',
+                 *(f'--config.{o}' for o in overrides), '--config.data.val_meta=']
+    train_cmd += [f'--config.max_iter={steps}'] if steps else []
+    record_path = work / 'result.json'
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record['command'] == train_cmd:
+            return record
+        raise SystemExit(f'compare-demo: {record_path} holds the result of another command '
+                         f'({" ".join(record["command"])}); choose another --out')
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    _logged(train_cmd, work / 'run.log')
+    wall = time.perf_counter() - start
+    _logged(['evaluate.py', '--ckpt', str(work / 'checkpoints' / 'last.pt'), '--prompts', prompts, '--val_root',
+             str(val_root), '--val_meta', str(val_meta), '--out', str(work / 'zeroshot.json')], work / 'run.log')
+    metrics = json.loads((work / 'zeroshot.json').read_text())
+    seconds, done = training_seconds(work)
+    record = dict(run=name, seed=seed, steps=done, train_s=seconds, wall_s=wall, top1=metrics['zeroshot_top1'],
+                  top5=metrics['zeroshot_top5'], command=train_cmd)
+    record_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def compare_demo(out, *, seeds, run=compare_run, **run_args):
+    """Per seed: DeCLIP (the demo's run), CLIP with as many steps, then DeCLIP with the steps that fit
+    in that CLIP run's training time (each run on its own full schedule, so neither is compared
+    half-way through its LR decay). Writes out/compare.json and out/compare.md; returns the table."""
+    import json
+    records = []
+    for seed in seeds:
+        declip = run(out, seed, 'declip', **run_args)
+        clip = run(out, seed, 'clip', **{**run_args, 'steps': declip['steps']})
+        short = max(1, round(declip['steps'] * clip['train_s'] / declip['train_s']))
+        records += [declip, clip, run(out, seed, 'declip_short', **{**run_args, 'steps': short})]
+        for r in records[-3:]:
+            print(f'seed {seed} {r["run"]}: {r["steps"]} steps, {r["train_s"]:.0f} s training, '
+                  f'top-1 {r["top1"]:.2f}', flush=True)
+    summary = compare_summary(records)
+    table = compare_table(summary)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / 'compare.json').write_text(json.dumps({'summary': summary, 'runs': records}, indent=2))
+    (Path(out) / 'compare.md').write_text(table + '\n')
+    print(table)
+    return table
+
+
+def _stats(values):
+    import statistics
+    return {'mean': statistics.fmean(values), 'std': statistics.stdev(values) if len(values) > 1 else 0.0,
+            'n': len(values)}
+
+
+def compare_summary(records):
+    """Mean and sample standard deviation over seeds of each run's steps, training seconds, top-1 and
+    top-5, and of the per-seed top-1 differences DeCLIP - CLIP (at equal steps: declip - clip; at
+    equal training time: declip_short - clip)."""
+    by_run = {}
+    for r in records:
+        by_run.setdefault(r['run'], {})[r['seed']] = r
+    summary = {name: {k: _stats([r[k] for r in runs.values()]) for k in ('steps', 'train_s', 'top1', 'top5')}
+               for name, runs in by_run.items()}
+    for key, name in (('delta_equal_steps', 'declip'), ('delta_equal_time', 'declip_short')):
+        seeds = sorted(set(by_run.get(name, {})) & set(by_run.get('clip', {})))
+        if seeds:
+            summary[key] = _stats([by_run[name][s]['top1'] - by_run['clip'][s]['top1'] for s in seeds])
+    summary['seeds'] = sorted({r['seed'] for r in records})
+    return summary
+
+
+def compare_table(summary):
+    """The summary as a markdown table (mean ± std over seeds)."""
+    def cell(s, digits=2, sign=''):
+        text = f'{s["mean"]:{sign}.{digits}f}'
+        return text + (f' ± {s["std"]:.{digits}f}' if s['n'] > 1 else '')
+    lines = [f'seeds {", ".join(map(str, summary["seeds"]))}: mean ± sample std over seeds; training time = '
+             'the sum of the step times (perf/step_ms), without start-up and evaluation', '',
+             '| comparison | run | steps | training time (s) | zero-shot top-1 (%) | top-5 (%) |',
+             '|---|---|---|---|---|---|']
+    for title, name, delta in (('equal steps', 'declip', 'delta_equal_steps'),
+                               ('equal training time', 'declip_short', 'delta_equal_time')):
+        for run in (name, 'clip'):
+            if run in summary:
+                s = summary[run]
+                lines.append(f'| {title} | {COMPARE_LABELS[run]} | {cell(s["steps"], 0)} | {cell(s["train_s"], 0)} '
+                             f'| {cell(s["top1"])} | {cell(s["top5"])} |')
+        if delta in summary:
+            lines.append(f'| {title} | DeCLIP - CLIP, paired by seed | | | {cell(summary[delta], sign="+")} | |')
+    return '\n'.join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,10 +437,14 @@ def setup(data_dir=data.DATA_DIR):
 
 
 def main(argv):
+    demo = data.DATA_DIR / 'demo'
     commands = {'setup': lambda: setup(FLAGS.data_dir),
-                'make-demo': lambda: make_demo(FLAGS.out or data.DATA_DIR / 'demo', train=FLAGS.train,
-                                               val=FLAGS.val, seed=FLAGS.seed),
-                'modelzoo-dataset': lambda: modelzoo_dataset(FLAGS.out or data.ROOT / 'dataset', demo=FLAGS.demo)}
+                'make-demo': lambda: make_demo(FLAGS.out or demo, train=FLAGS.train, val=FLAGS.val, seed=FLAGS.seed),
+                'modelzoo-dataset': lambda: modelzoo_dataset(FLAGS.out or data.ROOT / 'dataset', demo=FLAGS.demo),
+                'compare-demo': lambda: compare_demo(
+                    FLAGS.out or data.ROOT / 'runs' / 'compare', seeds=[int(s) for s in FLAGS.seeds],
+                    steps=FLAGS.steps, overrides=FLAGS.set, prompts=FLAGS.prompts,
+                    val_root=FLAGS.val_root or demo / 'val', val_meta=FLAGS.val_meta or demo / 'val.jsonl')}
     if len(argv) != 2 or argv[1] not in commands:
         raise app.UsageError(f'one command: {" or ".join(commands)} (got {argv[1:]})')
     commands[argv[1]]()
@@ -295,9 +452,16 @@ def main(argv):
 
 if __name__ == '__main__':
     flags.DEFINE_string('data_dir', str(data.DATA_DIR), 'setup: where the vocabulary and synonym table go')
-    flags.DEFINE_string('out', None, 'output folder (make-demo: data/demo; modelzoo-dataset: dataset/ beside the code)')
+    flags.DEFINE_string('out', None, 'output folder (make-demo: data/demo; modelzoo-dataset: dataset/ beside the '
+                        'code; compare-demo: runs/compare)')
     flags.DEFINE_string('demo', str(data.DATA_DIR / 'demo'), 'modelzoo-dataset: the demo corpus to lay out')
-    flags.DEFINE_integer('train', 20_000, 'make-demo: training pairs')
+    flags.DEFINE_integer('train', 10_000, 'make-demo: training pairs')
     flags.DEFINE_integer('val', 2_000, 'make-demo: validation images')
     flags.DEFINE_integer('seed', 0, 'make-demo: seed')
+    flags.DEFINE_list('seeds', ['0', '1', '2'], 'compare-demo: training seeds')
+    flags.DEFINE_integer('steps', 0, 'compare-demo: DeCLIP and CLIP steps (0: configs/demo.py max_iter)')
+    flags.DEFINE_multi_string('set', [], 'compare-demo: a config override KEY=VALUE for every run (repeatable)')
+    flags.DEFINE_string('prompts', 'prompt6', 'compare-demo: zero-shot prompt set')
+    flags.DEFINE_string('val_root', '', 'compare-demo: validation images (default: data/demo/val)')
+    flags.DEFINE_string('val_meta', '', 'compare-demo: validation meta (default: data/demo/val.jsonl)')
     app.run(main)

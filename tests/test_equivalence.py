@@ -1,7 +1,10 @@
 """The smoke run's per-step losses are those recorded (tests/fixtures/smoke_losses.json, 1 and 2
 processes). First recorded from the code before the module split and the train_step rewrite;
-re-recorded once, when the first forward moved to the reference's logit scale ln(1/0.07) instead
-of the clamped 3 (with only that change undone, the losses equalled the first recording)."""
+re-recorded when the first forward moved to the reference's logit scale ln(1/0.07) instead of the
+clamped 3 (with only that change undone, the losses equalled the first recording), and re-recorded
+when the demo corpus changed (large shapes, 80 px, new captions): recorded from the code of the
+previous recording with only prepare.py's new corpus in it, after the same procedure had given the
+previous numbers back with the old corpus."""
 import json
 from pathlib import Path
 

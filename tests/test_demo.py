@@ -1,0 +1,156 @@
+"""The demo corpus is a zero-shot task that needs colour and shape, and compare-demo's orchestration
+and table are right (on fake runs, and one real 2-step run)."""
+import collections
+import json
+import re
+
+import numpy as np
+import pytest
+
+import prepare
+from helpers import smoke_overrides
+
+COLOURS, SHAPES = list(prepare.DEMO_COLORS), list(prepare.DEMO_SHAPES)
+
+
+def pattern(words):
+    return re.compile(r'\b(' + '|'.join(words) + r')\b')
+
+
+def test_every_zero_shot_class_needs_both_colour_and_shape():
+    names = prepare.demo_class_names()
+    assert len(names) == len(set(names)) == len(COLOURS) * len(SHAPES) >= 16
+    pairs = [tuple(n.split(' ')) for n in names]
+    for colour in COLOURS:
+        assert len({s for c, s in pairs if c == colour}) >= 2, colour   # colour alone does not decide
+    for shape in SHAPES:
+        assert len({c for c, s in pairs if s == shape}) >= 2, shape     # nor does shape alone
+
+
+def test_written_validation_set_is_balanced_over_the_classes(demo_dir):
+    names = prepare.demo_class_names()
+    assert (demo_dir / 'classnames.txt').read_text().split('\n')[:-1] == names
+    records = [json.loads(line) for line in (demo_dir / 'val.jsonl').read_text().splitlines()]
+    assert len(records) == 60 and all(names[r['label']] == r['label_name'] for r in records)
+    assert set(collections.Counter(r['label'] for r in records).values()) == {60 // len(names)}
+    train = [json.loads(line) for line in (demo_dir / 'train.jsonl').read_text().splitlines()]
+    assert len(train) == 240 and set(train[0]) == {'filename', 'caption'}
+    assert len(list((demo_dir / 'shards').glob('*.tar'))) == 1
+
+
+def test_captions_name_the_colour_and_shape_shown_and_no_other():
+    colour_words = {c: pattern([c, *others]) for c, (_, others) in prepare.DEMO_COLORS.items()}
+    shape_words = {s: pattern([s, *others]) for s, others in prepare.DEMO_SHAPES.items()}
+    specs = [prepare.demo_spec(0, 'train', i) for i in range(400)]
+    assert set(collections.Counter(s['color'] for s in specs).values()) == {400 // len(COLOURS)}
+    assert set(collections.Counter(s['shape'] for s in specs).values()) == {400 // len(SHAPES)}
+    for s in specs:
+        assert [c for c, w in colour_words.items() if w.search(s['caption'])] == [s['color']], s['caption']
+        assert [k for k, w in shape_words.items() if w.search(s['caption'])] == [s['shape']], s['caption']
+    # varied phrasings: many templates, the other words used, class names never the whole caption
+    assert len({re.sub(r'\w+', 'w', s['caption']) for s in specs}) >= 8
+    assert sum(not re.search(rf'\b{s["color"]}\b', s['caption']) for s in specs) > 40
+    assert not {s['caption'] for s in specs} & set(prepare.demo_class_names())
+
+
+def test_validation_is_the_same_generator_under_other_seeds():
+    assert prepare.demo_spec(0, 'val', 5) == prepare.demo_spec(0, 'val', 5)
+    train, val = prepare.demo_spec(0, 'train', 5), prepare.demo_spec(0, 'val', 5)
+    assert train['label'] == val['label'] and train['noise'] != val['noise']
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_the_object_is_large_and_its_shape_is_drawn(shape):
+    """The object spans at least 0.45 of the side (a 0.2-area crop, 0.45 of the side, still holds
+    part of it) and its pixels fill the fraction of its box that the shape implies."""
+    side = 80
+    label = COLOURS.index('red') * len(SHAPES) + SHAPES.index(shape)
+    fills = []
+    for i in range(label, label + 20 * len(COLOURS) * len(SHAPES), len(COLOURS) * len(SHAPES)):
+        spec = prepare.demo_spec(0, 'train', i)
+        img = np.asarray(prepare.demo_image(spec, side)).astype(int)
+        red = (img[..., 0] > 170) & (img[..., 1] < 90) & (img[..., 2] < 90)
+        rows, cols = np.nonzero(red)
+        extent = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+        assert extent >= 0.45 * side, (shape, spec)
+        fills.append(red.sum() / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)))
+        centre = red[int(side * (0.5 + spec['dy'])), int(side * (0.5 + spec['dx']))]
+        assert centre == (shape != 'ring'), spec                  # a ring shows the background inside
+    expected = {'circle': 0.78, 'square': 0.72, 'triangle': 0.48, 'cross': 0.53, 'ring': 0.51}[shape]
+    assert np.mean(fills) == pytest.approx(expected, abs=0.04)
+
+
+# ----------------------------------------------------------------------------------------------
+# compare-demo
+# ----------------------------------------------------------------------------------------------
+
+def fake_records():
+    rows = []
+    for seed, (d, c, s) in enumerate([(60.0, 50.0, 55.0), (64.0, 52.0, 53.0), (62.0, 57.0, 58.0)]):
+        rows += [dict(run='declip', seed=seed, steps=600, train_s=200.0 + seed, top1=d, top5=100.0),
+                 dict(run='clip', seed=seed, steps=600, train_s=100.0 - seed, top1=c, top5=99.0),
+                 dict(run='declip_short', seed=seed, steps=300 - seed, train_s=101.0, top1=s, top5=98.0)]
+    return rows
+
+
+def test_compare_summary_means_sample_stds_and_paired_differences():
+    summary = prepare.compare_summary(fake_records())
+    assert summary['seeds'] == [0, 1, 2]
+    assert summary['declip']['top1'] == {'mean': 62.0, 'std': pytest.approx(2.0), 'n': 3}
+    assert summary['clip']['top1']['mean'] == pytest.approx(53.0)
+    assert summary['clip']['top1']['std'] == pytest.approx(np.std([50, 52, 57], ddof=1))
+    assert summary['delta_equal_steps']['mean'] == pytest.approx(9.0)                 # 10, 12, 5
+    assert summary['delta_equal_steps']['std'] == pytest.approx(np.std([10, 12, 5], ddof=1))
+    assert summary['delta_equal_time']['mean'] == pytest.approx(7 / 3)                # 5, 1, 1
+    assert summary['declip_short']['steps']['mean'] == pytest.approx(299)
+
+
+def test_compare_table_rows():
+    table = prepare.compare_table(prepare.compare_summary(fake_records()))
+    lines = table.splitlines()
+    assert lines[0].startswith('seeds 0, 1, 2: mean ± sample std')
+    assert ('| equal steps | DeCLIP (`configs/demo.py`) | 600 ± 0 | 201 ± 1 | 62.00 ± 2.00 | 100.00 ± 0.00 |'
+            in lines)
+    assert '| equal steps | CLIP (`configs/demo.py:clip`) | 600 ± 0 | 99 ± 1 | 53.00 ± 3.61 | 99.00 ± 0.00 |' \
+        in lines
+    assert '| equal steps | DeCLIP - CLIP, paired by seed | | | +9.00 ± 3.61 | |' in lines
+    assert ("| equal training time | DeCLIP, as many steps as fit in CLIP's time | 299 ± 1 | 101 ± 0 "
+            "| 55.33 ± 2.52 | 98.00 ± 0.00 |") in lines
+    assert '| equal training time | DeCLIP - CLIP, paired by seed | | | +2.33 ± 2.31 | |' in lines
+    one_seed = prepare.compare_table(prepare.compare_summary([r for r in fake_records() if r['seed'] == 0]))
+    assert '| equal steps | DeCLIP - CLIP, paired by seed | | | +10.00 | |' in one_seed.splitlines()
+
+
+def test_compare_demo_gives_declip_the_steps_that_fit_in_clips_time(tmp_path):
+    calls = []
+
+    def fake_run(out, seed, name, *, steps=0, **kw):
+        calls.append((seed, name, steps))
+        per_step = {'clip': 0.2 + 0.01 * seed}.get(name, 0.5)        # DeCLIP 2.5x slower per step
+        done = steps or 400
+        return dict(run=name, seed=seed, steps=done, train_s=done * per_step, top1=50.0 + seed, top5=90.0)
+    table = prepare.compare_demo(tmp_path / 'c', seeds=[0, 1], run=fake_run)
+    assert calls == [(0, 'declip', 0), (0, 'clip', 400), (0, 'declip_short', 160),
+                     (1, 'declip', 0), (1, 'clip', 400), (1, 'declip_short', 168)]
+    saved = json.loads((tmp_path / 'c' / 'compare.json').read_text())
+    assert len(saved['runs']) == 6 and saved['summary']['declip_short']['steps']['mean'] == 164
+    assert (tmp_path / 'c' / 'compare.md').read_text() == table + '\n'
+
+
+def test_compare_run_trains_evaluates_and_reads_back(tmp_path, demo_dir):
+    """One real 2-step run: trained without evaluation, evaluated by evaluate.py, timed from
+    TensorBoard; a second call reads the result back; another command on the same folder is refused."""
+    overrides = [o.removeprefix('--config.') for o in smoke_overrides(
+        demo_dir, **{'data.batch_size': 8, 'data.workers': 0, 'optim.warmup_steps': 1})]
+    args = dict(steps=2, prompts='prompt1', val_root=demo_dir / 'val', val_meta=demo_dir / 'val.jsonl')
+    record = prepare.compare_run(tmp_path, 3, 'clip', overrides, **args)
+    work = tmp_path / 'seed3' / 'clip'
+    assert record['steps'] == 2 and record['seed'] == 3 and 0 < record['train_s'] < record['wall_s']
+    evaluated = json.loads((work / 'zeroshot.json').read_text())
+    assert (record['top1'], record['top5']) == (evaluated['zeroshot_top1'], evaluated['zeroshot_top5'])
+    assert evaluated['images'] == 60 and evaluated['prompts'] == 'prompt1'
+    assert '--config.seed=3' in record['command'] and 'configs/demo.py:clip' in record['command']
+    assert 'zero-shot top-1' not in (work / 'run.log').read_text().split('evaluate.py')[0]  # not during training
+    assert prepare.compare_run(tmp_path, 3, 'clip', overrides, **args) == record
+    with pytest.raises(SystemExit, match='another command'):
+        prepare.compare_run(tmp_path, 3, 'clip', overrides, **{**args, 'steps': 3})
