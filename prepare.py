@@ -212,7 +212,10 @@ COMPARE_LABELS = {'declip': 'DeCLIP (`configs/demo.py`)', 'clip': 'CLIP (`config
 def training_seconds(workdir):
     """(seconds, steps) of a run's training: each log window's perf/step_ms times its steps, summed
     (start-up and evaluation are not in it; a resumed run's re-logged windows count once)."""
+    import logging
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logging.getLogger('tensorboard').setLevel(logging.WARNING)     # not a line per event file read
     acc = EventAccumulator(str(Path(workdir) / 'tb'), size_guidance={'scalars': 0})
     acc.Reload()
     step_ms = {e.step: e.value for e in acc.Scalars('perf/step_ms')}
