@@ -257,6 +257,7 @@ def compare_run(out, seed, name, overrides=(), *, steps=0, prompts='prompt6', va
         raise SystemExit(f'compare-demo: {record_path} holds the result of another command '
                          f'({" ".join(record["command"])}); choose another --out')
     work.mkdir(parents=True, exist_ok=True)
+    print(f'seed {seed} {name}: python {" ".join(train_cmd)}  (log: {work / "run.log"})', flush=True)
     start = time.perf_counter()
     _logged(train_cmd, work / 'run.log')
     wall = time.perf_counter() - start
