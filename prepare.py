@@ -205,14 +205,18 @@ def modelzoo_dataset(out, *, demo=data.DATA_DIR / 'demo', bpe=data.BPE_PATH):
 # compare-demo: DeCLIP vs its CLIP twin at equal steps and at equal training time, over seeds
 # ----------------------------------------------------------------------------------------------
 
+BUSY_SLOWDOWN = 1.5   # a log window slower than this many times the run's median: the machine was busy
 COMPARE_LABELS = {'declip': 'DeCLIP (`configs/demo.py`)', 'clip': 'CLIP (`configs/demo.py:clip`)',
                   'declip_short': "DeCLIP, as many steps as fit in CLIP's time"}
 
 
 def training_seconds(workdir):
-    """(seconds, steps) of a run's training: each log window's perf/step_ms times its steps, summed
-    (start-up and evaluation are not in it; a resumed run's re-logged windows count once)."""
+    """(seconds, steps, slowdown) of a run's training: each log window's perf/step_ms times its
+    steps, summed (start-up and evaluation are not in it; a resumed run's re-logged windows count
+    once); slowdown = the slowest window's step time over the median window's, after the first
+    (1.0-1.2 on a quiet machine; far above: something else used the CPUs)."""
     import logging
+    import statistics
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     logging.getLogger('tensorboard').setLevel(logging.WARNING)     # not a line per event file read
@@ -223,7 +227,8 @@ def training_seconds(workdir):
     for step in sorted(step_ms):
         seconds += step_ms[step] * (step - last) / 1000
         last = step
-    return seconds, last
+    later = [step_ms[k] for k in sorted(step_ms)[1:]] or list(step_ms.values())
+    return seconds, last, max(later) / statistics.median(later)
 
 
 def _logged(cmd, log):
@@ -264,9 +269,9 @@ def compare_run(out, seed, name, overrides=(), *, steps=0, prompts='prompt6', va
     _logged(['evaluate.py', '--ckpt', str(work / 'checkpoints' / 'last.pt'), '--prompts', prompts, '--val_root',
              str(val_root), '--val_meta', str(val_meta), '--out', str(work / 'zeroshot.json')], work / 'run.log')
     metrics = json.loads((work / 'zeroshot.json').read_text())
-    seconds, done = training_seconds(work)
-    record = dict(run=name, seed=seed, steps=done, train_s=seconds, wall_s=wall, top1=metrics['zeroshot_top1'],
-                  top5=metrics['zeroshot_top5'], command=train_cmd)
+    seconds, done, slowdown = training_seconds(work)
+    record = dict(run=name, seed=seed, steps=done, train_s=seconds, wall_s=wall, slowdown=slowdown,
+                  top1=metrics['zeroshot_top1'], top5=metrics['zeroshot_top5'], command=train_cmd)
     record_path.write_text(json.dumps(record, indent=2))
     return record
 
@@ -283,8 +288,8 @@ def compare_demo(out, *, seeds, run=compare_run, **run_args):
         short = max(1, round(declip['steps'] * clip['train_s'] / declip['train_s']))
         records += [declip, clip, run(out, seed, 'declip_short', **{**run_args, 'steps': short})]
         for r in records[-3:]:
-            print(f'seed {seed} {r["run"]}: {r["steps"]} steps, {r["train_s"]:.0f} s training, '
-                  f'top-1 {r["top1"]:.2f}', flush=True)
+            print(f'seed {seed} {r["run"]}: {r["steps"]} steps, {r["train_s"]:.0f} s training (slowest log window '
+                  f'{r.get("slowdown", 1):.2f}x the median), top-1 {r["top1"]:.2f}', flush=True)
     summary = compare_summary(records)
     table = compare_table(summary)
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -314,6 +319,7 @@ def compare_summary(records):
         if seeds:
             summary[key] = _stats([by_run[name][s]['top1'] - by_run['clip'][s]['top1'] for s in seeds])
     summary['seeds'] = sorted({r['seed'] for r in records})
+    summary['busy'] = [f'seed {r["seed"]} {r["run"]}' for r in records if r.get('slowdown', 1) > BUSY_SLOWDOWN]
     return summary
 
 
@@ -324,6 +330,9 @@ def compare_table(summary):
         return text + (f' ± {s["std"]:.{digits}f}' if s['n'] > 1 else '')
     lines = [f'seeds {", ".join(map(str, summary["seeds"]))}: mean ± sample std over seeds; training time = '
              'the sum of the step times (perf/step_ms), without start-up and evaluation', '',
+             *([f'**warning**: a log window of {", ".join(summary["busy"])} took over {BUSY_SLOWDOWN}x the run\'s '
+                'median step time: the machine was busy, so the training times (and the equal-time steps) are '
+                'not comparable; run again on a quiet machine', ''] if summary.get('busy') else []),
              '| comparison | run | steps | training time (s) | zero-shot top-1 (%) | top-5 (%) |',
              '|---|---|---|---|---|---|']
     for title, name, delta in (('equal steps', 'declip', 'delta_equal_steps'),

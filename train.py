@@ -388,6 +388,7 @@ def run(state, cfg, workdir, rank, world):
                 save(state, cfg, ckpt_dir)  # skipped steps changed nothing: still the last good state
             if eval_due(state.step, cfg) and not stopping:
                 evaluation()
+    del batches  # its loader workers (which leave SIGTERM to us) end here, not at interpreter exit
     log.close()
     if stopping:
         raise SystemExit(f'stopped at step {state.step} ({signals.received or "signal on another rank"}); the '

@@ -119,6 +119,15 @@ def test_compare_table_rows():
     assert '| equal training time | DeCLIP - CLIP, paired by seed | | | +2.33 ± 2.31 | |' in lines
     one_seed = prepare.compare_table(prepare.compare_summary([r for r in fake_records() if r['seed'] == 0]))
     assert '| equal steps | DeCLIP - CLIP, paired by seed | | | +10.00 | |' in one_seed.splitlines()
+    assert 'warning' not in table
+
+
+def test_compare_table_warns_when_a_run_had_a_busy_machine():
+    records = fake_records()
+    records[4]['slowdown'], records[0]['slowdown'] = 2.6, 1.2       # seed 1 clip slowed down; seed 0 declip fine
+    summary = prepare.compare_summary(records)
+    assert summary['busy'] == ['seed 1 clip']
+    assert prepare.compare_table(summary).splitlines()[2].startswith('**warning**: a log window of seed 1 clip took')
 
 
 def test_compare_demo_gives_declip_the_steps_that_fit_in_clips_time(tmp_path):
@@ -146,6 +155,7 @@ def test_compare_run_trains_evaluates_and_reads_back(tmp_path, demo_dir):
     record = prepare.compare_run(tmp_path, 3, 'clip', overrides, **args)
     work = tmp_path / 'seed3' / 'clip'
     assert record['steps'] == 2 and record['seed'] == 3 and 0 < record['train_s'] < record['wall_s']
+    assert record['slowdown'] >= 1
     evaluated = json.loads((work / 'zeroshot.json').read_text())
     assert (record['top1'], record['top5']) == (evaluated['zeroshot_top1'], evaluated['zeroshot_top5'])
     assert evaluated['images'] == 60 and evaluated['prompts'] == 'prompt1'

@@ -112,7 +112,7 @@ def _processes_mentioning(text):
 @pytest.mark.parametrize('nproc, sig', [(1, signal.SIGINT), (2, signal.SIGTERM)])
 def test_a_signal_finishes_the_step_and_writes_a_checkpoint(tmp_path, demo_dir, nproc, sig):
     work = tmp_path / 'w'
-    proc = _start(work, demo_dir, nproc)
+    proc = _start(work, demo_dir, nproc, **{'data.workers': 1})   # a loader worker must not keep it alive
     try:
         _wait_for_step(proc, 3)
         proc.send_signal(sig)             # to the launcher: torchrun forwards it to its workers
