@@ -137,6 +137,17 @@ def contrastive_terms(*, images, texts, all_images, all_texts, neighbours, logit
     return terms
 
 
+def device_terms(features, *, mlm_targets, weights):
+    """{'simsiam': ..., 'mlm': ...}: the terms of one device's own batch (no other device's
+    features), where weighted and present in the model's output."""
+    terms = {}
+    if weights.get('simsiam', 0) and 'p' in features:
+        terms['simsiam'] = simsiam_loss(p=upcast(features['p']), z=upcast(features['z']))
+    if weights.get('mlm', 0) and 'mlm_logits' in features:
+        terms['mlm'] = mlm_loss(logits=features['mlm_logits'], targets=mlm_targets)
+    return terms
+
+
 def declip_loss(features, *, queue, mlm_targets=None, weights, rank=None, world_size=None):
     """Weighted DeCLIP objective: w_clip*MVS-CLIP + w_ss*SimSiam + w_mlm*MLM + w_nn*NN.
 
@@ -162,10 +173,7 @@ def declip_loss(features, *, queue, mlm_targets=None, weights, rank=None, world_
     neighbours = [gather_no_grad(nn_neighbours(k, queue, features['text'].dtype)) for k in keys] or None
     terms = contrastive_terms(images=images, texts=texts, all_images=all_images, all_texts=all_texts,
                               neighbours=neighbours, logit_scale=s, labels=labels, weights=weights)
-    if weights.get('simsiam', 0) and 'p' in features:
-        terms['simsiam'] = simsiam_loss(p=upcast(features['p']), z=upcast(features['z']))
-    if weights.get('mlm', 0) and 'mlm_logits' in features:
-        terms['mlm'] = mlm_loss(logits=features['mlm_logits'], targets=mlm_targets)
+    terms.update(device_terms(features, mlm_targets=mlm_targets, weights=weights))
     keys = keys[::-1]
     total = sum(weights[name] * value for name, value in terms.items())
     return total, {name: value.detach() for name, value in terms.items()}, keys

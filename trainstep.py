@@ -361,13 +361,9 @@ def _second_passes(state, parts, contrastive, grads, scale_grad, *, cfg, autocas
             surrogate = sum((f * g[rows]).sum() for f, g in zip(imgs + txts, grads))
             if j == 0:
                 surrogate = surrogate + (losses.upcast(out['logit_scale']) * scale_grad).sum()
-            terms = dict(contrastive[j])
-            if weights.get('simsiam', 0) and 'p' in out:
-                terms['simsiam'] = losses.simsiam_loss(p=losses.upcast(out['p']), z=losses.upcast(out['z']))
-            if weights.get('mlm', 0) and 'mlm_logits' in out:
-                terms['mlm'] = losses.mlm_loss(logits=out['mlm_logits'], targets=p['mlm_targets'])
-            own = sum(weights[t] * terms[t] for t in terms if t not in contrastive[j])
-            state.scaler.scale((surrogate + own) / k).backward()
+            own = losses.device_terms(out, mlm_targets=p['mlm_targets'], weights=weights)
+            state.scaler.scale((surrogate + sum(weights[t] * v for t, v in own.items())) / k).backward()
+            terms = dict(contrastive[j], **own)
         part = sum(weights[t] * v for t, v in terms.items())
         total = total + part.detach()
         if j == 0:
