@@ -335,7 +335,7 @@ def _pairwise_clip_loss(*, images, texts, all_images, all_texts, logit_scale, la
 
 
 def _view_variants(p):
-    """Image tower: both views in one forward (ViT); channels-last ResNet (accelerators only)."""
+    """Image tower: both views in one forward and the patch embedding (ViT); channels-last ResNet (CUDA only)."""
     m, model = p.cfg.model, p.model
     views = torch.randn(p.batch, p.cfg.data.views, 3, m.image_size, m.image_size, generator=p.g).to(p.device)
     out = {}
@@ -343,6 +343,10 @@ def _view_variants(p):
         out['image views: one forward per view -> one forward of all views'] = (
             p.fwd_bwd(lambda: torch.stack([model.visual(views[:, v]) for v in range(views.shape[1])])),
             p.fwd_bwd(lambda: model.encode_views(views)))
+    if m.vision == 'vit':
+        conv, first = copy.deepcopy(model.visual.conv1).requires_grad_(), views[:, 0]
+        out['patch embedding: strided convolution -> patch matmul'] = (
+            p.fwd_bwd(lambda: conv(first), conv), p.fwd_bwd(lambda: declip.patch_embed(first, conv.weight), conv))
     if m.vision == 'resnet' and p.device.type == 'cuda':  # channels-last is used on CUDA only
         visual_cl = copy.deepcopy(model.visual).to(memory_format=torch.channels_last)
         first_cl = views[:, 0].contiguous(memory_format=torch.channels_last)
@@ -518,19 +522,15 @@ def bench_memory(args):
 
 def print_table(title, rows):
     width = max(len(r[0]) for r in rows)
-    print(f'\n{title}')
-    for row in rows:
-        print(f'  {row[0]:<{width}}  ' + '  '.join(f'{c:>18}' for c in row[1:]))
+    print(f'\n{title}', *(f'  {row[0]:<{width}}  ' + '  '.join(f'{c:>18}' for c in row[1:]) for row in rows), sep='\n')
 
 
 MODES = {'data': bench_data, 'step': bench_step, 'precision': bench_precision, 'parts': bench_parts, 'e2e': bench_e2e,
          'memory': bench_memory}
 # The defaults that differ between modes: flags left unset (None or '') take their mode's value.
 MODE_DEFAULTS = {'step': dict(batch=256, precision='auto', warmup=5, steps=20),
-                 'memory': dict(batch=64, warmup=2, steps=5),
-                 'precision': dict(batch=128, precision='bf16', steps=200),
-                 'parts': dict(batch=256, precision='auto'),
-                 'e2e': dict(batch=256, warmup=2, steps=10)}
+                 'memory': dict(batch=64, warmup=2, steps=5), 'precision': dict(batch=128, precision='bf16', steps=50),
+                 'parts': dict(batch=256, precision='auto'), 'e2e': dict(batch=256, warmup=2, steps=10)}
 
 
 def define_flags():
@@ -542,7 +542,7 @@ def define_flags():
     flags.DEFINE_string('precision', '', 'auto, bf16, fp16 or fp32 (default auto; precision: bf16, against fp32)')
     flags.DEFINE_boolean('compile', False, 'step, precision: torch.compile the towers')
     flags.DEFINE_integer('warmup', None, 'step, e2e: untimed steps first (default 5; e2e: 2)')
-    flags.DEFINE_integer('steps', None, 'step, precision, e2e: timed steps (default 20; precision 200; e2e 10)')
+    flags.DEFINE_integer('steps', None, 'step, precision, e2e: timed steps (default 20; precision 50; e2e 10)')
     flags.DEFINE_enum('decode', 'host', ['host', 'device'], "step, e2e: 'device' decodes JPEG bytes in the step")
     flags.DEFINE_string('images', str(BENCH_IMAGES), 'data, e2e, step --decode=device: folder of .jpg files')
     flags.DEFINE_integer('limit', 240, 'data, e2e: at most this many images')

@@ -123,6 +123,22 @@ def test_conv1_freeze(freeze):
     assert torch.equal(before, model.visual.conv1.weight) == freeze
 
 
+def test_patch_embedding_is_the_strided_convolution():
+    """declip.patch_embed (one matmul over flattened patches) against conv1 as OpenAI CLIP runs it,
+    values and gradients in fp32, at ViT-B/32's sizes."""
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(3, 768, kernel_size=32, stride=32, bias=False)
+    images = torch.randn(2, 3, 224, 224, generator=g, requires_grad=True)
+    want = conv(images).flatten(2).transpose(1, 2)
+    got = declip.patch_embed(images, conv.weight)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    up = torch.randn(want.shape, generator=g)
+    want_grads = torch.autograd.grad((want * up).sum(), (images, conv.weight))
+    got_grads = torch.autograd.grad((got * up).sum(), (images, conv.weight))
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
 def test_features_and_apis_agree():
     torch.manual_seed(0)
     model = declip.build_model(tiny_config().model).eval()
