@@ -234,11 +234,10 @@ def _host_syncs(step, device_type):
 
 def _time_step(step, device, warmup, steps):
     """(seconds per step, FLOPs of one step, whether a step synchronises with the host)."""
-    from torch.utils.flop_counter import FlopCounterMode
     runtime.reset_peak_memory(device.type)
     for _ in range(warmup):
         step()
-    with FlopCounterMode(display=False) as counter:
+    with runtime.flop_counter() as counter:
         step()
     syncs = _host_syncs(step, device.type)
     runtime.synchronize(device)

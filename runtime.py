@@ -223,6 +223,16 @@ def synchronize(device):
         torch.accelerator.synchronize()
 
 
+@contextlib.contextmanager
+def flop_counter():
+    """torch's FLOP counter over eager code: a compiled function called under the counter is never
+    used again (torch drops to eager for the rest of the process), so compiled code is bypassed
+    while counting."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.compiler.set_stance('force_eager'), FlopCounterMode(display=False) as counter:
+        yield counter
+
+
 def reset_peak_memory(device_type):
     if device_type != 'cpu':
         torch.get_device_module(device_type).reset_peak_memory_stats()

@@ -192,8 +192,7 @@ class RunLog:
         """Counts the FLOPs of the first step when an MFU figure is wanted (config.peak_tflops)."""
         if not self.cfg.peak_tflops or self.flops_per_step is not None:
             return None
-        from torch.utils.flop_counter import FlopCounterMode
-        return FlopCounterMode(display=False)
+        return runtime.flop_counter()
 
     def wants_views(self):
         return self.writer is not None and self.cfg.tb_images > 0

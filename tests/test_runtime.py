@@ -219,3 +219,22 @@ def test_ranks_come_from_torchrun_else_slurm(monkeypatch):
     monkeypatch.delenv('MASTER_ADDR', raising=False)
     with pytest.raises(RuntimeError, match='MASTER_ADDR'):
         runtime.init_distributed('cpu', 2, 4, 10)
+
+
+def test_counting_flops_keeps_compiled_code_in_use():
+    """A compiled function called under torch's FLOP counter is dropped for the rest of the process;
+    runtime.flop_counter bypasses it instead, so the steps after the counted one run compiled."""
+    from torch.profiler import profile
+
+    def f(x):
+        return (x @ x).relu().sum()
+
+    g, x = torch.compile(f, backend='eager'), torch.randn(8, 8)
+    g(x)
+    with runtime.flop_counter() as counter:
+        counted = g(x)
+    assert counter.get_total_flops() == 2 * 8 ** 3
+    assert counted == f(x)
+    with profile() as prof:
+        g(x)
+    assert any('Torch-Compiled Region' in e.name for e in prof.events())
