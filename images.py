@@ -1,6 +1,7 @@
 """Images: host decode and RandomResizedCrop/flip/resize to uint8 (loader workers), batched
 device-side colour jitter / grayscale / blur / normalisation, optional device JPEG decode."""
 import contextlib
+import functools
 import io
 import math
 import os
@@ -464,8 +465,14 @@ def device_augment(images, *, generator, jitter_p=0.8, brightness=0.4, contrast=
 
 
 def _stats(x, mean, std):
-    return (torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1),
-            torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1))
+    return _channel_constants(tuple(mean), tuple(std), x.device, x.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean, std, device, dtype):
+    """Copied to the device once: a host-to-device copy in every step would make the host wait for
+    the device's queue each time (the one synchronisation CUDA's sync debug mode found in a step)."""
+    return tuple(torch.tensor(v, device=device, dtype=dtype).view(1, 3, 1, 1) for v in (mean, std))
 
 
 def normalize_images(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
