@@ -63,9 +63,10 @@ def check_config(cfg):
             raise ValueError(f'config.eval.prompts: {e}') from None
         if not templates:
             raise ValueError(f'config.eval.prompts: {cfg.eval.prompts!r} has no templates')
-    if cfg.accum_steps > 1 and (cfg.data.format != 'jsonl' or cfg.data.decode != 'host' or cfg.model.sync_bn):
-        raise ValueError('config.accum_steps > 1 needs data.format=jsonl, data.decode=host and model.sync_bn=False '
-                         '(synchronised BatchNorm cannot see the other micro-batches)')
+    if cfg.accum_steps > 1 and (cfg.data.format != 'jsonl' or cfg.model.sync_bn):
+        raise ValueError('config.accum_steps > 1 needs data.format=jsonl (shards go to ranks and loader workers, '
+                         'not to the virtual devices of a larger job) and model.sync_bn=False (synchronised '
+                         'BatchNorm cannot see the other micro-batches)')
     if cfg.model.declip and (cfg.data.views != 2 or not cfg.data.mask):
         raise ValueError('config.model.declip needs data.views=2 and data.mask=True')
     for key, name in (('precision', cfg.precision), ('eval.precision', cfg.eval.precision)):

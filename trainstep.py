@@ -237,7 +237,10 @@ def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False,
     advances). `stop` (a signal arrived here) becomes 'stop' on every rank."""
     for group in state.optimizer.param_groups:
         group['lr'] = lr_at(state.step + 1, cfg.optim, cfg.max_iter)
-    k = cfg.accum_steps
+    k, undecodable = cfg.accum_steps, 0
+    if k > 1 and 'jpeg' in batch:   # all k micro-batches' JPEGs decoded at once, then split as host
+        views, undecodable = images.decode_views(batch, size=cfg.data.image_size, device=state.device)
+        batch = dict(batch, images=views)  # views are (an image nothing decodes borrows from all k x B)
     # 1-2. each (virtual) device's views with its colour-op stream; captions, MLM positions, EDA captions
     parts = [step_inputs(state, part, cfg=cfg, rank=rank * k + j, world=world * k)
              for j, part in enumerate(micro_batches(batch, k) if k > 1 else [batch])]
@@ -272,7 +275,7 @@ def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False,
     state.nonfinite_total += skip.long()
     if 'bad' in batch:
         state.bad_totals += batch['bad']
-    state.bad_totals[data.BAD_KINDS.index('truncated')] += sum(p['undecodable'] for p in parts)
+    state.bad_totals[data.BAD_KINDS.index('truncated')] += undecodable + sum(p['undecodable'] for p in parts)
     state.step += 1
     return metrics
 

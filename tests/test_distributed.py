@@ -191,16 +191,17 @@ def test_sync_batchnorm_uses_the_global_batch():
     run_distributed(_global_bn_rank, 2)
 
 
-def _accum_run(rank, world, k, demo_dir, out):
+def _accum_run(rank, world, k, demo_dir, out, decode='host'):
     """Three steps of the demo smoke config on the real loader; rank 0 saves its logged losses
-    and the gradients the optimiser saw."""
+    and the gradients the optimiser saw. decode='device' decodes with Pillow standing in for nvjpeg."""
     import train
     import trainstep
     from configs import demo
     import data as data_module
+    import images
     cfg = demo.get_config('smoke')
     cfg.compile, cfg.accum_steps = 'false', k
-    cfg.data.update(train_root=str(demo_dir / 'train'), train_meta=str(demo_dir / 'train.jsonl'))
+    cfg.data.update(train_root=str(demo_dir / 'train'), train_meta=str(demo_dir / 'train.jsonl'), decode=decode)
     state = trainstep.build_state(cfg, torch.device('cpu'), rank)
     train.wrap_ddp(state, cfg, world)
     batches = iter(data_module.build_train_loader(cfg.data, rank=rank, world=world, start_step=0, max_iter=3,
@@ -210,10 +211,14 @@ def _accum_run(rank, world, k, demo_dir, out):
     def capture(st, skip):
         seen.append({n: p.grad.clone() for n, p in st.model.named_parameters() if p.grad is not None})
         real(st, skip)
+    real_decoder = images.nvjpeg_decoder
     trainstep.optimizer_step = capture
-    logged = [trainstep.train_step(state, next(batches), cfg=cfg, autocast=contextlib.nullcontext(), rank=rank,
-                                   world=world)['loss'] for _ in range(3)]
-    trainstep.optimizer_step = real
+    images.nvjpeg_decoder = lambda device: lambda blobs: [images._pillow_decode(b, device) for b in blobs]
+    try:
+        logged = [trainstep.train_step(state, next(batches), cfg=cfg, autocast=contextlib.nullcontext(), rank=rank,
+                                       world=world)['loss'] for _ in range(3)]
+    finally:
+        trainstep.optimizer_step, images.nvjpeg_decoder = real, real_decoder
     if rank == 0:
         torch.save({'losses': logged, 'grads': seen, 'queue': state.queue}, out)
 
@@ -223,13 +228,15 @@ def test_accumulated_micro_batches_equal_a_job_with_more_devices(tmp_path, demo_
     queues): the losses of virtual device 0 and every parameter gradient, over three steps."""
     run_distributed(_accum_run, 2, 1, demo_dir, tmp_path / 'w2.pt')
     _accum_run(0, 1, 2, demo_dir, tmp_path / 'w1.pt')
-    wide, deep = torch.load(tmp_path / 'w2.pt'), torch.load(tmp_path / 'w1.pt')
-    for a, b in zip(wide['losses'], deep['losses']):
-        assert a.keys() == b.keys() == {'total', 'clip', 'nn', 'simsiam', 'mlm'}
-        for term in a:
-            torch.testing.assert_close(b[term], a[term], rtol=1e-5, atol=1e-6, msg=term)
-    for step, (a, b) in enumerate(zip(wide['grads'], deep['grads'])):
-        assert a.keys() == b.keys()
-        for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=f'step {step}: {name}')
-    assert deep['queue'].shape[0] == 2
+    _accum_run(0, 1, 2, demo_dir, tmp_path / 'w1_device.pt', decode='device')   # JPEGs decoded in the step
+    wide = torch.load(tmp_path / 'w2.pt')
+    for deep in (torch.load(tmp_path / 'w1.pt'), torch.load(tmp_path / 'w1_device.pt')):
+        for a, b in zip(wide['losses'], deep['losses']):
+            assert a.keys() == b.keys() == {'total', 'clip', 'nn', 'simsiam', 'mlm'}
+            for term in a:
+                torch.testing.assert_close(b[term], a[term], rtol=1e-5, atol=1e-6, msg=term)
+        for step, (a, b) in enumerate(zip(wide['grads'], deep['grads'])):
+            assert a.keys() == b.keys()
+            for name in a:
+                torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=f'step {step}: {name}')
+        assert deep['queue'].shape[0] == 2
