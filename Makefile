@@ -14,7 +14,7 @@ setup: install
 test: setup
 	$(PYTHON) -m pytest -q tests
 
-data/demo/train.jsonl:
+data/demo/train.jsonl: prepare.py
 	$(PYTHON) prepare.py make-demo --out data/demo
 
 demo: setup data/demo/train.jsonl
@@ -22,8 +22,9 @@ demo: setup data/demo/train.jsonl
 	$(PYTHON) evaluate.py --ckpt runs/demo/checkpoints/last.pt --prompts prompt6
 	@echo "TensorBoard: tensorboard --logdir runs"
 
-# One accelerator: every GPU figure of BENCHMARKS.md (needs data/ from `python prepare.py setup`).
-# JSON and logs go to $(OUT); the largest-batch searches stop at the first batch that fails.
+# One accelerator: every GPU figure of BENCHMARKS.md, most wanted first (needs data/ from
+# `python prepare.py setup`). JSON and logs go to $(OUT); the largest-batch searches stop at the
+# first batch that fails. About 10 minutes on an H200.
 OUT ?= bench_out/gpu
 IMAGES ?= ../shared/bench_images
 BENCH = $(PYTHON) bench.py
@@ -31,19 +32,20 @@ bench-gpu:
 	mkdir -p $(OUT)
 	test -f data/demo/train.jsonl || $(PYTHON) prepare.py make-demo --out data/demo
 	$(BENCH) step --config=configs/vitb32.py --batch=256 --out=$(OUT)/step_vitb32_256_eager.json
-	$(BENCH) step --config=configs/vitb32.py --batch=256 --compile --out=$(OUT)/step_vitb32_256.json
 	$(BENCH) step --config=configs/r50.py --batch=256 --out=$(OUT)/step_r50_256_eager.json
+	$(BENCH) step --config=configs/vitb32.py --batch=256 --compile --out=$(OUT)/step_vitb32_256.json
 	$(BENCH) step --config=configs/r50.py --batch=256 --compile --out=$(OUT)/step_r50_256.json
+	$(PYTHON) train.py --config configs/vitb32.py:gpu_smoke --workdir $(OUT)/gpu_smoke
+	$(BENCH) parts --config=configs/vitb32.py --batch=256 --out=$(OUT)/parts_vitb32.json
+	$(BENCH) parts --config=configs/r50.py --batch=256 --out=$(OUT)/parts_r50.json
+	$(BENCH) precision --config=configs/vitb32.py --batch=128 --out=$(OUT)/precision_vitb32.json
+	$(BENCH) e2e --images=$(IMAGES) --workers=16 --batch=256 --steps=30 --step_ms=71 --out=$(OUT)/e2e_host.json
+	$(BENCH) e2e --images=$(IMAGES) --workers=16 --batch=256 --steps=30 --step_ms=71 --decode=device \
+		--out=$(OUT)/e2e_device.json
 	$(BENCH) step --config=configs/vitb32.py --batch=256 --compile --decode=device --images=$(IMAGES) \
 		--out=$(OUT)/step_vitb32_256_nvjpeg.json
+	$(BENCH) memory --config=configs/vitb32.py --batch=256 --accum=4 --out=$(OUT)/memory_vitb32.json
 	for b in 512 768 1024; do $(BENCH) step --config=configs/vitb32.py --batch=$$b --compile \
 		--out=$(OUT)/step_vitb32_$$b.json || break; done
 	for b in 384 512; do $(BENCH) step --config=configs/r50.py --batch=$$b --compile \
 		--out=$(OUT)/step_r50_$$b.json || break; done
-	$(BENCH) parts --config=configs/vitb32.py --batch=256 --out=$(OUT)/parts_vitb32.json
-	$(BENCH) parts --config=configs/r50.py --batch=256 --out=$(OUT)/parts_r50.json
-	$(BENCH) precision --config=configs/vitb32.py --batch=128 --steps=200 --out=$(OUT)/precision_vitb32.json
-	$(BENCH) e2e --images=$(IMAGES) --workers=16 --batch=256 --steps=30 --step_ms=71 --out=$(OUT)/e2e_host.json
-	$(BENCH) e2e --images=$(IMAGES) --workers=16 --batch=256 --steps=30 --step_ms=71 --decode=device \
-		--out=$(OUT)/e2e_device.json
-	$(PYTHON) train.py --config configs/vitb32.py:gpu_smoke --workdir $(OUT)/gpu_smoke
