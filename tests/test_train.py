@@ -143,7 +143,7 @@ def decode_jpeg(blobs, mode=ImageReadMode.RGB, device='cpu'):
 def test_device_decode_run_equals_host_run(tmp_path, demo_dir):
     """data.decode='device' through train.py, torchvision replaced by a Pillow stand-in: the same
     crops of the same pixels, so the same losses as the host path (no draft reduction applies
-    to the 160x120 demo images at 64 px)."""
+    to the 80x80 demo images at 64 px)."""
     package = tmp_path / 'site' / 'torchvision'
     package.mkdir(parents=True)
     (package / '__init__.py').write_text('')
