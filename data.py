@@ -154,7 +154,7 @@ class JsonlMeta:
         return f'{meta}:{local + 1 + int(np.searchsorted(blanks, offsets[local]))}'
 
     def record(self, i):
-        """(root, record dict, 'meta:line' for messages); malformed lines raise BadSample."""
+        """(root, record dict); a malformed line raises BadSample (its caller adds where(i))."""
         import json
         src, local = self.locate(i)
         root, meta, offsets, _ = self.sources[src]
@@ -164,18 +164,17 @@ class JsonlMeta:
         f = handle[1]
         f.seek(int(offsets[local]))
         raw = f.readline()
-        where = self.where(i)
         try:
             line = raw.decode('utf-8-sig')  # a byte-order mark is no error
         except UnicodeDecodeError as e:
-            raise BadSample('bad_encoding', f'{where}: {e.reason} at byte {e.start}') from e
+            raise BadSample('bad_encoding', f'{e.reason} at byte {e.start}') from e
         try:
             rec = json.loads(line)
         except ValueError as e:
-            raise BadSample('bad_json', f'{where}: {e}') from e
+            raise BadSample('bad_json', str(e)) from e
         if not isinstance(rec, dict) or not isinstance(rec.get('filename'), str):
-            raise BadSample('bad_json', f'{where}: not an object with a "filename" string')
-        return root, rec, where
+            raise BadSample('bad_json', 'not an object with a "filename" string')
+        return root, rec
 
     def __getstate__(self):
         return {**self.__dict__, 'handles': {}}
@@ -325,7 +324,7 @@ class PairDataset(torch.utils.data.Dataset):
         failures = []
         for _ in range(100):
             def build():
-                root, rec, _ = self.meta.record(index)
+                root, rec = self.meta.record(index)
                 return self.builder(rec.get('caption'), confined_path(root, rec['filename']), rng)
             sample, kind = self.builder.attempt(build, self.meta.where(index))
             if sample is not None:

@@ -62,9 +62,9 @@ def test_several_sources_and_join_path(tmp_path):
         (d / 'm.jsonl').write_text(''.join(json.dumps({'filename': f'/f{k}_{i}'}) + '\n' for i in range(3 + k)))
     meta = data.JsonlMeta([str(tmp_path / 's0'), 's3:'], [str(tmp_path / 's0/m.jsonl'), str(tmp_path / 's1/m.jsonl')])
     assert len(meta) == 7
-    root, rec, _ = meta.record(4)
+    root, rec = meta.record(4)
     assert rec['filename'] == '/f1_1' and data.join_path(root, rec['filename']) == 's3:/f1_1'
-    root, rec, _ = meta.record(2)
+    root, rec = meta.record(2)
     assert data.join_path(root, rec['filename']) == str(tmp_path / 's0' / 'f0_2')
 
 
