@@ -338,13 +338,13 @@ class PredictionMLP(nn.Module):
         return self.layer2(F.relu(self.bn1(self.linear1(x))))
 
 
-
 def capped_scale(theta, cap=100.0):
     """exp(theta) with its value capped at `cap` and the gradient of the uncapped exp(theta), as
     the reference (which overwrites the value's .data): theta above ln(cap) still learns, and can
     come back down, where exp().clamp() would give it no gradient at all."""
     scale = theta.exp()
     return scale - (scale - scale.clamp(max=cap)).detach()
+
 
 class DeCLIP(nn.Module):
     """CLIP towers plus, when `declip` is on, the SimSiam projector/predictor and the MLM head."""

@@ -94,8 +94,6 @@ def demo_spec(seed, split, i):
 
 def demo_image(spec, side):
     """The picture of a demo_spec: a textured background and one object, side x side RGB."""
-    import math
-
     import numpy as np
     from PIL import Image, ImageDraw
     base, pattern = DEMO_BACKGROUNDS[spec['bg']]
