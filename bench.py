@@ -211,7 +211,7 @@ def _jpeg_batch(cfg, batch, folder):
     """A device-decode batch (JPEG bytes, boxes, flips) of `batch` files from `folder`, cycled."""
     raws = [f.read_bytes() for f in _image_files(folder, batch)]
     raws = [(raw, *images.open_image(raw, 1 << 30).size) for raw in raws]
-    crops = dict(views=cfg.data.views, scale=tuple(cfg.data.crop_scale), flip=images.host_flip(cfg.data.augmentation))
+    crops = dict(views=cfg.data.views, scale=tuple(cfg.data.crop_scale), flip=images.moco_views(cfg.data.augmentation))
     return images.collate_jpeg([images.jpeg_sample(*raws[i % len(raws)], random.Random(i), **crops)
                                 for i in range(batch)])
 

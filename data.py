@@ -267,7 +267,7 @@ class SampleBuilder:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.flip = images.host_flip(cfg.augmentation)
+        self.flip = images.moco_views(cfg.augmentation)
         self.tokenizer = get_tokenizer(cfg.bpe_path)
         self.eda = text.EDA(cfg.synonyms_path, use_synonyms=cfg.eda_synonyms) if cfg.eda else None
         self.monitor = FailureMonitor(cfg.bad_window, cfg.max_bad_rate)
@@ -591,7 +591,7 @@ def check_config(cfg):
     if cfg.val_meta:
         _need('val_meta', cfg.val_meta)
         _need('val_root', cfg.val_root, 'folder')
-    images.host_flip(cfg.augmentation)
+    cfg.augmentation = images.augmentation_name(cfg.augmentation)
     if cfg.decode not in ('host', 'device'):
         raise ValueError(f'config.data.decode: "host" or "device", got {cfg.decode!r}')
     if cfg.decode == 'device':

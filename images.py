@@ -185,16 +185,28 @@ def _to_chw(img):
     return _pixels(img)[0].contiguous()
 
 
-# data.augmentation -> whether the host crops flip (p 0.5): MoCo v2 views (DeCLIP) do; the CLIP
-# baseline's STANDARD_CLIP is RandomResizedCrop only (and its device side only normalises)
-AUGMENTATIONS = {'moco_v2': True, 'standard_clip': False}
+# data.augmentation -> whether its views are MoCo v2's: host crops flip (p 0.5) and the device runs
+# colour jitter, grayscale and blur (DeCLIP). The CLIP baseline's is the reference's STANDARD_SLIP
+# (its CLIP configs' transform): RandomResizedCrop(scale 0.5-1) only; the device only normalises.
+AUGMENTATIONS = {'moco_v2': True, 'standard_slip': False}
+# former names: the reference's STANDARD_CLIP is another transform (RandomCropMinSize)
+RENAMED = {'standard_clip': 'standard_slip'}
 
 
-def host_flip(augmentation):
-    """Whether the host crops of data.augmentation `augmentation` flip; an unknown name is an error."""
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f'config.data.augmentation: one of {", ".join(AUGMENTATIONS)}, got {augmentation!r}')
-    return AUGMENTATIONS[augmentation]
+def augmentation_name(name):
+    """data.augmentation's current name: a former one is accepted with a warning; an unknown one is an error."""
+    if name in RENAMED:
+        warnings.warn(f'config.data.augmentation={name!r} is now called {RENAMED[name]!r} '
+                      f'(the reference\'s STANDARD_SLIP; its STANDARD_CLIP is another transform)', stacklevel=2)
+        name = RENAMED[name]
+    if name not in AUGMENTATIONS:
+        raise ValueError(f'config.data.augmentation: one of {", ".join(AUGMENTATIONS)}, got {name!r}')
+    return name
+
+
+def moco_views(augmentation):
+    """Whether data.augmentation `augmentation` makes MoCo v2 views (host flip, device colour ops)."""
+    return AUGMENTATIONS[augmentation_name(augmentation)]
 
 
 def view_boxes(width, height, rng, *, views=2, scale=(0.2, 1.0), flip=True):

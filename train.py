@@ -93,6 +93,9 @@ def check_resumed_config(saved, cfg, path, allow_change):
     """Refuse (unless allowed) a resume whose config changes what the run computes: model,
     losses, optimiser, batch size, data sources and order; warn for the rest (max_iter too:
     extending a run is deliberate, though it reshapes the rest of the cosine schedule)."""
+    saved_data = saved.get('data', {})
+    if saved_data.get('augmentation') in images.RENAMED:   # a run from before the rename: the same views
+        saved = {**saved, 'data': {**saved_data, 'augmentation': images.RENAMED[saved_data['augmentation']]}}
     lines, refused = runtime.config_changes(saved, cfg.to_dict(), RUN_DEFINING)
     if refused and not allow_change:
         raise ValueError(f'{path} belongs to a run with another config; resuming would change it:\n'

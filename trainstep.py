@@ -167,7 +167,7 @@ def device_views(batch, *, cfg, step, rank, world, device, static=False):
         views, undecodable = images.decode_views(batch, size=cfg.data.image_size, device=device)
     else:
         views = batch['images'].to(device, non_blocking=True)
-    if cfg.data.augmentation == 'standard_clip':   # crops only
+    if not images.moco_views(cfg.data.augmentation):   # crops only
         return images.normalize_images(views.flatten(0, 1)).view(views.shape), undecodable
     gen = data.generator(cfg.seed, step * world + rank)
     out = images.device_augment(rearrange(views, 'b v c h w -> (b v) c h w'), generator=gen, static=static)

@@ -44,9 +44,9 @@ def base_config(vision, *, declip=True):
         shuffle_buffer=2_000,      # samples each loader worker mixes (shards: memory x mean sample size)
         val_root='', val_meta='',  # ImageNet-val layout (JSON Lines with filename/label/label_name)
         image_size=image_size, views=2 if declip else 1,
-        # 'moco_v2': crop 0.2-1, flip, colour jitter, grayscale, blur (DeCLIP); 'standard_clip': crop 0.5-1
-        # only (the reference's CLIP experiments)
-        augmentation='moco_v2' if declip else 'standard_clip', crop_scale=(0.2, 1.0) if declip else (0.5, 1.0),
+        # 'moco_v2': crop 0.2-1, flip, colour jitter, grayscale, blur (DeCLIP); 'standard_slip': crop 0.5-1
+        # only (the reference's STANDARD_SLIP, which its CLIP configs use)
+        augmentation='moco_v2' if declip else 'standard_slip', crop_scale=(0.2, 1.0) if declip else (0.5, 1.0),
         decode='host',             # 'device': JPEG decode + crop/resize on the accelerator (torchvision)
         eda=declip, mask=declip, eda_synonyms=True,
         bpe_path=str(data.BPE_PATH), synonyms_path=str(data.SYNONYMS_PATH),
