@@ -8,14 +8,18 @@ features) from the tested component losses, with plain autograd instead of colle
 """
 import contextlib
 import json
+import os
+import subprocess
 
+import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import declip
 import losses
+import runtime
 import text
-from helpers import free_port, run, run_distributed, smoke_overrides, tiny_config
+from helpers import ROOT, free_port, run, run_distributed, scalars, smoke_overrides, tiny_config
 
 B, WORLD = 4, 2
 
@@ -321,3 +325,29 @@ def test_accumulated_micro_batches_equal_a_job_with_more_devices(tmp_path, demo_
                     for term in a:
                         torch.testing.assert_close(a[term], b[term], rtol=1e-5, atol=1e-6,
                                                    msg=f'{variant} {world}x{k} step {t} device {v}: {term}')
+
+
+def test_accumulating_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, demo_dir):
+    """2 processes x accum_steps 2, SIGKILLed during step 3 (after step 2's checkpoint) and run
+    again: it resumes at step 2, and the logged losses of all four steps and the last checkpoint
+    (weights, AdamW state, the four virtual devices' NN queues and their pointer) are those of the
+    uninterrupted run, so every virtual device's loader, augmentation and masking streams resume."""
+    from test_reliability import command, overrides, run_and_kill
+    args = overrides(demo_dir, max_iter=4, accum_steps=2)
+    ref, crashed = tmp_path / 'ref', tmp_path / 'crashed'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    res = subprocess.run(command(ref, args, 2), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_and_kill(crashed, args, 2, at_step=3)
+    res = subprocess.run(command(crashed, args, 2), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'at step 2' in res.stderr
+    want, got = scalars(ref, 'loss/total')[0], scalars(crashed, 'loss/total')[0]
+    assert sorted(want) == sorted(got) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+    a, b = (runtime.safe_load(run / 'checkpoints' / 'last.pt') for run in (crashed, ref))
+    assert a['step'] == b['step'] == 4 and a['queue_ptr'] == b['queue_ptr'] and len(a['queues']) == 4
+    for key in ('model', 'queues'):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-8, msg=key)
+    torch.testing.assert_close(a['optimizer']['state'], b['optimizer']['state'], rtol=1e-6, atol=1e-10)
