@@ -308,9 +308,10 @@ def accumulated_passes(state, parts, *, cfg, autocast, rank, world):
     1. forward every part without gradient (BatchNorm buffers restored after); 2. gather the unit
     features of all virtual devices, compute each local device's contrastive terms against all of
     them, backward to the features and sum those gradients over ranks; 3. forward each part again
-    with gradient and back-propagate features . gradient (+ logit scale . its gradient, + the
-    per-device SimSiam and MLM terms), scaled 1/k so that DDP's mean over ranks is the mean over
-    virtual devices. Returns (total over parts, each part's terms with its total, keys per part)."""
+    with gradient and back-propagate features . gradient (+ the per-device SimSiam and MLM terms,
+    + logit scale . its gradient with the last part: DDP reduces only in that part's backward, which
+    must reach every parameter), scaled 1/k so that DDP's mean over ranks is the mean over virtual
+    devices. Returns (total over parts, each part's terms with its total, keys per part)."""
     k, model, weights = len(parts), state.model, loss_weights(cfg)
     buffers = [b.clone() for b in model.buffers()]
     with torch.no_grad(), autocast:

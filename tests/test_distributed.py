@@ -351,3 +351,16 @@ def test_accumulating_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_pa
     for key in ('model', 'queues'):
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-8, msg=key)
     torch.testing.assert_close(a['optimizer']['state'], b['optimizer']['state'], rtol=1e-6, atol=1e-10)
+
+
+def test_accumulation_with_synchronised_batchnorm_is_refused_in_one_line(tmp_path, demo_dir):
+    """R50 (model.sync_bn=True) with accum_steps=2 on 2 processes: one line naming the setting to
+    change and what it means, no traceback from train.py, no workdir."""
+    work = tmp_path / 'run'
+    res = run(['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()), 'train.py',
+               '--config', 'configs/r50.py:smoke', '--workdir', str(work), *smoke_overrides(demo_dir),
+               '--config.accum_steps=2'], timeout=120)
+    assert res.returncode != 0 and not work.exists()
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if 'config.model.sync_bn' in line]
+    assert len(lines) == 1 and 'Add --config.model.sync_bn=False' in lines[0] and 'own BatchNorm statistics' in lines[0]
+    assert 'train.py", line' not in res.stderr
