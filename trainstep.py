@@ -249,7 +249,9 @@ def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False,
         total, terms, keys = single_pass(state, parts[0], cfg=cfg, autocast=autocast)
         keys = [keys]
     else:
-        total, terms, keys = accumulated_passes(state, parts, cfg=cfg, autocast=autocast, rank=rank, world=world)
+        total, per_device, keys = accumulated_passes(state, parts, cfg=cfg, autocast=autocast, rank=rank,
+                                                     world=world)
+        terms = per_device[0]
     skip, stop = flags_anywhere(total, stop, world)
     # 5. queue pushes and optimiser step (both no-ops where skip); logit scale into [3, 6]
     #    before and after the step (so the first forward used ln(1/0.07))
@@ -261,7 +263,7 @@ def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False,
         queues.append(queue)
     if queues:
         state.queue, state.queue_ptr = torch.stack(queues), ptr
-    metrics = {'loss': {'total': terms.pop('total'), **terms}, 'skipped': skip, 'stop': stop}
+    metrics = {'loss': {'total': terms['total'], **terms}, 'skipped': skip, 'stop': stop}
     if keep_views:
         metrics['views'] = parts[0]['views'].detach()
     state.model.clamp_logit_scale_()
@@ -306,9 +308,10 @@ def accumulated_passes(state, parts, *, cfg, autocast, rank, world):
     1. forward every part without gradient (BatchNorm buffers restored after); 2. gather the unit
     features of all virtual devices, compute each local device's contrastive terms against all of
     them, backward to the features and sum those gradients over ranks; 3. forward each part again
-    with gradient and back-propagate features . gradient (+ logit scale . its gradient, + the
-    per-device SimSiam and MLM terms), scaled 1/k so that DDP's mean over ranks is the mean over
-    virtual devices. Returns (total over parts, virtual device rank*k's terms, keys per part)."""
+    with gradient and back-propagate features . gradient (+ the per-device SimSiam and MLM terms,
+    + logit scale . its gradient with the last part: DDP reduces only in that part's backward, which
+    must reach every parameter), scaled 1/k so that DDP's mean over ranks is the mean over virtual
+    devices. Returns (total over parts, each part's terms with its total, keys per part)."""
     k, model, weights = len(parts), state.model, loss_weights(cfg)
     buffers = [b.clone() for b in model.buffers()]
     with torch.no_grad(), autocast:
@@ -342,16 +345,16 @@ def accumulated_passes(state, parts, *, cfg, autocast, rank, world):
     if world > 1:
         for g in grads:
             dist.all_reduce(g)
-    total, first = _second_passes(state, parts, contrastive, grads, s.grad, cfg=cfg, autocast=autocast, rank=rank)
-    return _injected_nonfinite(state.step, total), first, [ks[::-1] for ks in keys]
+    total, per_part = _second_passes(state, parts, contrastive, grads, s.grad, cfg=cfg, autocast=autocast, rank=rank)
+    return _injected_nonfinite(state.step, total), per_part, [ks[::-1] for ks in keys]
 
 
 def _second_passes(state, parts, contrastive, grads, scale_grad, *, cfg, autocast, rank):
-    """Step 3 of accumulated_passes: (total over parts, part 0's terms with its total)."""
+    """Step 3 of accumulated_passes: (total over parts, each part's terms with its total)."""
     k, weights = len(parts), loss_weights(cfg)
     n = parts[0]['text'].shape[0]
     forward = state.model if state.ddp is None else state.ddp
-    total, first, kept = 0.0, None, None
+    total, per_part, kept = 0.0, [], None
     for j, p in enumerate(parts):
         rows = slice((rank * k + j) * n, (rank * k + j + 1) * n)
         quiet = state.ddp is not None and j < k - 1
@@ -362,19 +365,18 @@ def _second_passes(state, parts, contrastive, grads, scale_grad, *, cfg, autocas
                 kept = [b.clone() for b in state.model.buffers()]
             imgs, txts = _normalised(out)
             surrogate = sum((f * g[rows]).sum() for f, g in zip(imgs + txts, grads))
-            if j == 0:
+            if j == k - 1:   # in the backward DDP synchronises, which must reach every parameter
                 surrogate = surrogate + (losses.upcast(out['logit_scale']) * scale_grad).sum()
             own = losses.device_terms(out, mlm_targets=p['mlm_targets'], weights=weights)
             state.scaler.scale((surrogate + sum(weights[t] * v for t, v in own.items())) / k).backward()
             terms = dict(contrastive[j], **own)
-        part = sum(weights[t] * v for t, v in terms.items())
-        total = total + part.detach()
-        if j == 0:
-            first = dict({t: v.detach() for t, v in terms.items()}, total=part.detach())
+        part = sum(weights[t] * v for t, v in terms.items()).detach()
+        total = total + part
+        per_part.append(dict({t: v.detach() for t, v in terms.items()}, total=part))
     with torch.no_grad():
         for b, saved in zip(state.model.buffers(), kept):
             b.copy_(saved)
-    return total, first
+    return total, per_part
 
 
 def _injected_nonfinite(step, loss):
