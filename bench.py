@@ -264,10 +264,10 @@ def bench_step(args):
                               args.matmul_n or (8192 if device_type != 'cpu' else 1024))
     mem, tflops = runtime.peak_memory_gib(device_type), flops / step_s / 1e12
     result = {'config': args.config, 'batch': args.batch, 'device': str(device), 'precision': args.precision,
-              'compile': args.compile, 'decode': args.decode, 'img_per_s': args.batch / step_s,
+              'compile': trainstep.compile_scope(cfg.compile, device_type), 'decode': args.decode, 'img_per_s': args.batch / step_s,
               'step_ms': step_s * 1000, 'tflops': tflops, 'matmul_peak_tflops': peak, 'mfu': tflops / peak,
               'peak_mem_gib': mem, 'flops_per_step': flops, 'host_syncs_in_step': syncs}
-    label = f'{args.config} batch {args.batch} {args.precision}' + ' compiled' * args.compile
+    label = f'{args.config} batch {args.batch} {args.precision}' + f' compiled ({result["compile"]})' * bool(result['compile'])
     rows = [(label + ' device JPEG decode' * (args.decode == 'device'),
              f'{result["img_per_s"]:.1f} img/s', f'{result["step_ms"]:.1f} ms/step',
              f'{tflops:.2f} TFLOP/s', f'MFU {result["mfu"]:.1%}', f'{mem:.2f} GiB')]
@@ -539,7 +539,8 @@ def define_flags():
     flags.DEFINE_string('config', 'configs/vitb32.py', 'step, precision, parts, e2e: config file[:arg]')
     flags.DEFINE_integer('batch', None, 'pairs per step (default 256; precision: 128)')
     flags.DEFINE_string('precision', '', 'auto, bf16, fp16 or fp32 (default auto; precision: bf16, against fp32)')
-    flags.DEFINE_boolean('compile', False, 'step, precision: torch.compile the towers')
+    flags.DEFINE_boolean('compile', False, "step, precision: torch.compile (config.compile 'true'; "
+                         "--set=compile=\"'model'\" picks a scope)")
     flags.DEFINE_integer('warmup', None, 'step, e2e: untimed steps first (default 5; e2e: 2)')
     flags.DEFINE_integer('steps', None, 'step, precision, e2e: timed steps (default 20; precision 50; e2e 10)')
     flags.DEFINE_enum('decode', 'host', ['host', 'device'], "step, e2e: 'device' decodes JPEG bytes in the step")

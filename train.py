@@ -80,8 +80,7 @@ def check_config(cfg):
         except ValueError as e:
             raise ValueError(f'config.{key}: {e}') from None
     runtime.shape_modes('cpu', jit_compile=cfg.npu_jit_compile, static_shapes=cfg.static_shapes)
-    if str(cfg.compile).lower() not in ('auto', 'true', 'false'):
-        raise ValueError(f'config.compile: auto, true or false, got {cfg.compile!r}')
+    trainstep.compile_scope(cfg.compile, 'cpu')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,15 +52,31 @@ def lr_at(t, optim, max_iter):
     return optim.min_lr + (optim.warmup_lr - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# config.compile -> what torch.compile compiles: the two towers, or the model's whole training
+# forward (towers, SimSiam heads, the MLM head on the masked positions); 'true' and 'auto' (on
+# CUDA) take the default scope
+COMPILE_SCOPES = {'false': None, 'towers': 'towers', 'model': 'model', 'true': 'towers', 'auto': 'towers'}
+
+
+def compile_scope(setting, device_type):
+    """What config.compile compiles on `device_type` (None: nothing); an unknown setting is an error."""
+    setting = str(setting).lower()
+    if setting not in COMPILE_SCOPES:
+        raise ValueError(f'config.compile: one of {", ".join(COMPILE_SCOPES)}, got {setting!r}')
+    return None if setting == 'auto' and device_type != 'cuda' else COMPILE_SCOPES[setting]
+
+
 def build_model(cfg, device):
-    """cfg.model on `device` as the step runs it: channels-last ResNet on CUDA, both towers
-    compiled when config.compile says so ('auto': on CUDA)."""
+    """cfg.model on `device` as the step runs it: channels-last ResNet on CUDA, compiled as
+    config.compile says (in place: state-dict names unchanged)."""
     model = declip.build_model(cfg.model).to(device)
     if cfg.model.vision == 'resnet' and device.type == 'cuda':  # NHWC is slow on NPU
         model = model.to(memory_format=torch.channels_last)
-    mode = str(cfg.compile).lower()
-    if mode == 'true' or (mode == 'auto' and device.type == 'cuda'):
-        model.visual.compile()        # in place: state-dict names unchanged
+    scope = compile_scope(cfg.compile, device.type)
+    if scope == 'model':
+        model.compile()
+    elif scope == 'towers':
+        model.visual.compile()
         model.encode_text.compile()
     return model
 

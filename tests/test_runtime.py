@@ -238,3 +238,25 @@ def test_counting_flops_keeps_compiled_code_in_use():
     with profile() as prof:
         g(x)
     assert any('Torch-Compiled Region' in e.name for e in prof.events())
+
+
+def test_compile_setting_picks_what_is_compiled():
+    """config.compile: 'model' compiles the whole training forward (heads included), 'towers' and
+    'true' the two towers, 'auto' the towers on CUDA only, 'false' nothing; a typo is an error
+    naming the key. (Breaks caught: 'auto' compiling on CPU, 'model' compiling only the towers.)"""
+    import trainstep
+    from configs import demo
+    cfg = demo.get_config('smoke')
+    for setting, device_type, want in (('model', 'cpu', 'model'), ('towers', 'cpu', 'towers'), ('true', 'cpu', 'towers'),
+                                       ('auto', 'cpu', None), ('auto', 'cuda', 'towers'), ('false', 'cuda', None)):
+        assert trainstep.compile_scope(setting, device_type) == want, (setting, device_type)
+    for setting, want in (('model', 'model'), ('towers', 'towers'), ('auto', None)):
+        cfg.compile = setting
+        model = trainstep.build_model(cfg, torch.device('cpu'))
+        got = 'model' if model._compiled_call_impl is not None else (
+            'towers' if model.visual._compiled_call_impl is not None and model.encode_text._compiled_call_impl is not None
+            else None)
+        assert got == want, setting
+        assert all(not k.startswith('_orig_mod') for k in model.state_dict())
+    with pytest.raises(ValueError, match=r"config\.compile: one of .*got 'yes'"):
+        trainstep.compile_scope('yes', 'cpu')
