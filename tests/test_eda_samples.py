@@ -41,7 +41,7 @@ def test_without_synonyms_the_eda_caption_only_swaps_or_deletes(image):
     replacement whatever data.eda_synonyms says."""
     caption = CAPTION.split()
     found = eda_captions(image, eda_synonyms=False)
-    assert all(swap_or_deletion(words, caption) for words in found), [w for w in found if not swap_or_deletion(w, caption)]
+    assert [words for words in found if not swap_or_deletion(words, caption)] == []
     assert sum(words != caption for words in found) > 30
 
 
