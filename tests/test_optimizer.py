@@ -14,7 +14,7 @@ OPTIM = dict(base_lr=0.05, weight_decay=0.3, beta1=0.5, beta2=0.7, eps=1e-3)
 
 
 def exempt(name):
-    """The reference's zero-decay group (spec 6.1) by name: every bias of a Linear / Conv / norm
+    """The reference's zero-decay group by name: every bias of a Linear / Conv / norm
     layer (not the attention's in_proj_bias), LayerNorm and BatchNorm weights, logit_scale."""
     leaf = name.split('.')[-2] if '.' in name else ''
     return (name == 'logit_scale' or (name.endswith('.bias') and not name.endswith('in_proj_bias'))

@@ -16,7 +16,7 @@ MAX_ITER = 111
 
 
 def spec_lr(t, base, peak, floor, warmup, max_iter):
-    """The reference's CosineLRScheduler (spec 6.2) with eta_min = floor: linear warm-up from base
+    """The reference's CosineLRScheduler with eta_min = floor: linear warm-up from base
     to peak over t = 1 .. warmup - 1, then cosine from peak at t = warmup to floor at max_iter."""
     if t < warmup:
         return base + (peak - base) * (t - 1) / (warmup - 1)
