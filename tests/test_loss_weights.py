@@ -1,0 +1,72 @@
+"""config.loss weights in a training step: the logged total and the gradient are those of
+sum_k w_k * term_k, each term weighted by its own key, and a term whose weight is 0 is neither
+computed nor back-propagated. The reference's weights (0.4 / 0.2 / 0.2 / 0.2) repeat 0.2, so a step
+that swapped the SimSiam, MLM and NN weights would train the same; these weights are distinct."""
+import pytest
+import torch
+
+from tiny_step import gradients, keep_gradients, single_thread, step, tiny_state
+
+WEIGHTS = dict(clip=0.7, simsiam=0.3, mlm=0.11, nn=0.05)
+HEADS = {'simsiam': ('projector.', 'predictor.'), 'mlm': ('text_label_predictor.',)}   # only their term reaches them
+
+
+def one_step(weights, accum_steps=1):
+    """(logged losses, gradients) of the first step of a fresh tiny state with these weights: the
+    same initial weights, batch, colour ops and NN queue whatever the weights."""
+    cfg, state, batch = tiny_state(batch=4, accum_steps=accum_steps, **weights)
+    keep_gradients(state)
+    metrics = step(state, batch, cfg)
+    return {k: float(v) for k, v in metrics['loss'].items()}, gradients(state)
+
+
+@pytest.fixture(scope='module')
+def alone():
+    """{term: one_step with that term alone at weight 1, the others 0}."""
+    with single_thread():
+        return {k: one_step({j: float(j == k) for j in WEIGHTS}) for k in WEIGHTS}
+
+
+@pytest.fixture(scope='module', params=[1, 2], ids=['one_pass', 'accumulated'])
+def shifted(request):
+    """{'base': one_step(WEIGHTS), term: one_step(WEIGHTS with that term's weight + 1)} with
+    accum_steps 1 or 2 (where the backward is not the logged total's but GradCache's surrogate)."""
+    with single_thread():
+        out = {'base': one_step(WEIGHTS, request.param)}
+        for k in WEIGHTS:
+            out[k] = one_step(dict(WEIGHTS, **{k: WEIGHTS[k] + 1}), request.param)
+    return out
+
+
+def test_logged_total_is_the_weighted_sum_of_the_terms(shifted):
+    """Breaks it catches: two weights swapped (loss_weights or declip_loss reading another term's
+    key), the total summed without weights."""
+    logged, _ = shifted['base']
+    assert logged.keys() == {'total', *WEIGHTS}
+    assert logged['total'] == pytest.approx(sum(w * logged[k] for k, w in WEIGHTS.items()), rel=1e-6)
+    for k in WEIGHTS:   # each term is the same number whatever the weights
+        assert shifted[k][0][k] == pytest.approx(logged[k], rel=1e-6, abs=1e-7), k
+
+
+def test_a_term_of_weight_zero_is_not_computed_and_its_head_gets_no_gradient(alone):
+    """Each term alone: the log holds only that term, the total is it, and the SimSiam and MLM
+    heads have a gradient only in their own term's run. Break it catches: a term computed at
+    weight 0 (device_terms testing only for the MLM logits)."""
+    for k in WEIGHTS:
+        logged, grads = alone[k]
+        assert logged.keys() == {'total', k}, k
+        assert logged['total'] == pytest.approx(logged[k], rel=1e-6)
+        for term, prefixes in HEADS.items():
+            assert any(name.startswith(prefixes) for name in grads) == (term == k), (k, term)
+
+
+def test_the_step_gradient_is_the_weighted_sum_of_each_terms_gradient(shifted):
+    """Raising w_k by 1 adds grad(term_k), so grad(W) = sum_k w_k (grad(W + e_k) - grad(W)) for
+    every parameter, to fp32 rounding (atol from the largest gradient: the biases of Linear layers
+    that feed a BatchNorm have gradient 0 up to rounding). Breaks it catches: a weight missing or
+    swapped in what is back-propagated but not in what is logged (GradCache's surrogate)."""
+    _, base = shifted['base']
+    atol = 1e-5 * max(g.abs().max().item() for g in base.values())
+    for name, g in base.items():
+        want = sum(w * (shifted[k][1][name] - g) for k, w in WEIGHTS.items())
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=atol, msg=name)
