@@ -53,9 +53,9 @@ def lr_at(t, optim, max_iter):
 
 
 # config.compile -> what torch.compile compiles: the two towers, or the model's whole training
-# forward (towers, SimSiam heads, the MLM head on the masked positions); 'true' and 'auto' (on
-# CUDA) take the default scope
-COMPILE_SCOPES = {'false': None, 'towers': 'towers', 'model': 'model', 'true': 'towers', 'auto': 'towers'}
+# forward (towers, SimSiam heads, the MLM head on the masked positions; 1.04x the towers' speed
+# for ViT-B/32 on an H200, BENCHMARKS.md); 'true' and 'auto' (on CUDA) take the whole forward
+COMPILE_SCOPES = {'false': None, 'towers': 'towers', 'model': 'model', 'true': 'model', 'auto': 'model'}
 
 
 def compile_scope(setting, device_type):

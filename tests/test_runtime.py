@@ -241,14 +241,14 @@ def test_counting_flops_keeps_compiled_code_in_use():
 
 
 def test_compile_setting_picks_what_is_compiled():
-    """config.compile: 'model' compiles the whole training forward (heads included), 'towers' and
-    'true' the two towers, 'auto' the towers on CUDA only, 'false' nothing; a typo is an error
-    naming the key. (Breaks caught: 'auto' compiling on CPU, 'model' compiling only the towers.)"""
+    """config.compile: 'model' (and 'true', and 'auto' on CUDA only) compiles the whole training
+    forward (heads included), 'towers' the two towers, 'false' nothing; a typo is an error naming
+    the key. (Breaks caught: 'auto' compiling on CPU, 'model' compiling only the towers.)"""
     import trainstep
     from configs import demo
     cfg = demo.get_config('smoke')
-    for setting, device_type, want in (('model', 'cpu', 'model'), ('towers', 'cpu', 'towers'), ('true', 'cpu', 'towers'),
-                                       ('auto', 'cpu', None), ('auto', 'cuda', 'towers'), ('false', 'cuda', None)):
+    for setting, device_type, want in (('model', 'cpu', 'model'), ('towers', 'cpu', 'towers'), ('true', 'cpu', 'model'),
+                                       ('auto', 'cpu', None), ('auto', 'cuda', 'model'), ('false', 'cuda', None)):
         assert trainstep.compile_scope(setting, device_type) == want, (setting, device_type)
     for setting, want in (('model', 'model'), ('towers', 'towers'), ('auto', None)):
         cfg.compile = setting
