@@ -86,13 +86,19 @@ def nn_queue_push(*, queue, ptr, feats, skip=None):
     given queue is not changed). The reference's overflow rule: when the write reaches or passes
     the end, fill to the end, drop the rest and restart at 0. Where `skip` (a 0-dim device
     tensor) is non-zero the rows keep their values, so a skipped step changes no row without a
-    host sync; the pointer, a Python int that depends only on batch sizes, advances either way."""
+    host sync; the pointer, a Python int that depends only on batch sizes, advances either way.
+    Every shape depends only on the sizes, never on `ptr` (static shapes for Ascend's operator
+    compile): one index_copy of n rows at ptr, ptr + 1, ... wrapped round to the start, where the
+    dropped and skipped rows write back the rows they land on."""
     size, n = queue.shape[0], feats.shape[0]
-    end = min(ptr + n, size)
-    rows = feats[:end - ptr].to(queue.dtype)
+    rows = feats[:size].to(queue.dtype)              # beyond one whole queue, rows are always dropped
+    at = torch.arange(rows.shape[0], device=queue.device) + ptr
+    keep = at >= size
+    index = torch.where(keep, at - size, at)
     if skip is not None:
-        rows = torch.where(skip > 0, queue[ptr:end], rows)
-    return torch.cat([queue[:ptr], rows, queue[end:]]), (0 if ptr + n >= size else ptr + n)
+        keep = keep | (skip > 0)
+    rows = torch.where(keep.unsqueeze(1), queue.index_select(0, index), rows)
+    return queue.index_copy(0, index, rows), (0 if ptr + n >= size else ptr + n)
 
 
 def nn_clip_loss(*, images, neighbours, logit_scale, labels):
