@@ -20,8 +20,7 @@ def gather_with_grad(x):
     """All-gather along dim 0; the backward sums the incoming gradients over ranks."""
     if world_info()[1] == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather_no_grad(x):
@@ -32,6 +31,24 @@ def gather_no_grad(x):
     out = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """gather_no_grad whose backward is an all-reduce (sum) of the gathered gradient and this
+    rank's rows of it. torch.distributed.nn's all_gather sends gradients back with all_to_all
+    off NCCL: hcclAlltoAllV on Ascend, which the 910 runs only on whole 4-card clusters."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, n = world_info()[0], x.shape[0]
+        ctx.rows = slice(rank * n, (rank + 1) * n)
+        return gather_no_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total[ctx.rows]
 
 
 def upcast(x):
