@@ -322,8 +322,8 @@ def _hsv8(q):
     hue is bc - gc, 2 + rc - bc or 4 + gc - rc (rc = (max - r) / delta in float32; the 2 + ... in
     double, stored as float); the minimum channel's ratio is 1, so each case is one float32
     operation on the middle channel's ratio c, rounded once as Pillow rounds it. Then
-    fmod(h / 6 + 1, 1) and truncation of x * 255: exact in float32 here (all 2^24 colours are
-    checked against Pillow in the tests). A gray pixel gets S = 0, which makes its H irrelevant."""
+    fmod(h / 6 + 1, 1) and truncation of x * 255: exact in float32 here (the tests check every
+    colour class against Pillow). A gray pixel gets S = 0, which makes its H irrelevant."""
     maxc, minc = q.amax(dim=1), q.amin(dim=1)
     delta = maxc - minc
     r, g, b = q.unbind(1)
