@@ -541,6 +541,7 @@ def main(argv):
         print('wrote', *export_open_clip(load_model(FLAGS.ckpt)[0], FLAGS.export))
         return
     device, device_type = runtime.setup_device(runtime.dist_env()[2])
+    runtime.check_precisions(device_type, {'--precision': FLAGS.precision})
     with runtime.processes(device_type, FLAGS.timeout_s) as (rank, world):
         model, _ = load_model(FLAGS.ckpt)
         model.to(device)

@@ -321,29 +321,37 @@ def adjust_saturation(x, factor):
 def adjust_hue(x, shift):
     """Rotate hue by `shift` (fraction of the circle) as PIL does it for torchvision's adjust_hue:
     RGB -> 8-bit HSV (H and S truncated, a 255-step hue circle), H += trunc(255*shift) with uint8
-    wrap-around, HSV -> RGB with rounding. float32 throughout (Ascend kernels reject float64):
-    within 1/255 of Pillow, equal on almost every pixel."""
+    wrap-around, HSV -> RGB with rounding. float32 and bool operations only (Ascend runs int64
+    arithmetic on its AI CPU, and has no float64); equal to Pillow on every 8-bit colour."""
     q = torch.round(x.float() * 255)
-    maxc, _ = q.max(dim=1)
-    minc, _ = q.min(dim=1)
-    delta = maxc - minc
-    d = delta.clamp_min(1)
-    r, g, b = q.unbind(1)
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d            # float32, as Pillow
-    # Pillow forms 2 + rc - bc (or 4 + gc - rc) in double and stores it as float: exact in int64
-    # at 2^40 scale, then one correctly rounded conversion
-    rc_i, gc_i, bc_i = (_fixed(v) for v in (rc, gc, bc))
-    other = torch.where(g == maxc, (2 << 40) + rc_i - bc_i, (4 << 40) + gc_i - rc_i)
-    h = torch.where(r == maxc, bc - gc, other.float() * 2.0 ** -40)
-    gray = delta == 0
-    hq = torch.where(gray, 0.0, _trunc255(_hue_fraction(h)))
-    sq = torch.where(gray, 0.0, _trunc255(delta / maxc.clamp_min(1)))
+    hq, sq, v = _hsv8(q)
     step = torch.trunc(_per_sample(shift, q)[:, 0] * 255)
-    hq = torch.remainder(hq + step, 256)
+    return (_rgb8(torch.remainder(hq + step, 256), sq, v) / 255).to(x.dtype)
+
+
+def _hsv8(q):
+    """Pillow's 8-bit (H, S, V) of integer-valued float RGB [N, 3, H, W] (rgb2hsv_row). Pillow's
+    hue is bc - gc, 2 + rc - bc or 4 + gc - rc (rc = (max - r) / delta in float32; the 2 + ... in
+    double, stored as float); the minimum channel's ratio is 1, so each case is one float32
+    operation on the middle channel's ratio c, rounded once as Pillow rounds it. Then
+    fmod(h / 6 + 1, 1) and truncation of x * 255: exact in float32 here (the tests check every
+    colour class against Pillow). A gray pixel gets S = 0, which makes its H irrelevant."""
+    maxc, minc = q.amax(dim=1), q.amin(dim=1)
+    delta = maxc - minc
+    r, g, b = q.unbind(1)
+    c = (maxc - (r + g + b - maxc - minc)) / delta.clamp_min(1)
+    h = torch.where(r == maxc, torch.where(g < b, c - 1, 1 - c),
+                    torch.where(g == maxc, torch.where(r == minc, 3 - c, 1 + c),
+                                torch.where(g == minc, 5 - c, 3 + c)))
+    hue = h / 6 + (h < 0).float()
+    return torch.floor(hue * 255), torch.floor(delta / maxc.clamp_min(1) * 255), maxc
+
+
+def _rgb8(hq, sq, v):
+    """Pillow's hsv2rgb of 8-bit (H, S, V) as integer-valued float RGB [N, 3, H, W]."""
     i = torch.floor(hq * 6.0 / 255.0)
     f = hq * 6.0 / 255.0 - i
     fs = sq / 255.0
-    v = maxc
     p = torch.floor(v * (1.0 - fs) + 0.5)
     qq = torch.floor(v * (1.0 - fs * f) + 0.5)
     t = torch.floor(v * (1.0 - fs * (1.0 - f)) + 0.5)
@@ -352,29 +360,7 @@ def adjust_hue(x, shift):
     red = torch.where((i == 0) | (i == 5), v, torch.where(i == 1, qq, torch.where(i == 4, t, p)))
     green = torch.where((i == 1) | (i == 2), v, torch.where(i == 0, t, torch.where(i == 3, qq, p)))
     blue = torch.where((i == 3) | (i == 4), v, torch.where(i == 2, t, torch.where(i == 5, qq, p)))
-    out = torch.where((sq == 0).unsqueeze(1), v.unsqueeze(1), torch.stack([red, green, blue], dim=1))
-    return (out / 255).to(x.dtype)
-
-
-def _fixed(x, bits=40):
-    """float32 values in [-8, 8] with no bits below 2^-bits as exact int64 multiples of 2^-bits."""
-    return (x * 2.0 ** bits).long()
-
-
-def _trunc255(x):
-    """int(x * 255.0) of float32 x in [0, 1] as Pillow computes it (in double): exact, in int64."""
-    return ((_fixed(x) * 255) >> 40).float()
-
-
-def _hue_fraction(h):
-    """float(fmod(h / 6.0 + 1.0, 1.0)) of float32 h in [-1, 5] as Pillow computes it (double,
-    stored as float), without float64: h / 6 is correctly rounded in float32 for h >= 0; for
-    h < 0, 1 + h / 6 in (5/6, 1) is rounded to the 2^-24 grid in int64 (half to even)."""
-    num = (6 << 32) + _fixed(h, 32)
-    den = 6 << 32
-    q, rem = torch.div(num << 24, den, rounding_mode='floor'), (num << 24) % den
-    q = q + ((2 * rem > den) | ((2 * rem == den) & (q % 2 == 1))).long()
-    return torch.where(h >= 0, h / 6.0, q.float() * 2.0 ** -24)
+    return torch.where((sq == 0).unsqueeze(1), v.unsqueeze(1), torch.stack([red, green, blue], dim=1))
 
 
 def to_grayscale(x, _param=None):

@@ -20,8 +20,7 @@ def gather_with_grad(x):
     """All-gather along dim 0; the backward sums the incoming gradients over ranks."""
     if world_info()[1] == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather_no_grad(x):
@@ -32,6 +31,24 @@ def gather_no_grad(x):
     out = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """gather_no_grad whose backward is an all-reduce (sum) of the gathered gradient and this
+    rank's rows of it. torch.distributed.nn's all_gather sends gradients back with all_to_all
+    off NCCL: hcclAlltoAllV on Ascend, which the 910 runs only on whole 4-card clusters."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, n = world_info()[0], x.shape[0]
+        ctx.rows = slice(rank * n, (rank + 1) * n)
+        return gather_no_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total[ctx.rows]
 
 
 def upcast(x):
@@ -86,13 +103,19 @@ def nn_queue_push(*, queue, ptr, feats, skip=None):
     given queue is not changed). The reference's overflow rule: when the write reaches or passes
     the end, fill to the end, drop the rest and restart at 0. Where `skip` (a 0-dim device
     tensor) is non-zero the rows keep their values, so a skipped step changes no row without a
-    host sync; the pointer, a Python int that depends only on batch sizes, advances either way."""
+    host sync; the pointer, a Python int that depends only on batch sizes, advances either way.
+    Every shape depends only on the sizes, never on `ptr` (static shapes for Ascend's operator
+    compile): one index_copy of n rows at ptr, ptr + 1, ... wrapped round to the start, where the
+    dropped and skipped rows write back the rows they land on."""
     size, n = queue.shape[0], feats.shape[0]
-    end = min(ptr + n, size)
-    rows = feats[:end - ptr].to(queue.dtype)
+    rows = feats[:size].to(queue.dtype)              # beyond one whole queue, rows are always dropped
+    at = torch.arange(rows.shape[0], device=queue.device) + ptr
+    keep = at >= size
+    index = torch.where(keep, at - size, at)
     if skip is not None:
-        rows = torch.where(skip > 0, queue[ptr:end], rows)
-    return torch.cat([queue[:ptr], rows, queue[end:]]), (0 if ptr + n >= size else ptr + n)
+        keep = keep | (skip > 0)
+    rows = torch.where(keep.unsqueeze(1), queue.index_select(0, index), rows)
+    return queue.index_copy(0, index, rows), (0 if ptr + n >= size else ptr + n)
 
 
 def nn_clip_loss(*, images, neighbours, logit_scale, labels):

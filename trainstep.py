@@ -2,6 +2,8 @@
 
 train.py runs it in its loop, bench.py times it, the tests call it; nothing here logs or saves.
 """
+from __future__ import annotations  # TrainState's `X | None` fields on Python 3.9 (torch_npu 2.6)
+
 import contextlib
 import dataclasses
 import math

@@ -28,7 +28,7 @@ def base_config(vision, *, declip=True):
     c.device = 'auto'             # the accelerator torch sees, else CPU; or 'npu' / 'cuda' / 'cpu'
     c.precision = 'auto'          # fp32 on CPU, bf16 where supported, else fp16 + loss scaler
     c.compile = 'auto'            # torch.compile: 'auto' (on CUDA), 'true', 'false', 'towers' or 'model'
-    c.npu_jit_compile = 'auto'    # NPU online operator compile: 'auto' (off where CANN's binary kernels are installed)
+    c.npu_jit_compile = 'auto'    # NPU online operator compile: 'auto' (torch_npu's own default), 'true' or 'false'
     c.static_shapes = 'auto'      # same shapes every step (colour ops over the whole batch, MLM count padded
     c.mlm_bucket = 256            # to a multiple of mlm_bucket): 'auto' (on NPU while jit compile is on)
 
