@@ -16,6 +16,7 @@ import torch.distributed as dist
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import checks
 import data
 import evaluate
 import images
@@ -52,6 +53,7 @@ def check_numbers(cfg):
 def check_config(cfg):
     """Everything the run will need, before any work and before the workdir is created."""
     check_numbers(cfg)
+    checks.check_model(cfg)
     data.check_config(cfg.data)
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise ValueError(f'config.init_from: file not found: {cfg.init_from!r}')
@@ -282,7 +284,8 @@ def due(step, every):
 def train(cfg, workdir, *, start_over=False, allow_config_change=False):
     """Check the config, set up device and processes, hold the workdir, run the loop; returns
     the model."""
-    check_config(cfg)
+    with checks.config_errors():
+        check_config(cfg)
     runtime.exit_with_parent()
     device, device_type = runtime.setup_device(runtime.dist_env()[2], cfg.device)
     if cfg.data.decode == 'device' and device_type not in ('cuda', 'cpu'):
@@ -411,7 +414,10 @@ def main(argv):
     if FLAGS.print_config:
         print(FLAGS.config)
         return
-    train(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over, allow_config_change=FLAGS.allow_config_change)
+    try:
+        train(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over, allow_config_change=FLAGS.allow_config_change)
+    except checks.ConfigError as e:   # one message per machine, no traceback
+        raise SystemExit(f'config error: {e}' if runtime.dist_env()[2] == 0 else 1) from None
 
 
 if __name__ == '__main__':
