@@ -4,10 +4,10 @@ import functools
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench
 import images
+from helpers import DtypeRecorder
 
 
 @functools.cache
@@ -57,19 +57,7 @@ def test_adjust_hue_equals_pillow():
 def test_adjust_hue_runs_in_float32_and_bool_only():
     """Ascend runs int64 arithmetic and casts on its AI CPU and has no float64: every tensor the op
     makes is float32 or bool."""
-    class Dtypes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    self.seen.setdefault(t.dtype, str(func))
-            return out
-
     x = torch.rand(4, 3, 8, 8)
-    with Dtypes() as mode:
+    with DtypeRecorder() as mode:
         images.adjust_hue(x, torch.tensor([-0.1, 0.0, 0.05, 0.1]))
     assert set(mode.seen) <= {torch.float32, torch.bool}, mode.seen

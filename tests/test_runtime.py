@@ -9,7 +9,7 @@ import torch
 
 import evaluate
 import runtime
-from helpers import run, smoke_overrides
+from helpers import DtypeRecorder, run, smoke_overrides
 
 # (precision, device type, bf16 supported) -> what runs
 PRECISION_TABLE = [
@@ -105,30 +105,16 @@ def test_evaluation_counts_are_reduced_as_int64(monkeypatch):
 def test_a_training_step_creates_no_float64_tensor():
     """Ascend kernels reject float64: a whole DeCLIP step (colour ops, hue and blur included) and
     its checkpoint-free bookkeeping stay in float32 and integer types."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import bench
     import trainstep
     from configs import demo
-
-    class Dtypes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    self.seen.setdefault(t.dtype, str(func))
-            return out
 
     cfg = demo.get_config('smoke')
     cfg.compile = 'false'
     state = trainstep.build_state(cfg, torch.device('cpu'))
     batch = bench._synthetic_batch(cfg, 8, torch.device('cpu'))
     _, autocast, _ = runtime.precision('fp32', 'cpu')
-    with Dtypes() as mode:
+    with DtypeRecorder() as mode:
         for _ in range(2):   # the colour ops draw every op for some sample of 16 views
             metrics = trainstep.train_step(state, batch, cfg=cfg, autocast=autocast, grad_norm=True)
     assert torch.isfinite(metrics['loss']['total'])
