@@ -114,7 +114,7 @@ def confined_path(root, filename):
     the root: a filename with a `..` part (even one that would come back). A leading '/' is
     stripped, the reference's rule, so absolute names stay inside too. Symlinks inside the root
     are its owner's and are followed (a root that is a symlink, or a folder of links to images
-    elsewhere, as bench.py builds, keeps working); what they point at must still be a regular file
+    elsewhere, as tools/bench.py builds, keeps working); what they point at must still be a regular file
     of bounded size (images.read_file). An empty root confines nothing: filenames are then paths
     as given."""
     if root and '..' in filename.split('/'):
@@ -548,8 +548,8 @@ def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=Fal
 
 
 if __name__ == '__main__':
-    raise SystemExit('`python data.py setup` / `make-demo` moved: run `python prepare.py setup` or '
-                     '`python prepare.py make-demo`')
+    raise SystemExit('`python data.py setup` / `make-demo` moved: run `python tools/prepare.py setup` or '
+                     '`python tools/prepare.py make-demo`')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class Tokenizer:
         bpe_path = Path(bpe_path)
         if not bpe_path.is_file():
             raise FileNotFoundError(
-                f'BPE vocabulary not found at {bpe_path}: run `python prepare.py setup` (or set '
+                f'BPE vocabulary not found at {bpe_path}: run `python tools/prepare.py setup` (or set '
                 f'data.bpe_path / DECLIP_DATA)')
         lines = gzip.open(bpe_path).read().decode('utf-8').split('\n')
         merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
@@ -243,7 +243,7 @@ class EDA:
         if use_synonyms:
             if not Path(synonyms_path).is_file():
                 raise FileNotFoundError(
-                    f'WordNet synonym table not found at {synonyms_path}: run `python prepare.py setup`, '
+                    f'WordNet synonym table not found at {synonyms_path}: run `python tools/prepare.py setup`, '
                     f'or train without synonym replacement (--config.data.eda_synonyms=False)')
             with gzip.open(synonyms_path, 'rt', encoding='utf-8') as f:
                 for line in f:

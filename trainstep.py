@@ -1,6 +1,6 @@
 """One training step and the state it changes: model, optimiser, schedule, TrainState, train_step.
 
-train.py runs it in its loop, bench.py times it, the tests call it; nothing here logs or saves.
+train.py runs it in its loop, tools/bench.py times it, the tests call it; nothing here logs or saves.
 """
 from __future__ import annotations  # TrainState's `X | None` fields on Python 3.9 (torch_npu 2.6)
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-import bench
 import data
 import evaluate
 import images
 import text
 from helpers import data_config, run_distributed, write_jpeg
+from tools import bench_data
 
 
 # ---------------------------------------------------------------- formats
@@ -319,7 +319,7 @@ PIL_OPS = {
     'brightness': (images.adjust_brightness, lambda im, f: ImageEnhance.Brightness(im).enhance(f), (0.6, 1.4)),
     'contrast': (images.adjust_contrast, lambda im, f: ImageEnhance.Contrast(im).enhance(f), (0.6, 1.4)),
     'saturation': (images.adjust_saturation, lambda im, f: ImageEnhance.Color(im).enhance(f), (0.6, 1.4)),
-    'hue': (images.adjust_hue, bench.pil_hue, (-0.1, 0.1)),
+    'hue': (images.adjust_hue, bench_data.pil_hue, (-0.1, 0.1)),
     'blur': (images.gaussian_blur, lambda im, f: im.filter(ImageFilter.GaussianBlur(radius=f)), (0.1, 2.0)),
 }
 

@@ -107,7 +107,7 @@ def test_a_training_step_creates_no_float64_tensor():
     its checkpoint-free bookkeeping stay in float32 and integer types."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import bench
+    from tools import bench
     import trainstep
     from configs import demo
 
@@ -193,7 +193,7 @@ def test_static_colour_ops_equal_the_per_sample_ones():
 def test_a_static_shape_step_equals_the_dynamic_one():
     """Padding the masked tokens to the bucket and running colour ops over the whole batch change
     no loss term and no gradient."""
-    import bench
+    from tools import bench
     import trainstep
     from configs import demo
     cfg = demo.get_config('smoke')

@@ -5,10 +5,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = {p.stem: p for p in ROOT.glob('*.py')} | {f'configs.{p.stem}': p for p in (ROOT / 'configs').glob('*.py')}
-# entry points, then the library they share; a module imports only from its own layer or below
-LAYERS = [{m for m in MODULES if m.startswith('configs.')}, {'bench'}, {'train', 'prepare'}, {'trainstep', 'evaluate'},
-          {'data'}, {'text', 'images', 'runtime', 'declip', 'losses'}]
+
+
+def _modules(folder, prefix=''):
+    """Import name -> path of the .py files in `folder` (a package's __init__.py is the package)."""
+    return {prefix.rstrip('.') if p.stem == '__init__' else prefix + p.stem: p for p in folder.glob('*.py')}
+
+
+MODULES = _modules(ROOT) | _modules(ROOT / 'configs', 'configs.') | _modules(ROOT / 'tools', 'tools.')
+TOOLS = {m for m in MODULES if m.split('.')[0] == 'tools'}
+# entry points, then the library they share; a module imports only from its own layer or below. The
+# tools (tools/) stand above the library: they import it, it never imports them.
+LAYERS = [{m for m in MODULES if m.startswith('configs.')},
+          {'tools.bench', 'tools.prepare', 'tools.compare_demo', 'tools.imagenet_val'},
+          {'tools.bench_data', 'tools.bench_parts', 'tools.demo', 'tools'},
+          {'train'}, {'trainstep', 'evaluate'}, {'data'}, {'text', 'images', 'runtime', 'declip', 'losses'}]
 
 
 def project_imports(path):
@@ -54,10 +65,17 @@ def test_imports_flow_one_way_without_cycles():
 
 
 def test_no_module_imports_train():
-    """train.py is an entry point; bench.py times trainstep.train_step, the very step its loop runs."""
+    """train.py is an entry point; tools/bench.py times trainstep.train_step, the very step its loop runs."""
     importers = {m for m, p in MODULES.items() if 'train' in project_imports(p) and m != 'train'}
     assert not importers
-    assert 'trainstep' in project_imports(MODULES['bench']) and 'trainstep' in project_imports(MODULES['train'])
+    assert 'trainstep' in project_imports(MODULES['tools.bench']) and 'trainstep' in project_imports(MODULES['train'])
+
+
+def test_the_library_imports_no_tool():
+    assert {'tools.prepare', 'tools.demo', 'tools.bench', 'tools'} <= TOOLS
+    for module, path in MODULES.items():
+        if module not in TOOLS:
+            assert not project_imports(path) & TOOLS, f'{module} imports {project_imports(path) & TOOLS}'
 
 
 @pytest.mark.parametrize('module', sorted(MODULES))

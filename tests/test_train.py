@@ -306,7 +306,7 @@ def test_a_skipped_step_changes_nothing_even_when_the_queue_wraps(monkeypatch):
     """train_step with a non-finite loss: parameters, AdamW state and every queue row stay as they
     were, also when the step's two pushes wrap around the end of the queue; the pointer moves.
     (BatchNorm running statistics are updated by the forward, before the loss is known.)"""
-    import bench
+    from tools import bench
     cfg = demo.get_config('smoke')
     cfg.compile, cfg.loss.queue_size = 'false', 20          # batch 8: 8 EDA + 8 caption keys a step
     cpu = torch.device('cpu')
