@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import images
+import jpeg
 import text
 from images import BadSample
 
@@ -277,8 +278,8 @@ class SampleBuilder:
         raw = images.read_bytes(image, max_bytes=self.cfg.max_file_bytes)
         img = images.open_image(raw, self.cfg.max_pixels)
         crops = dict(views=self.cfg.views, scale=tuple(self.cfg.crop_scale), flip=self.flip)
-        if self.cfg.decode == 'device' and images.device_decodable(raw, img):
-            out = images.jpeg_sample(raw, img.width, img.height, rng, **crops)
+        if self.cfg.decode == 'device' and jpeg.device_decodable(raw, img):
+            out = jpeg.jpeg_sample(raw, img.width, img.height, rng, **crops)
         else:
             out = {'images': images.train_views(img, size=self.cfg.image_size, rng=rng, **crops)}
         length = self.cfg.context_length
@@ -476,7 +477,7 @@ class Collate:
         out = {'bad': torch.stack([s['bad'] for s in samples]).sum(0)}
         host = [s['images'] for s in samples if 'images' in s]
         if len(host) < len(samples):  # data.decode='device': JPEG bytes and boxes, plus host views
-            out.update(images.collate_jpeg(samples))
+            out.update(jpeg.collate_jpeg(samples))
         if host:
             out['images'] = torch.stack(host)
         if 'text_eda' in samples[0]:
@@ -595,4 +596,4 @@ def check_config(cfg):
     if cfg.decode not in ('host', 'device'):
         raise ValueError(f'config.data.decode: "host" or "device", got {cfg.decode!r}')
     if cfg.decode == 'device':
-        images.nvjpeg_decoder('cpu')  # torchvision must be importable before any work starts
+        jpeg.nvjpeg_decoder('cpu')  # torchvision must be importable before any work starts

@@ -19,7 +19,7 @@ TOOLS = {m for m in MODULES if m.split('.')[0] == 'tools'}
 LAYERS = [{m for m in MODULES if m.startswith('configs.')},
           {'tools.bench', 'tools.prepare', 'tools.compare_demo', 'tools.imagenet_val'},
           {'tools.bench_data', 'tools.bench_parts', 'tools.demo', 'tools'},
-          {'train'}, {'trainstep', 'evaluate'}, {'data'}, {'text', 'images', 'runtime', 'declip', 'losses'}]
+          {'train'}, {'trainstep', 'evaluate'}, {'data'}, {'jpeg'}, {'text', 'images', 'runtime', 'declip', 'losses'}]
 
 
 def project_imports(path):

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the library besi
 
 import data  # noqa: E402
 import images  # noqa: E402
+import jpeg  # noqa: E402
 import runtime  # noqa: E402
 import text  # noqa: E402
 import trainstep  # noqa: E402
@@ -81,7 +82,7 @@ def _jpeg_batch(cfg, batch, folder):
     raws = [f.read_bytes() for f in bench_data.image_files(folder, batch)]
     raws = [(raw, *images.open_image(raw, 1 << 30).size) for raw in raws]
     crops = dict(views=cfg.data.views, scale=tuple(cfg.data.crop_scale), flip=images.moco_views(cfg.data.augmentation))
-    return images.collate_jpeg([images.jpeg_sample(*raws[i % len(raws)], random.Random(i), **crops)
+    return jpeg.collate_jpeg([jpeg.jpeg_sample(*raws[i % len(raws)], random.Random(i), **crops)
                                 for i in range(batch)])
 
 
