@@ -9,13 +9,13 @@ install:
 	$(PYTHON) -m pip install --quiet $(TORCH) -r requirements-test.txt
 
 setup: install
-	$(PYTHON) prepare.py setup
+	$(PYTHON) tools/prepare.py setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
 
-data/demo/train.jsonl: prepare.py
-	$(PYTHON) prepare.py make-demo --out data/demo
+data/demo/train.jsonl: tools/demo.py
+	$(PYTHON) tools/prepare.py make-demo --out data/demo
 
 demo: setup data/demo/train.jsonl
 	$(PYTHON) train.py --config configs/demo.py --workdir runs/demo
@@ -23,14 +23,14 @@ demo: setup data/demo/train.jsonl
 	@echo "TensorBoard: tensorboard --logdir runs"
 
 # One accelerator: every GPU figure of BENCHMARKS.md, most wanted first (needs data/ from
-# `python prepare.py setup`). JSON and logs go to $(OUT); the largest-batch searches stop at the
+# `python tools/prepare.py setup`). JSON and logs go to $(OUT); the largest-batch searches stop at the
 # first batch that fails. About 10 minutes on an H200.
 OUT ?= bench_out/gpu
 IMAGES ?= ../shared/bench_images
-BENCH = $(PYTHON) bench.py
+BENCH = $(PYTHON) tools/bench.py
 bench-gpu:
 	mkdir -p $(OUT)
-	test -f data/demo/train.jsonl || $(PYTHON) prepare.py make-demo --out data/demo
+	test -f data/demo/train.jsonl || $(PYTHON) tools/prepare.py make-demo --out data/demo
 	$(BENCH) step --config=configs/vitb32.py --batch=256 --out=$(OUT)/step_vitb32_256_eager.json
 	$(BENCH) step --config=configs/r50.py --batch=256 --out=$(OUT)/step_r50_256_eager.json
 	$(BENCH) step --config=configs/vitb32.py --batch=256 --compile --out=$(OUT)/step_vitb32_256.json

@@ -26,7 +26,6 @@ import text
 
 FLAGS = flags.FLAGS
 ROOT = Path(__file__).resolve().parent
-PROMPTS = ROOT / 'assets' / 'prompts'
 IMAGENET_CLASSNAMES = ROOT / 'assets' / 'imagenet_classnames.txt'
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -36,45 +35,11 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # Prompt ensembles and metrics
 # ----------------------------------------------------------------------------------------------
 
-def load_prompts(name):
-    """Templates of a prompt set: prompt1/6/8/80 (shipped), 'cc' (bare class name) or file:<path>.
-    The class goes where a template has {0} or OpenAI's {}; a template with neither would give
-    every class the same text, so it is an error naming file:line."""
-    if name == 'cc':
-        return ['{0}']
-    path = Path(name[5:]) if name.startswith('file:') else PROMPTS / f'{name}.txt'
-    if not path.is_file():
-        raise FileNotFoundError(f'prompt set {name!r} not found at {path} (known: prompt1, prompt6, '
-                                f'prompt8, prompt80, cc, file:<path>)')
-    templates = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip().replace('{}', '{0}')
-        if line and '{0}' not in line:
-            raise ValueError(f'{path}:{n}: template {line!r} has no class placeholder ({{0}} or {{}})')
-        templates += [line] if line else []
-    return templates
-
-
-def class_prompts(class_names, templates):
-    """Each class's prompt texts. Classes whose texts are all the same cannot be told apart: every
-    class alike is an error (a constant classifier); some alike (duplicate names) is a warning."""
-    texts = [[t.replace('{0}', name) for t in templates] for name in class_names]
-    alike = {}
-    for name, ts in zip(class_names, texts):
-        alike.setdefault(tuple(ts), []).append(name)
-    if len(class_names) > 1 and len(alike) == 1:
-        raise ValueError(f'every class gets the same prompt texts ({texts[0][:2]}...): the scores would be constant')
-    for names in alike.values():
-        if len(names) > 1:
-            print(f'warning: classes {names} get the same prompt texts and cannot be told apart', flush=True)
-    return texts
-
-
 @torch.no_grad()
 def zero_shot_classifier(model, class_names, templates, *, tokenizer, context_length, device, batch=1024):
     """[C, D] class embeddings: normalise(mean(normalise(embedding of each prompt)))."""
     rows = []
-    for texts in class_prompts(class_names, templates):
+    for texts in text.class_prompts(class_names, templates):
         emb = torch.cat([model.encode_text(tokenizer(texts[i:i + batch], context_length).to(device)).float()
                          for i in range(0, len(texts), batch)])
         rows.append(F.normalize(F.normalize(emb, dim=-1).mean(dim=0), dim=0))
@@ -512,7 +477,7 @@ def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, wo
         else:            # the classes of the evaluation file, sorted by label (as the reference)
             label_ids, names = map(list, zip(*ds.classes()))
         ds.check_labels(label_ids)
-        classifier = zero_shot_classifier(model, names, load_prompts(prompts), tokenizer=tokenizer,
+        classifier = zero_shot_classifier(model, names, text.load_prompts(prompts), tokenizer=tokenizer,
                                           context_length=ctx, device=device)
         metrics = zero_shot_eval(model, _loader(ds, batch, workers), classifier, label_ids=label_ids,
                                  device=device, mean=mean, std=std, autocast=autocast)

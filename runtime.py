@@ -1,6 +1,6 @@
 """Runtime: devices, process groups, precision, memory statistics and checkpoint files.
 
-`train.py`, `evaluate.py` and `bench.py` share these; nothing here knows about models or data.
+`train.py`, `evaluate.py` and `tools/bench.py` share these; nothing here knows about models or data.
 """
 import contextlib
 import datetime

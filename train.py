@@ -22,6 +22,7 @@ import evaluate
 import images
 import losses
 import runtime
+import text
 import trainstep
 
 FLAGS = flags.FLAGS
@@ -60,7 +61,7 @@ def check_config(cfg):
     if cfg.data.val_meta:
         evaluate.read_eval_meta(cfg.data.val_meta)   # every line, naming file:line
         try:
-            templates = evaluate.load_prompts(cfg.eval.prompts)
+            templates = text.load_prompts(cfg.eval.prompts)
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f'config.eval.prompts: {e}') from None
         if not templates:

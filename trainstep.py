@@ -1,6 +1,6 @@
 """One training step and the state it changes: model, optimiser, schedule, TrainState, train_step.
 
-train.py runs it in its loop, bench.py times it, the tests call it; nothing here logs or saves.
+train.py runs it in its loop, tools/bench.py times it, the tests call it; nothing here logs or saves.
 """
 from __future__ import annotations  # TrainState's `X | None` fields on Python 3.9 (torch_npu 2.6)
 
@@ -16,6 +16,7 @@ from einops import rearrange
 import data
 import declip
 import images
+import jpeg
 import losses
 import runtime
 import text
@@ -182,7 +183,7 @@ def device_views(batch, *, cfg, step, rank, world, device, static=False):
     (moco_v2) colour jitter / grayscale / blur per sample from the (seed, step, rank) stream."""
     undecodable = 0
     if 'jpeg' in batch:
-        views, undecodable = images.decode_views(batch, size=cfg.data.image_size, device=device)
+        views, undecodable = jpeg.decode_views(batch, size=cfg.data.image_size, device=device)
     else:
         views = batch['images'].to(device, non_blocking=True)
     if not images.moco_views(cfg.data.augmentation):   # crops only
@@ -257,7 +258,7 @@ def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False,
         group['lr'] = lr_at(state.step + 1, cfg.optim, cfg.max_iter)
     k, undecodable = cfg.accum_steps, 0
     if k > 1 and 'jpeg' in batch:   # all k micro-batches' JPEGs decoded at once, then split as host
-        views, undecodable = images.decode_views(batch, size=cfg.data.image_size, device=state.device)
+        views, undecodable = jpeg.decode_views(batch, size=cfg.data.image_size, device=state.device)
         batch = dict(batch, images=views)  # views are (an image nothing decodes borrows from all k x B)
     # 1-2. each (virtual) device's views with its colour-op stream; captions, MLM positions, EDA captions
     parts = [step_inputs(state, part, cfg=cfg, rank=rank * k + j, world=world * k)

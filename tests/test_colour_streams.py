@@ -4,12 +4,12 @@ steps share their jitter, grayscale and blur draws, and a resumed run redraws th
 import pytest
 import torch
 
-import bench
 import data
 import images
 import trainstep
 from helpers import tiny_config
 from tiny_step import one_thread  # noqa: F401  (a fixture)
+from tools import bench
 
 CPU = torch.device('cpu')
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -213,13 +213,13 @@ def _three_steps(cfg, rank, world):
     import train
     import trainstep
     import data as data_module
-    import images
+    import jpeg
     state = trainstep.build_state(cfg, torch.device('cpu'), rank)
     train.wrap_ddp(state, cfg, world)
     batches = iter(data_module.build_train_loader(cfg.data, rank=rank, world=world, start_step=0, max_iter=3,
                                                   accum=cfg.accum_steps))
     seen = {'terms': [], 'tensors': []}
-    real = trainstep.optimizer_step, trainstep.single_pass, trainstep.accumulated_passes, images.nvjpeg_decoder
+    real = trainstep.optimizer_step, trainstep.single_pass, trainstep.accumulated_passes, jpeg.nvjpeg_decoder
 
     def step(st, skip):
         grads = {n: p.grad.clone() for n, p in st.model.named_parameters() if p.grad is not None}
@@ -240,13 +240,13 @@ def _three_steps(cfg, rank, world):
         seen['terms'].append(out[1])
         return out
     trainstep.optimizer_step, trainstep.single_pass, trainstep.accumulated_passes = step, one, several
-    images.nvjpeg_decoder = lambda device: lambda blobs: [images._pillow_decode(b, device) for b in blobs]
+    jpeg.nvjpeg_decoder = lambda device: lambda blobs: [jpeg._pillow_decode(b, device) for b in blobs]
     try:
         for _ in range(3):
             trainstep.train_step(state, next(batches), cfg=cfg, autocast=contextlib.nullcontext(), rank=rank,
                                  world=world)
     finally:
-        trainstep.optimizer_step, trainstep.single_pass, trainstep.accumulated_passes, images.nvjpeg_decoder = real
+        trainstep.optimizer_step, trainstep.single_pass, trainstep.accumulated_passes, jpeg.nvjpeg_decoder = real
     return seen
 
 

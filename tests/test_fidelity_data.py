@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 import images
+import jpeg
 import text
 import trainstep
 from configs import clip_vitb32
@@ -113,8 +114,8 @@ def test_clip_device_decode_has_no_flip(tmp_path):
     cfg = clip_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), decode='device')
     batch = next(iter(data.build_train_loader(cfg.data, rank=0, world=1, start_step=0, max_iter=1)))
     assert batch['jpeg_sizes'].gt(0).all() and not batch['flips'].any()
-    views, undecodable = images.decode_views(
-        batch, size=64, device=CPU, decode=lambda blobs: [images._pillow_decode(b, CPU) for b in blobs])
+    views, undecodable = jpeg.decode_views(
+        batch, size=64, device=CPU, decode=lambda blobs: [jpeg._pillow_decode(b, CPU) for b in blobs])
     items = data.IterationSampler(len(pairs), batch_size=6, world_size=1, rank=0, max_iter=1, seed=cfg.data.seed)
     for j, ((_, position), caption) in enumerate(zip(items, captions(batch))):
         want = unflipped(pairs[caption], data.seeded_rng(cfg.data.seed, position), size=64, scale=(0.5, 1.0))

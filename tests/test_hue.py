@@ -5,9 +5,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-import bench
 import images
 from helpers import DtypeRecorder
+from tools import bench_data
 
 
 @functools.cache
@@ -50,7 +50,7 @@ def test_adjust_hue_equals_pillow():
     got = images.adjust_hue((rgb / 255).expand(len(shifts), 3, -1)[..., None], torch.tensor(shifts))
     img = Image.fromarray(rgb.T.contiguous().to(torch.uint8).numpy()[None], 'RGB')
     for k, shift in enumerate(shifts):
-        want = torch.from_numpy(np.asarray(bench.pil_hue(img, shift)).copy())[0].T.float()
+        want = torch.from_numpy(np.asarray(bench_data.pil_hue(img, shift)).copy())[0].T.float()
         assert torch.equal(torch.round(got[k, :, :, 0] * 255), want), shift
 
 

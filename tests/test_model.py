@@ -199,7 +199,7 @@ def test_logit_scale_value_is_capped_but_its_gradient_is_that_of_exp():
 def test_first_forward_uses_the_initial_logit_scale_then_it_is_clamped():
     """As the reference: theta = ln(1/0.07) in the first forward, clamped into [3, 6] after the
     forward (before backward) and after the step."""
-    import bench
+    from tools import bench
     import runtime
     import trainstep
     from configs import demo

@@ -105,7 +105,7 @@ def test_evaluation_counts_are_reduced_as_int64(monkeypatch):
 def test_a_training_step_creates_no_float64_tensor():
     """Ascend kernels reject float64: a whole DeCLIP step (colour ops, hue and blur included) and
     its checkpoint-free bookkeeping stay in float32 and integer types."""
-    import bench
+    from tools import bench
     import trainstep
     from configs import demo
 
@@ -179,7 +179,7 @@ def test_static_colour_ops_equal_the_per_sample_ones():
 def test_a_static_shape_step_equals_the_dynamic_one():
     """Padding the masked tokens to the bucket and running colour ops over the whole batch change
     no loss term and no gradient."""
-    import bench
+    from tools import bench
     import trainstep
     from configs import demo
     cfg = demo.get_config('smoke')

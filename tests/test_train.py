@@ -185,7 +185,7 @@ def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, demo_dir):
     records = [json.loads(line) for line in (demo_dir / 'val.jsonl').read_text().splitlines()]
     classes = sorted({(r['label'], r['label_name']) for r in records})
     tok = data.get_tokenizer()
-    templates = evaluate.load_prompts('prompt8')
+    templates = text.load_prompts('prompt8')
     assert len(templates) == 8 and templates[0] == 'a photo of a {0}'
     from PIL import Image
     with torch.no_grad():
@@ -306,7 +306,7 @@ def test_a_skipped_step_changes_nothing_even_when_the_queue_wraps(monkeypatch):
     """train_step with a non-finite loss: parameters, AdamW state and every queue row stay as they
     were, also when the step's two pushes wrap around the end of the queue; the pointer moves.
     (BatchNorm running statistics are updated by the forward, before the loss is known.)"""
-    import bench
+    from tools import bench
     cfg = demo.get_config('smoke')
     cfg.compile, cfg.loss.queue_size = 'false', 20          # batch 8: 8 EDA + 8 caption keys a step
     cpu = torch.device('cpu')

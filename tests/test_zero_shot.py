@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import evaluate
+import text
 import train
 from helpers import write_jpeg
 from tiny_step import one_thread, tiny_state  # noqa: F401  (one_thread: a fixture)
@@ -61,14 +62,14 @@ def test_prompt_sets_are_the_reference_table(tmp_path):
     kept unstripped, 'cc' mapped to a template set."""
     counts = {'prompt1': 1, 'prompt6': 6, 'prompt8': 8, 'prompt80': 80}
     for name, n in counts.items():
-        templates = evaluate.load_prompts(name)
+        templates = text.load_prompts(name)
         assert len(templates) == len(set(templates)) == n, name
         assert all(t.count('{0}') == 1 and t == t.strip() for t in templates), name
-    assert evaluate.load_prompts('prompt1') == ['a photo of a {0}.']
-    assert evaluate.load_prompts('prompt8')[0] == 'a photo of a {0}'
-    assert evaluate.load_prompts('cc') == ['{0}']
+    assert text.load_prompts('prompt1') == ['a photo of a {0}.']
+    assert text.load_prompts('prompt8')[0] == 'a photo of a {0}'
+    assert text.load_prompts('cc') == ['{0}']
     (tmp_path / 'mine.txt').write_text('  a sketch of a {0}  \n\nthe {0}, seen from above\n')
-    assert evaluate.load_prompts(f'file:{tmp_path / "mine.txt"}') == ['a sketch of a {0}', 'the {0}, seen from above']
+    assert text.load_prompts(f'file:{tmp_path / "mine.txt"}') == ['a sketch of a {0}', 'the {0}, seen from above']
 
 
 @pytest.mark.usefixtures('one_thread')

@@ -6,11 +6,11 @@ import contextlib
 import pytest
 import torch
 
-import bench
 import losses
 import runtime
 import trainstep
 from helpers import tiny_config
+from tools import bench
 
 CPU = torch.device('cpu')
 FP32 = runtime.precision('fp32', 'cpu')[1]
