@@ -140,7 +140,7 @@ def _params(state):
 
 def test_nonfinite_step_changes_nothing_and_is_logged(tmp_path, demo_dir):
     args = overrides(demo_dir, max_iter=6, ckpt_every=1, keep_every=1, keep_copies=0)
-    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path), *args],
+    res = run(['tests/train_faults.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path), *args],
               env={'DECLIP_TEST_NONFINITE_STEPS': '2'})  # 0-based step 2 = the third step
     assert res.returncode == 0, res.stderr[-3000:]
     before = runtime.safe_load(tmp_path / 'checkpoints' / 'step_2.pt')
@@ -161,7 +161,7 @@ def test_nonfinite_step_changes_nothing_and_is_logged(tmp_path, demo_dir):
 
 def test_nonfinite_streak_stops_cleanly_keeping_the_last_good_checkpoint(tmp_path, demo_dir):
     args = overrides(demo_dir, max_iter=8, ckpt_every=2, keep_every=2, keep_copies=0, max_nonfinite=3)
-    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path), *args],
+    res = run(['tests/train_faults.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path), *args],
               env={'DECLIP_TEST_NONFINITE_STEPS': '2,3,4,5,6'})   # 1-based steps 3-7
     assert res.returncode != 0
     assert '3 consecutive non-finite losses at step 5' in res.stderr + res.stdout

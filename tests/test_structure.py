@@ -7,8 +7,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {p.stem: p for p in ROOT.glob('*.py')} | {f'configs.{p.stem}': p for p in (ROOT / 'configs').glob('*.py')}
 # entry points, then the library they share; a module imports only from its own layer or below
-LAYERS = [{m for m in MODULES if m.startswith('configs.')}, {'bench'}, {'train', 'prepare'}, {'trainstep', 'evaluate'},
-          {'data'}, {'text', 'images', 'runtime', 'declip', 'losses'}]
+LAYERS = [{m for m in MODULES if m.startswith('configs.')}, {'bench'}, {'train', 'prepare'}, {'accum'},
+          {'trainstep', 'evaluate'}, {'data'}, {'text', 'images', 'runtime', 'declip', 'losses'}]
+# the research core and the shell that hardens it from outside: calls go shell -> core, never back;
+# CORE_USES_SHELL lists the calls still to be moved out of the core
+CORE = {'declip', 'losses', 'text', 'images', 'data', 'trainstep', 'evaluate'}
+SHELL = {'accum', 'runtime'}
+CORE_USES_SHELL = {('trainstep', 'runtime'), ('evaluate', 'runtime')}
+MAX_LINES, MAX_FUNCTION = 400, 40
+# modules still over MAX_LINES or with a function over MAX_FUNCTION: held to 600 / 60 until split
+STILL_OVER = {'bench', 'data', 'declip', 'evaluate', 'images', 'prepare', 'runtime', 'train', 'configs.common'}
 
 
 def project_imports(path):
@@ -54,20 +62,43 @@ def test_imports_flow_one_way_without_cycles():
 
 
 def test_no_module_imports_train():
-    """train.py is an entry point; bench.py times trainstep.train_step, the very step its loop runs."""
+    """train.py is an entry point; bench.py times the very steps its loop runs (trainstep's, and
+    accum's with accum_steps > 1)."""
     importers = {m for m, p in MODULES.items() if 'train' in project_imports(p) and m != 'train'}
     assert not importers
-    assert 'trainstep' in project_imports(MODULES['bench']) and 'trainstep' in project_imports(MODULES['train'])
+    for step_module in ('trainstep', 'accum'):
+        assert step_module in project_imports(MODULES['bench']) & project_imports(MODULES['train'])
+
+
+def test_the_core_calls_no_shell_module():
+    for module in CORE:
+        for dep in project_imports(MODULES[module]) & SHELL:
+            assert (module, dep) in CORE_USES_SHELL, f'{module} (core) imports {dep} (shell)'
+    for module, dep in CORE_USES_SHELL:   # a call moved out leaves this list
+        assert dep in project_imports(MODULES[module]), f'{module} no longer imports {dep}: drop the exception'
+
+
+def sizes(module):
+    """(lines of the module, {function: lines})."""
+    source = MODULES[module].read_text()
+    functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return len(source.splitlines()), {n.name: n.end_lineno - n.lineno + 1 for n in functions}
 
 
 @pytest.mark.parametrize('module', sorted(MODULES))
 def test_modules_and_functions_are_short(module):
-    source = MODULES[module].read_text()
-    assert len(source.splitlines()) <= 600, f'{module}: {len(source.splitlines())} lines'
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            length = node.end_lineno - node.lineno + 1
-            assert length <= 60, f'{module}.{node.name}: {length} lines'
+    lines, functions = sizes(module)
+    max_lines, max_function = (600, 60) if module in STILL_OVER else (MAX_LINES, MAX_FUNCTION)
+    assert lines <= max_lines, f'{module}: {lines} lines'
+    for name, length in functions.items():
+        assert length <= max_function, f'{module}.{name}: {length} lines'
+
+
+@pytest.mark.parametrize('module', sorted(STILL_OVER))
+def test_the_exceptions_are_still_over(module):
+    """A module brought to MAX_LINES / MAX_FUNCTION leaves STILL_OVER (and is then held there)."""
+    lines, functions = sizes(module)
+    assert lines > MAX_LINES or max(functions.values(), default=0) > MAX_FUNCTION, f'{module}: drop the exception'
 
 
 def test_no_citations_of_documents_outside_the_repository():

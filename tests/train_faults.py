@@ -1,0 +1,39 @@
+"""train.py with faults injected from outside, for tests that run training in a subprocess (alone or
+under torchrun): `python tests/train_faults.py <train.py's arguments>` patches the library, then
+runs train.py as __main__. The faults come from the environment:
+
+    DECLIP_TEST_NONFINITE_STEPS=2,5     the loss of those (0-based) steps is NaN (both step variants)
+"""
+import os
+import runpy
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nonfinite_at(steps):
+    """losses.weighted_total, which both step variants sum the objective with, returns NaN during
+    the given steps: the backward then carries NaN gradients, as a real overflow would."""
+    import accum
+    import losses
+    import trainstep
+    current, real_total = {}, losses.weighted_total
+
+    def weighted_total(terms, weights):
+        total = real_total(terms, weights)
+        return total * float('nan') if current.get('step') in steps else total
+    for module in (trainstep, accum):
+        def step(state, batch, cfg, real=module.train_step):
+            current['step'] = state.step
+            return real(state, batch, cfg)
+        module.train_step = step
+    losses.weighted_total = weighted_total
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, str(ROOT))
+    if os.environ.get('DECLIP_TEST_NONFINITE_STEPS'):
+        nonfinite_at({int(s) for s in os.environ['DECLIP_TEST_NONFINITE_STEPS'].split(',')})
+    sys.argv[0] = str(ROOT / 'train.py')
+    runpy.run_path(str(ROOT / 'train.py'), run_name='__main__')
