@@ -89,10 +89,12 @@ def feature_gradients(state, parts, *, cfg, rank, world):
             all_texts=all_texts, neighbours=neighbours, logit_scale=s, weights=weights,
             labels=device * n + torch.arange(n, device=s.device)))
     total = sum(losses.weighted_total(terms, weights) for terms in contrastive)
-    total.backward()
+    if torch.is_tensor(total):   # else no contrastive term is weighted: nothing to pass back
+        total.backward()
     grads = [a.grad for a in gathered]
     for g in grads if world > 1 else ():
-        dist.all_reduce(g)
+        if g is not None:   # the same views on every rank (the same weights)
+            dist.all_reduce(g)
     return contrastive, (grads, s.grad), [ks[::-1] for ks in keys]
 
 
@@ -131,7 +133,7 @@ def surrogate_loss(out, feature_grads, rows, scale_grad=None):
     logit scale . its gradient where given (with the last part: DDP's backward must reach every
     parameter): its gradient is the contrastive terms' gradient through this part's forward."""
     imgs, txts = losses.unit_features(out)
-    surrogate = sum((f * g[rows]).sum() for f, g in zip(imgs + txts, feature_grads))
+    surrogate = sum((f * g[rows]).sum() for f, g in zip(imgs + txts, feature_grads) if g is not None)
     if scale_grad is not None:
         surrogate = surrogate + (losses.upcast(out['logit_scale']) * scale_grad).sum()
     return surrogate

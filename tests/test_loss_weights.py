@@ -5,6 +5,10 @@ that swapped the SimSiam, MLM and NN weights would train the same; these weights
 import pytest
 import torch
 
+import accum
+import losses
+import trainstep
+from tiny_step import one_thread  # noqa: F401  (a fixture)
 from tiny_step import gradients, keep_gradients, single_thread, step, tiny_state
 
 WEIGHTS = dict(clip=0.7, simsiam=0.3, mlm=0.11, nn=0.05)
@@ -20,11 +24,13 @@ def one_step(weights, accum_steps=1):
     return {k: float(v) for k, v in metrics['loss'].items()}, gradients(state)
 
 
-@pytest.fixture(scope='module')
-def alone():
-    """{term: one_step with that term alone at weight 1, the others 0}."""
+@pytest.fixture(scope='module', params=[1, 2], ids=['one_pass', 'accumulated'])
+def alone(request):
+    """{term: one_step with that term alone at weight 1, the others 0}, with accum_steps 1 or 2
+    (where SimSiam or MLM alone leave GradCache no contrastive term, and NN alone no gradient for
+    the caption features)."""
     with single_thread():
-        return {k: one_step({j: float(j == k) for j in WEIGHTS}) for k in WEIGHTS}
+        return {k: one_step({j: float(j == k) for j in WEIGHTS}, request.param) for k in WEIGHTS}
 
 
 @pytest.fixture(scope='module', params=[1, 2], ids=['one_pass', 'accumulated'])
@@ -70,3 +76,30 @@ def test_the_step_gradient_is_the_weighted_sum_of_each_terms_gradient(shifted):
     for name, g in base.items():
         want = sum(w * (shifted[k][1][name] - g) for k, w in WEIGHTS.items())
         torch.testing.assert_close(g, want, rtol=1e-4, atol=atol, msg=name)
+
+
+def test_accumulated_simsiam_and_mlm_alone_are_the_mean_of_the_micro_batches(one_thread):
+    """clip = nn = 0 (SimSiam + MLM only) with accum_steps 2, where GradCache has no contrastive
+    term to pass back: the logged terms are micro-batch 0's and the gradient is the mean of each
+    micro-batch's SimSiam + MLM gradient, both computed here from a plain forward of each micro-
+    batch as virtual device j (its colour-op stream). Break it catches: the step crashing on the
+    empty contrastive sum ('int' object has no attribute 'backward')."""
+    weights = dict(clip=0.0, nn=0.0, simsiam=1.0, mlm=1.0)
+    cfg, state, batch = tiny_state(batch=4, accum_steps=2, **weights)
+    keep_gradients(state)
+    logged = {k: float(v) for k, v in step(state, batch, cfg)['loss'].items()}
+    _, ref, _ = tiny_state(batch=4, accum_steps=2, **weights)     # the same initial weights
+    want = []
+    for j, part in enumerate(accum.micro_batches(batch, 2)):
+        inputs = trainstep.step_inputs(ref, part, cfg=cfg, rank=j, world=2)
+        out = ref.model(inputs['views'], inputs['text'], text_eda=inputs['text_eda'], mlm_index=inputs['mlm_index'])
+        terms = {'simsiam': losses.simsiam_loss(p=out['p'], z=out['z']),
+                 'mlm': losses.mlm_loss(logits=out['mlm_logits'], targets=inputs['mlm_targets'])}
+        ((terms['simsiam'] + terms['mlm']) / 2).backward()
+        want.append({k: float(v.detach()) for k, v in terms.items()})
+    assert logged == pytest.approx(dict(want[0], total=want[0]['simsiam'] + want[0]['mlm']), rel=1e-6)
+    got, expected = gradients(state), gradients(ref)
+    assert got.keys() == expected.keys() and all(any(n.startswith(p) for n in got) for p in sum(HEADS.values(), ()))
+    atol = 1e-6 * max(g.abs().max().item() for g in expected.values())
+    for name, g in expected.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=atol, msg=name)
