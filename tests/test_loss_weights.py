@@ -1,7 +1,9 @@
 """config.loss weights in a training step: the logged total and the gradient are those of
 sum_k w_k * term_k, each term weighted by its own key, and a term whose weight is 0 is neither
 computed nor back-propagated. The reference's weights (0.4 / 0.2 / 0.2 / 0.2) repeat 0.2, so a step
-that swapped the SimSiam, MLM and NN weights would train the same; these weights are distinct."""
+that swapped the SimSiam, MLM and NN weights would train the same; these weights are distinct.
+Both step variants (one pass, accumulated micro-batches) are checked, and a new term added where the
+objective's terms are defined reaches both."""
 import pytest
 import torch
 
@@ -103,3 +105,40 @@ def test_accumulated_simsiam_and_mlm_alone_are_the_mean_of_the_micro_batches(one
     atol = 1e-6 * max(g.abs().max().item() for g in expected.values())
     for name, g in expected.items():
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=atol, msg=name)
+
+
+TOY = 0.4
+
+
+def add_toy_term(monkeypatch):
+    """A new term where a researcher adds one: losses.device_terms gives 'toy' (the mean squared
+    caption feature) when config.loss.toy weights it, and 'toy' joins the weighted terms."""
+    real = losses.device_terms
+
+    def device_terms(features, *, mlm_targets, weights):
+        terms = real(features, mlm_targets=mlm_targets, weights=weights)
+        if weights.get('toy', 0):
+            terms['toy'] = losses.upcast(features['text']).square().mean()
+        return terms
+    monkeypatch.setattr(losses, 'device_terms', device_terms)
+    monkeypatch.setattr(trainstep, 'LOSS_TERMS', trainstep.LOSS_TERMS + ('toy',))
+
+
+@pytest.mark.parametrize('accum_steps', [1, 2], ids=['one_pass', 'accumulated'])
+def test_a_new_term_reaches_both_steps_total_and_gradient(monkeypatch, one_thread, accum_steps):
+    """With the toy term added in the one place the objective's terms are defined, both step
+    variants log it, add it to the total with its weight, and back-propagate it: the gradient is
+    the base objective's plus TOY x the toy term's alone. Break it catches: a step variant that
+    sums or back-propagates its own copy of the objective."""
+    add_toy_term(monkeypatch)
+    base = one_step(dict(WEIGHTS, toy=0.0), accum_steps)
+    logged, grads = one_step(dict(WEIGHTS, toy=TOY), accum_steps)
+    toy_logged, toy_grads = one_step(dict(dict.fromkeys(WEIGHTS, 0.0), toy=1.0), accum_steps)
+    assert logged.keys() == {'total', 'toy', *WEIGHTS} and base[0].keys() == {'total', *WEIGHTS}
+    assert logged['total'] == pytest.approx(sum(w * logged[k] for k, w in dict(WEIGHTS, toy=TOY).items()), rel=1e-6)
+    assert toy_logged == pytest.approx({'total': logged['toy'], 'toy': logged['toy']}, rel=1e-6)
+    assert any(name.startswith('encode_text.') for name in toy_grads)
+    atol = 1e-5 * max(g.abs().max().item() for g in grads.values())
+    for name, g in grads.items():
+        want = base[1][name] + TOY * toy_grads.get(name, torch.zeros_like(g))
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=atol, msg=name)
