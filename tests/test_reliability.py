@@ -24,19 +24,21 @@ def overrides(demo_dir, **extra):
     return out + ['--config.data.val_meta=']
 
 
-def command(workdir, args, nproc):
-    launcher = [sys.executable, 'train.py'] if nproc == 1 else [
+def command(workdir, args, nproc, script='train.py'):
+    launcher = [sys.executable, script] if nproc == 1 else [
         sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
-        '--master_port', str(free_port()), 'train.py']
+        '--master_port', str(free_port()), script]
     return launcher + ['--config', 'configs/demo.py:smoke', '--workdir', str(workdir), *args]
 
 
 def run_and_kill(workdir, args, nproc, *, at_step=None, during_write=False):
-    """Start a run and SIGKILL its whole process group at `step k/` or while a .tmp checkpoint exists."""
+    """Start a run and SIGKILL its whole process group at `step k/` or while a .tmp checkpoint exists
+    (each checkpoint write then held by tests/train_faults.py)."""
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     if during_write:
         env['DECLIP_TEST_PAUSE_BEFORE_RENAME'] = '60'
-    proc = subprocess.Popen(command(workdir, args, nproc), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    script = 'tests/train_faults.py' if during_write else 'train.py'
+    proc = subprocess.Popen(command(workdir, args, nproc, script), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     ckpt_dir = workdir / 'checkpoints'
     deadline = time.time() + 300

@@ -3,10 +3,12 @@ under torchrun): `python tests/train_faults.py <train.py's arguments>` patches t
 runs train.py as __main__. The faults come from the environment:
 
     DECLIP_TEST_NONFINITE_STEPS=2,5     the loss of those (0-based) steps is NaN (both step variants)
+    DECLIP_TEST_PAUSE_BEFORE_RENAME=60  each checkpoint write waits 60 s between its fsync and rename
 """
 import os
 import runpy
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +33,22 @@ def nonfinite_at(steps):
     losses.weighted_total = weighted_total
 
 
+def pause_before_rename(seconds):
+    """os.replace of a *.tmp file (runtime.save_checkpoint's rename after its fsync) sleeps first."""
+    real = os.replace
+
+    def replace(src, dst, **kwargs):
+        if str(src).endswith('.tmp'):
+            time.sleep(seconds)
+        return real(src, dst, **kwargs)
+    os.replace = replace
+
+
 if __name__ == '__main__':
     sys.path.insert(0, str(ROOT))
     if os.environ.get('DECLIP_TEST_NONFINITE_STEPS'):
         nonfinite_at({int(s) for s in os.environ['DECLIP_TEST_NONFINITE_STEPS'].split(',')})
+    if os.environ.get('DECLIP_TEST_PAUSE_BEFORE_RENAME'):
+        pause_before_rename(float(os.environ['DECLIP_TEST_PAUSE_BEFORE_RENAME']))
     sys.argv[0] = str(ROOT / 'train.py')
     runpy.run_path(str(ROOT / 'train.py'), run_name='__main__')
