@@ -1,6 +1,7 @@
 """One training step and the state it changes: model, optimiser, schedule, TrainState, train_step.
 
-train.py runs it in its loop, bench.py times it, the tests call it; nothing here logs or saves.
+train.py runs it in its loop, bench.py times it, the tests call it; accum.train_step, its variant
+for accum_steps > 1, is built from its pieces (step_inputs, update). Nothing here logs or saves.
 """
 from __future__ import annotations  # TrainState's `X | None` fields on Python 3.9 (torch_npu 2.6)
 
@@ -216,6 +217,7 @@ def step_inputs(state, batch, *, cfg, rank, world):
 
 
 def set_learning_rate(state, cfg):
+    """The schedule's learning rate for the step about to run (1-based: state.step + 1)."""
     for group in state.optimizer.param_groups:
         group['lr'] = lr_at(state.step + 1, cfg.optim, cfg.max_iter)
 
