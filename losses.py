@@ -147,6 +147,13 @@ def nn_neighbours(keys, queue, dtype):
     return normalize_text(upcast(nn_lookup(queries=keys, queue=queue).to(dtype)))
 
 
+def unit_features(features):
+    """(image views, caption views: the masked caption [, the EDA caption]) of a model output,
+    unit-norm in at least fp32."""
+    texts = [features['text']] + ([features['text_eda']] if 'text_eda' in features else [])
+    return [normalize_image(upcast(f)) for f in features['image']], [normalize_text(upcast(t)) for t in texts]
+
+
 def contrastive_terms(*, images, texts, all_images, all_texts, neighbours, logit_scale, labels, weights):
     """{'clip': MVS-CLIP, 'nn': NN loss} of one device's rows against every device's columns
     (normalised features; `neighbours` None without the NN term, else one set per caption view)."""
@@ -171,8 +178,15 @@ def device_terms(features, *, mlm_targets, weights):
     return terms
 
 
+def weighted_total(terms, weights):
+    """The objective from its terms: sum of weight x value over the terms present. The one place
+    terms are summed (declip_loss and the accumulation step both call it)."""
+    return sum(weights[name] * value for name, value in terms.items())
+
+
 def declip_loss(features, *, queue, mlm_targets=None, weights, rank=None, world_size=None):
-    """Weighted DeCLIP objective: w_clip*MVS-CLIP + w_ss*SimSiam + w_mlm*MLM + w_nn*NN.
+    """Weighted DeCLIP objective: w_clip*MVS-CLIP + w_ss*SimSiam + w_mlm*MLM + w_nn*NN, i.e.
+    weighted_total of contrastive_terms (against every device's features) and device_terms.
 
     `features` is the model's output dict; terms whose weight is 0 or whose features are absent are
     skipped (so the CLIP baseline is this function with one view, one caption and weights (1,0,0,0)).
@@ -184,10 +198,7 @@ def declip_loss(features, *, queue, mlm_targets=None, weights, rank=None, world_
     if rank is None or world_size is None:
         rank, world_size = world_info()
     s = upcast(features['logit_scale'])
-    images = [normalize_image(upcast(f)) for f in features['image']]
-    texts = [normalize_text(upcast(features['text']))]
-    if 'text_eda' in features:
-        texts.append(normalize_text(upcast(features['text_eda'])))
+    images, texts = unit_features(features)
     labels = contrastive_labels(texts[0].shape[0], rank, texts[0].device)
     all_images = [gather_with_grad(u) for u in images]
     all_texts = [gather_with_grad(t) for t in texts]
@@ -198,8 +209,7 @@ def declip_loss(features, *, queue, mlm_targets=None, weights, rank=None, world_
                               neighbours=neighbours, logit_scale=s, labels=labels, weights=weights)
     terms.update(device_terms(features, mlm_targets=mlm_targets, weights=weights))
     keys = keys[::-1]
-    total = sum(weights[name] * value for name, value in terms.items())
-    return total, {name: value.detach() for name, value in terms.items()}, keys
+    return weighted_total(terms, weights), {name: value.detach() for name, value in terms.items()}, keys
 
 
 def init_queue(size, dim, *, generator=None, device=None):

@@ -286,7 +286,6 @@ def save_checkpoint(path, state):
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    fault_pause('DECLIP_TEST_PAUSE_BEFORE_RENAME')
     os.replace(tmp, path)
 
 
@@ -369,12 +368,6 @@ def prune_copies(ckpt_dir, keep):
     if keep > 0:
         for old in _kept_copies(ckpt_dir)[:-keep]:
             old.unlink()
-
-
-def fault_pause(var):
-    """Fault-injection hook for the reliability tests (sleeps while the variable is set)."""
-    if os.environ.get(var):
-        time.sleep(float(os.environ[var]))
 
 
 # ----------------------------------------------------------------------------------------------

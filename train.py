@@ -16,6 +16,7 @@ import torch.distributed as dist
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import accum
 import checks
 import data
 import evaluate
@@ -357,7 +358,7 @@ def run(state, cfg, workdir, rank, world):
     if rank == 0:
         for stale in ckpt_dir.glob('*.tmp'):  # a write interrupted by a crash (the lock says it is no one's)
             stale.unlink()
-    _, autocast, _ = runtime.precision(cfg.precision, state.device.type)
+    step = accum.train_step if cfg.accum_steps > 1 else trainstep.train_step
     start, end = state.step, min(cfg.stop_at or cfg.max_iter, cfg.max_iter)
     if start >= end:
         if rank == 0:
@@ -382,14 +383,14 @@ def run(state, cfg, workdir, rank, world):
             batch = log.next_batch(batches)
             log_now = due(state.step + 1, cfg.log_every) or state.step + 1 == end
             counter = log.flop_counter()
+            state.stop_requested = signals.received is not None   # every rank learns it from the step
             with counter or contextlib.nullcontext():
-                metrics = trainstep.train_step(state, batch, cfg=cfg, autocast=autocast, rank=rank, world=world,
-                                     grad_norm=log_now, keep_views=state.step == start and log.wants_views(),
-                                     stop=signals.received is not None)
+                metrics = step(state, batch, cfg)
             if counter is not None:
                 log.flops_per_step = counter.get_total_flops()
-            if 'views' in metrics:
+            if state.step == start + 1 and log.wants_views():
                 log.views(metrics['views'], start)
+            del metrics['views']   # the next step does not hold this one's images
             log.add(metrics)
             if log_now:
                 stop_if_diverged(state, cfg, ckpt_dir)

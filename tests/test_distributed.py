@@ -6,7 +6,6 @@ means and NN queues), so its world-1 twin evaluates the two ranks' forwards sepa
 assembles the DeCLIP objective (mean over ranks of each rank's loss against all ranks'
 features) from the tested component losses, with plain autograd instead of collectives.
 """
-import contextlib
 import json
 import os
 import subprocess
@@ -210,6 +209,7 @@ def _three_steps(cfg, rank, world):
     """Three steps on the real loader: per step the terms of each of this process's virtual
     devices, the gradients the optimiser saw and the AdamW state it left. decode='device'
     decodes with Pillow standing in for nvjpeg."""
+    import accum
     import train
     import trainstep
     import data as data_module
@@ -219,7 +219,7 @@ def _three_steps(cfg, rank, world):
     batches = iter(data_module.build_train_loader(cfg.data, rank=rank, world=world, start_step=0, max_iter=3,
                                                   accum=cfg.accum_steps))
     seen = {'terms': [], 'tensors': []}
-    real = trainstep.optimizer_step, trainstep.single_pass, trainstep.accumulated_passes, jpeg.nvjpeg_decoder
+    real = trainstep.optimizer_step, accum.second_passes, jpeg.nvjpeg_decoder
 
     def step(st, skip):
         grads = {n: p.grad.clone() for n, p in st.model.named_parameters() if p.grad is not None}
@@ -230,23 +230,20 @@ def _three_steps(cfg, rank, world):
                 kinds.setdefault(kind, {})[name] = value.clone()
         seen['tensors'].append(kinds)
 
-    def one(*args, **kwargs):
-        out = real[1](*args, **kwargs)
-        seen['terms'].append([out[1]])
-        return out
-
     def several(*args, **kwargs):
-        out = real[2](*args, **kwargs)
+        out = real[1](*args, **kwargs)
         seen['terms'].append(out[1])
         return out
-    trainstep.optimizer_step, trainstep.single_pass, trainstep.accumulated_passes = step, one, several
+    trainstep.optimizer_step, accum.second_passes = step, several
     jpeg.nvjpeg_decoder = lambda device: lambda blobs: [jpeg._pillow_decode(b, device) for b in blobs]
+    train_step = accum.train_step if cfg.accum_steps > 1 else trainstep.train_step
     try:
         for _ in range(3):
-            trainstep.train_step(state, next(batches), cfg=cfg, autocast=contextlib.nullcontext(), rank=rank,
-                                 world=world)
+            metrics = train_step(state, next(batches), cfg)
+            if cfg.accum_steps == 1:   # one virtual device: the step's own losses
+                seen['terms'].append([metrics['loss']])
     finally:
-        trainstep.optimizer_step, trainstep.single_pass, trainstep.accumulated_passes, jpeg.nvjpeg_decoder = real
+        trainstep.optimizer_step, accum.second_passes, jpeg.nvjpeg_decoder = real
     return seen
 
 

@@ -113,10 +113,9 @@ def test_a_training_step_creates_no_float64_tensor():
     cfg.compile = 'false'
     state = trainstep.build_state(cfg, torch.device('cpu'))
     batch = bench._synthetic_batch(cfg, 8, torch.device('cpu'))
-    _, autocast, _ = runtime.precision('fp32', 'cpu')
     with DtypeRecorder() as mode:
         for _ in range(2):   # the colour ops draw every op for some sample of 16 views
-            metrics = trainstep.train_step(state, batch, cfg=cfg, autocast=autocast, grad_norm=True)
+            metrics = trainstep.train_step(state, batch, cfg)
     assert torch.isfinite(metrics['loss']['total'])
     assert torch.float32 in mode.seen and torch.float64 not in mode.seen, mode.seen.get(torch.float64)
 
@@ -186,14 +185,13 @@ def test_a_static_shape_step_equals_the_dynamic_one():
     cfg.compile, cfg.mlm_bucket = 'false', 64
     batch = bench._synthetic_batch(cfg, 8, torch.device('cpu'))
     assert len(batch['mlm_index']) % 64   # padding has something to do
-    _, autocast, _ = runtime.precision('fp32', 'cpu')
     out = []
     for static in (False, True):
         state = trainstep.build_state(cfg, torch.device('cpu'))
         state.static_shapes = static
         state.optimizer.step = lambda: None   # keep the gradients to compare them
         state.optimizer.zero_grad = lambda set_to_none=True: None
-        metrics = trainstep.train_step(state, batch, cfg=cfg, autocast=autocast)
+        metrics = trainstep.train_step(state, batch, cfg)
         out.append((metrics['loss'], {k: p.grad.clone() for k, p in state.model.named_parameters()
                                       if p.grad is not None}))
     for k, v in out[0][0].items():

@@ -6,14 +6,13 @@ import contextlib
 import pytest
 import torch
 
+import accum
 import losses
-import runtime
 import trainstep
 from helpers import tiny_config
 from tools import bench
 
 CPU = torch.device('cpu')
-FP32 = runtime.precision('fp32', 'cpu')[1]
 
 
 @contextlib.contextmanager
@@ -43,8 +42,9 @@ def tiny_state(batch=8, accum_steps=1, **loss_weights):
     return cfg, trainstep.build_state(cfg, CPU), bench._synthetic_batch(cfg, batch, CPU)
 
 
-def step(state, batch, cfg, **kwargs):
-    return trainstep.train_step(state, batch, cfg=cfg, autocast=FP32, **kwargs)
+def step(state, batch, cfg):
+    """The step the loop runs for `cfg` (accum.train_step with accum_steps > 1)."""
+    return (accum.train_step if cfg.accum_steps > 1 else trainstep.train_step)(state, batch, cfg)
 
 
 def keep_gradients(state):

@@ -6,8 +6,8 @@
     python tools/bench.py precision --config=configs/vitb32.py --batch=128  # bf16 losses against fp32
     python tools/bench.py e2e --workers=16 --step_ms=71                     # real loader over JPEG files
 
-The mode comes first; flags a mode does not use are ignored. `step` and `precision` time
-trainstep.train_step, the loop's own step. Every mode runs on CPU with tiny settings (tests smoke it).
+The mode comes first; flags a mode does not use are ignored. `step` and `precision` time the
+loop's own step (accum.train_step with accum_steps > 1). Every mode runs on CPU in tiny settings (tests do).
 `data` lives in bench_data.py, `parts` in bench_parts.py.
 """
 import ast
@@ -27,6 +27,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the library beside tools/, run as a script
 
+import accum  # noqa: E402
 import data  # noqa: E402
 import images  # noqa: E402
 import jpeg  # noqa: E402
@@ -70,11 +71,10 @@ def matmul_peak_tflops(device, dtype, n):
 
 
 def trainer(cfg, device):
-    """step(batch) -> its loss: trainstep.train_step (the loop's step) from build_state's fresh state;
-    each call is the next step, with its own LR and augmentation stream."""
+    """step(batch) -> its loss: the loop's step on build_state's fresh state; each call the next step."""
     state = trainstep.build_state(cfg, device)
-    _, autocast, _ = runtime.precision(cfg.precision, device.type)
-    return lambda batch: trainstep.train_step(state, batch, cfg=cfg, autocast=autocast)['loss']['total']
+    step = accum.train_step if cfg.accum_steps > 1 else trainstep.train_step
+    return lambda batch: step(state, batch, cfg)['loss']['total']
 
 
 def _jpeg_batch(cfg, batch, folder):
@@ -120,7 +120,7 @@ def _time_step(step, device, warmup, steps):
 
 
 def bench_step(args):
-    """Throughput of trainstep.train_step on one synthetic in-memory batch (with --decode=device its
+    """Throughput of the loop's step on one synthetic in-memory batch (with --decode=device its
     JPEG bytes: decode, crop and resize happen in the step); FLOPs counted by torch."""
     cfg = _load_config(args.config, compile=args.compile, precision=args.precision, overrides=args.set)
     cfg.data.batch_size = args.batch // cfg.accum_steps
@@ -146,7 +146,7 @@ def bench_step(args):
 
 def bench_precision(args):
     """Low precision against fp32 from the same initial weights over the same batches (the same
-    trainstep.train_step): every loss finite, and the first --compare losses within --rtol of fp32's."""
+    step the loop runs): every loss finite, and the first --compare losses within --rtol of fp32's."""
     device, _ = runtime.setup_device(0)
     names = ('fp32', args.precision if args.precision != 'auto' else 'bf16')
     runs = {}
