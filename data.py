@@ -5,11 +5,14 @@ The data folder (vocabulary, synonym table, demo corpus) is `data/` beside this 
 $DECLIP_DATA when set: the one rule every default path follows.
 """
 import codecs
+import functools
 import glob
 import itertools
 import os
 import random
 import re
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -518,13 +521,31 @@ def shard_paths(spec):
     return sorted(paths)
 
 
-def _worker_init(worker_id):
-    """One thread per worker; SIGINT / SIGTERM are the training process's to handle (it finishes
-    its step and saves): a worker dying of Ctrl-C would fail that step. Workers end with it."""
-    import signal
+def _worker_init(main_pid, worker_id):
+    """One thread per worker; SIGINT / SIGTERM from anyone else (Ctrl-C reaches the whole process
+    group, torchrun and schedulers signal every process) are the training process's to handle: it
+    finishes its step and saves, which a worker dying of them would fail. The training process's
+    own SIGTERM, which interpreter exit sends to the workers of a loader still alive (after an
+    error, say), ends the worker: the exit never waits on it. Otherwise workers end with the loader."""
     torch.set_num_threads(1)
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # the watcher takes no other signal
+    threading.Thread(target=_end_on_sigterm_from, args=(main_pid,), daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask | {signal.SIGTERM})
+
+
+def _end_on_sigterm_from(pid):
+    """Wait for SIGTERMs (blocked in every thread, so they queue for this one) and end the
+    process at the first one sent by `pid`."""
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != pid:
+        pass
+    os._exit(0)
+
+
+def release(batches):
+    """End a loader iterator's workers now: after an exception its traceback may hold the
+    iterator past the end of the run (torch's iterators have no public close)."""
+    getattr(batches, '_shutdown_workers', lambda: None)()
 
 
 def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=False, accum=1):
@@ -534,7 +555,7 @@ def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=Fal
     same stream positions, since (t*W + r)*kB = (t*kW + rk)*B; each micro-batch masked alone)."""
     collate = Collate(mask=cfg.mask, seed=cfg.seed, micro=cfg.batch_size)
     kwargs = dict(batch_size=cfg.batch_size * accum, num_workers=cfg.workers, collate_fn=collate,
-                  pin_memory=pin_memory, worker_init_fn=_worker_init)
+                  pin_memory=pin_memory, worker_init_fn=functools.partial(_worker_init, os.getpid()))
     if cfg.workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch)
     if cfg.format == 'wds':

@@ -333,6 +333,11 @@ def summary(state, cfg, world, start):
             f'({counts}) | {start}')
 
 
+def end_step(cfg):
+    """The step this invocation ends at."""
+    return min(cfg.stop_at or cfg.max_iter, cfg.max_iter)
+
+
 def eval_due(step, cfg):
     return bool(cfg.data.val_meta) and step > 0 and (due(step, cfg.eval_every) or step == cfg.max_iter)
 
@@ -341,12 +346,11 @@ def run(state, cfg, workdir, rank, world):
     """The loop: a step, then logging, checkpoint and evaluation when due. A signal stops it after
     the step all ranks agree on, with a checkpoint; an evaluation that a crash interrupted runs
     again first on resume (the checkpoint before it was written first)."""
-    ckpt_dir, marker = workdir / 'checkpoints', workdir / 'checkpoints' / 'evaluated_step'
+    ckpt_dir = workdir / 'checkpoints'
     if rank == 0:
         for stale in ckpt_dir.glob('*.tmp'):  # a write interrupted by a crash (the lock says it is no one's)
             stale.unlink()
-    _, autocast, _ = runtime.precision(cfg.precision, state.device.type)
-    start, end = state.step, min(cfg.stop_at or cfg.max_iter, cfg.max_iter)
+    start, end = state.step, end_step(cfg)
     if start >= end:
         if rank == 0:
             print(f'nothing to do: the run is at step {start} and this invocation ends at step {end} '
@@ -356,6 +360,21 @@ def run(state, cfg, workdir, rank, world):
                                            max_iter=cfg.max_iter, pin_memory=state.device.type != 'cpu',
                                            accum=cfg.accum_steps))
     log = RunLog(cfg, workdir, rank=rank, world=world, start=start)
+    try:
+        stopping, received = loop(state, cfg, batches, log, ckpt_dir, rank, world)
+    finally:  # on an error too: loader workers end here, not at interpreter exit
+        data.release(batches)
+        log.close()
+    if stopping:
+        raise SystemExit(f'stopped at step {state.step} ({received or "signal on another rank"}); the '
+                         f'checkpoint is written: run the same command to resume')
+    return state.model
+
+
+def loop(state, cfg, batches, log, ckpt_dir, rank, world):
+    """Steps from state.step to the end of this invocation; (stopped by a signal, its name)."""
+    marker, start, end = ckpt_dir / 'evaluated_step', state.step, end_step(cfg)
+    _, autocast, _ = runtime.precision(cfg.precision, state.device.type)
 
     def evaluation():
         log.evaluation(zero_shot(state, cfg, rank, world), state.step)
@@ -388,12 +407,7 @@ def run(state, cfg, workdir, rank, world):
                 save(state, cfg, ckpt_dir)  # skipped steps changed nothing: still the last good state
             if eval_due(state.step, cfg) and not stopping:
                 evaluation()
-    del batches  # its loader workers (which leave SIGTERM to us) end here, not at interpreter exit
-    log.close()
-    if stopping:
-        raise SystemExit(f'stopped at step {state.step} ({signals.received or "signal on another rank"}); the '
-                         f'checkpoint is written: run the same command to resume')
-    return state.model
+    return stopping, signals.received
 
 
 def main(argv):

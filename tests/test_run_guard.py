@@ -1,5 +1,6 @@
 """Nothing lost, nothing hangs: unreadable checkpoints, a second run on one workdir, preemption
 signals, a killed launcher, a failing evaluation, non-finite numbers, config drift at resume."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -165,6 +166,90 @@ def test_workers_exit_when_their_launcher_is_killed(tmp_path, demo_dir):
             os.kill(pid, signal.SIGKILL)
         proc.stdout.close()
     assert not left
+
+
+# ---------------------------------------------------------------- a failing run exits, loader workers too
+
+STEP_FAILS = ('import runpy, sys, trainstep\n'
+              'def failing(*args, **kwargs):\n'
+              '    raise RuntimeError("injected step failure")\n'
+              'trainstep.train_step = failing\n'
+              'sys.argv[0] = "train.py"\n'
+              'runpy.run_path("train.py", run_name="__main__")\n')
+
+
+def _failing_run(work, demo_dir, fault, workers):
+    """(command, environment, what the output ends with) of a run that fails at its first step."""
+    over = {'max_iter': 4, 'data.val_meta': '', 'data.workers': workers}
+    env, entry = {**os.environ, 'OMP_NUM_THREADS': '1'}, ['train.py']
+    if fault == 'bad_rate':       # every image missing: the rate monitor stops the first batch
+        meta = work.parent / 'missing.jsonl'
+        meta.write_text(''.join(f'{{"filename": "gone{i}.jpg", "caption": "a cat"}}\n' for i in range(40)))
+        over.update({'data.train_meta': meta, 'data.bad_window': 10, 'data.max_bad_rate': 0.2})
+        expected = 'could not be built'
+    elif fault == 'diverged':
+        env['DECLIP_TEST_NONFINITE_STEPS'] = '0'
+        over['max_nonfinite'] = 1
+        expected = '1 consecutive non-finite losses at step 1'
+    else:
+        entry = ['-c', STEP_FAILS, 'train.py']
+        expected = 'injected step failure'
+    args = [sys.executable, *entry, '--config', 'configs/demo.py:smoke', '--workdir', str(work),
+            *smoke_overrides(demo_dir, **over)]
+    return args, env, expected
+
+
+@pytest.mark.parametrize('workers', [1, 2])
+@pytest.mark.parametrize('fault', ['bad_rate', 'diverged', 'step_error'])
+def test_a_failing_run_with_loader_workers_exits(tmp_path, demo_dir, fault, workers):
+    """The data-rate stop, the divergence stop and an exception in the step each end the process,
+    loader workers included, within seconds of the error (interpreter exit once waited forever on
+    a worker that ignores SIGTERM)."""
+    work = tmp_path / 'w'
+    args, env, expected = _failing_run(work, demo_dir, fault, workers)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if expected in line:
+                break
+        code = proc.wait(timeout=30)
+        left = _processes_mentioning(str(work))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert any(expected in line for line in lines), ''.join(lines[-30:])
+    assert code != 0 and not left
+
+
+HOLDS_A_LOADER = ('import sys\n'
+                  'import data\n'
+                  'from tests.helpers import data_config\n'
+                  'cfg = data_config(train_root=sys.argv[1], train_meta=sys.argv[2], workers=2)\n'
+                  'batches = iter(data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=50))\n'
+                  'next(batches)\n'
+                  'print("holding a loader", flush=True)\n')
+
+
+def test_a_process_that_still_holds_a_loader_at_exit_exits(tmp_path, demo_dir):
+    """What kept a test process alive after its last test: a loader with workers still referenced
+    at interpreter exit (here a module global; in a test, a traceback or a cycle)."""
+    proc = subprocess.Popen([sys.executable, '-c', HOLDS_A_LOADER, str(demo_dir / 'train'),
+                             str(demo_dir / 'train.jsonl')], cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out = proc.stdout.readline()
+        code = proc.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert out == 'holding a loader\n' and code == 0
 
 
 # ---------------------------------------------------------------- 5: evaluation never loses steps
