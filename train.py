@@ -35,7 +35,8 @@ POSITIVE = ('max_iter', 'accum_steps', 'log_every', 'ckpt_every', 'keep_every', 
 NON_NEGATIVE = ('seed', 'stop_at', 'data.shuffle_buffer', 'keep_copies', 'tb_images', 'peak_tflops', 'data.workers', 'eval.workers',
                 'optim.base_lr', 'optim.warmup_lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
                 *(f'loss.{k}' for k in trainstep.LOSS_TERMS))
-BELOW_ONE = ('optim.beta1', 'optim.beta2', 'data.max_bad_rate')
+BELOW_ONE = ('optim.beta1', 'optim.beta2')
+RATES = ('data.max_bad_rate',)   # 1.0: never stop for bad samples
 
 
 def check_numbers(cfg):
@@ -43,7 +44,8 @@ def check_numbers(cfg):
     otherwise train NaN weights and a zero batch would fail only after the model is built)."""
     values = runtime.check_values(cfg.to_dict(), [
         (POSITIVE, lambda v: v > 0, '> 0'), (NON_NEGATIVE, lambda v: v >= 0, '>= 0'),
-        (BELOW_ONE, lambda v: 0 <= v < 1, 'in [0, 1)'), (('model.',), lambda v: v > 0, '> 0')])
+        (BELOW_ONE, lambda v: 0 <= v < 1, 'in [0, 1)'), (RATES, lambda v: 0 <= v <= 1, 'in [0, 1]'),
+        (('model.',), lambda v: v > 0, '> 0')])
     lo, hi = values['data.crop_scale']
     if not 0 < lo <= hi <= 1:
         raise ValueError(f'config.data.crop_scale: need 0 < min <= max <= 1, got {tuple(cfg.data.crop_scale)}')

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import runtime
 import trainstep
 import train
@@ -285,6 +286,7 @@ def test_a_failing_evaluation_loses_no_steps_and_runs_again_on_resume(tmp_path, 
     ('loss.nn', float('inf'), 'config.loss.nn: must be a finite number'),
     ('eval.prompts', 'prompt7', "config.eval.prompts: prompt set 'prompt7' not found"),
     ('data.val_root', '/nonexistent', 'config.data.val_root: folder not found'),
+    ('data.max_bad_rate', 1.01, 'config.data.max_bad_rate: must be in [0, 1]'),
 ])
 def test_bad_values_fail_before_the_workdir_exists(tmp_path, demo_dir, key, value, message):
     cfg = smoke(demo_dir)
@@ -293,6 +295,23 @@ def test_bad_values_fail_before_the_workdir_exists(tmp_path, demo_dir, key, valu
     with pytest.raises(ValueError, match=message.replace('[', r'\[').replace(')', r'\)')):
         train.train(cfg, tmp_path / 'w')
     assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('rate', [0.0, 1.0])
+def test_bad_rate_limits_of_zero_and_one_are_accepted(demo_dir, rate):
+    """max_bad_rate=1.0 never stops a run for bad samples (every attempt may fail: 100 % is not
+    above 1.0); 0.0 stops it at the first full window with a failure."""
+    cfg = smoke(demo_dir, **{'data.max_bad_rate': rate})
+    train.check_numbers(cfg)
+    monitor = data.FailureMonitor(4, cfg.data.max_bad_rate)
+    for i in range(3):
+        monitor.record(f'bad {i}')
+    if rate == 1.0:
+        for i in range(20):
+            monitor.record(f'bad {i}')
+    else:
+        with pytest.raises(data.DataError, match='100% of the last 4 samples'):
+            monitor.record('bad 3')
 
 
 def test_an_empty_meta_file_fails_before_the_workdir_exists(tmp_path, demo_dir):
