@@ -424,6 +424,34 @@ class StopSignals:
               f'at once)', file=sys.stderr, flush=True)
 
 
+def loader_worker_init(worker_id):
+    """One thread per worker; SIGINT / SIGTERM from anyone else (Ctrl-C reaches the whole process
+    group, torchrun and schedulers signal every process) are the training process's to handle: it
+    finishes its step and saves, which a worker dying of them would fail. The training process's
+    own SIGTERM (the parent's, as torch's workers see it), which interpreter exit sends to the
+    workers of a loader still alive (after an error, say), ends the worker: the exit never waits
+    on it. Otherwise workers end with the loader."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # the watcher takes no other signal
+    threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask | {signal.SIGTERM})
+
+
+def _end_on_sigterm_from(pid):
+    """Wait for SIGTERMs (blocked in every thread, so they queue for this one) and end the
+    process at the first one sent by `pid`."""
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != pid:
+        pass
+    os._exit(0)
+
+
+def release_loader(batches):
+    """End a loader iterator's workers now: after an exception its traceback may hold the
+    iterator past the end of the run (torch's iterators have no public close)."""
+    getattr(batches, '_shutdown_workers', lambda: None)()
+
+
 def exit_with_parent():
     """Under torchrun, end this worker when its launcher dies: a launcher killed with SIGKILL
     cannot stop its workers, and they would otherwise run on as orphans. Linux: the kernel's

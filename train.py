@@ -365,7 +365,7 @@ def run(state, cfg, workdir, rank, world):
     try:
         stopping, received = loop(state, cfg, batches, log, ckpt_dir, rank, world)
     finally:  # on an error too: loader workers end here, not at interpreter exit
-        data.release(batches)
+        runtime.release_loader(batches)
         log.close()
     if stopping:
         raise SystemExit(f'stopped at step {state.step} ({received or "signal on another rank"}); the '
