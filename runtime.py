@@ -254,17 +254,20 @@ class UnsafeCheckpoint(RuntimeError):
 
 
 def safe_load(path):
-    """torch.load with weights_only=True: a checkpoint that needs code execution is refused."""
+    """torch.load with weights_only=True: a file that needs code execution to load is refused, one
+    that torch.load cannot read at all is not a checkpoint."""
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:
-        if 'weights_only' in str(e) or 'Unsupported global' in str(e) or 'GLOBAL' in str(e):
-            raise UnsafeCheckpoint(
-                f'{path}: refused, the file needs arbitrary code execution to load (only tensors and '
-                f'plain types are accepted): {str(e).splitlines()[0]}') from None
-        raise RuntimeError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e})') from e
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or ['']
+        said = next((line for line in lines if 'unsupported' in line.lower()), lines[0])[:200]
+        if 'unsupported global' in said.lower():   # the weights-only unpickler's word for code to run
+            raise UnsafeCheckpoint(f'{path}: refused, the file needs arbitrary code execution to load (only '
+                                   f'tensors and plain types are accepted): {said}') from None
+        raise RuntimeError(f'{path}: not a checkpoint (torch.load cannot read it: {type(e).__name__}: '
+                           f'{said})') from None
 
 
 def save_checkpoint(path, state):

@@ -17,11 +17,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import data
+import declip
 import evaluate
 import images
 import losses
 import runtime
 import trainstep
+import weights
 
 FLAGS = flags.FLAGS
 
@@ -57,8 +59,12 @@ def check_config(cfg):
     data.check_config(cfg.data)
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise ValueError(f'config.init_from: file not found: {cfg.init_from!r}')
+    declip.activation(cfg.model.act)
     if cfg.data.val_meta:
-        evaluate.read_eval_meta(cfg.data.val_meta)   # every line, naming file:line
+        try:   # every line (naming file:line), and images under the folder
+            evaluate.check_eval_set(cfg.data.val_root, cfg.data.val_meta)
+        except ValueError as e:
+            raise ValueError(f'config.data.val_meta / val_root: {e}') from None
         try:
             templates = evaluate.load_prompts(cfg.eval.prompts)
         except (OSError, UnicodeDecodeError) as e:
@@ -149,10 +155,10 @@ def wrap_ddp(state, cfg, world):
     if world == 1:
         return
     device = state.device
-    weights = trainstep.loss_weights(cfg)
+    terms = trainstep.loss_weights(cfg)
     state.ddp = torch.nn.parallel.DistributedDataParallel(
         state.model, device_ids=[device.index] if device.type == 'cuda' else None,
-        find_unused_parameters=cfg.model.declip and not all(weights[k] for k in ('simsiam', 'mlm')))
+        find_unused_parameters=cfg.model.declip and not all(terms[k] for k in ('simsiam', 'mlm')))
 
 
 def zero_shot(state, cfg, rank, world):
@@ -312,13 +318,13 @@ def init_weights(state, cfg):
     initialisation. Returns how the run starts, for the summary."""
     if not cfg.init_from:
         return 'fresh weights'
-    weights, _ = evaluate.load_weights(cfg.init_from)
+    tensors, _ = weights.load_weights(cfg.init_from, act=cfg.model.act)
     try:
-        missing, unexpected = state.model.load_state_dict(weights, strict=False)
+        missing, unexpected = state.model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:
         raise ValueError(f'config.init_from: {cfg.init_from} does not fit config.model: {str(e)[:600]}') from None
     fresh = sorted({k.split('.')[0] for k in missing})
-    return (f'initialised from {cfg.init_from} ({len(weights) - len(unexpected)} tensors'
+    return (f'initialised from {cfg.init_from} ({len(tensors) - len(unexpected)} tensors'
             + (f'; fresh: {", ".join(fresh)}' if fresh else '') + ')')
 
 

@@ -18,7 +18,9 @@ from PIL import Image
 import data
 import evaluate
 import images
+import runtime
 import text
+import weights
 from helpers import data_config, run, run_distributed, write_jpeg
 
 
@@ -464,7 +466,7 @@ def test_checkpoint_that_is_not_a_state_dict_names_file_and_expectation(tmp_path
     path = tmp_path / 'odd.pt'
     torch.save(obj, path)
     with pytest.raises(ValueError, match=rf'{path}: expected a dict: a checkpoint of ours'):
-        evaluate.load_model(path)
+        weights.load_model(path)
 
 
 def test_evaluate_cli_names_a_tensor_checkpoint(tmp_path):
@@ -472,6 +474,34 @@ def test_evaluate_cli_names_a_tensor_checkpoint(tmp_path):
     res = run(['evaluate.py', '--ckpt', str(tmp_path / 'tensor.pt'), '--val_meta', 'x'], timeout=120)
     assert res.returncode != 0 and 'AttributeError' not in res.stderr
     assert f'{tmp_path / "tensor.pt"}: expected a dict' in res.stderr and 'got Tensor' in res.stderr
+
+
+@pytest.mark.parametrize('content', [b'epoch 3: loss 0.25\n', bytes(range(256)) * 4, b'PK\x03\x04 not a zip'])
+def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path, content):
+    """A text file, random bytes, a broken zip: "not a checkpoint", not "needs code execution"."""
+    path = tmp_path / 'notes.pt'
+    path.write_bytes(content)
+    with pytest.raises(RuntimeError, match=rf'{path}: not a checkpoint \(torch.load cannot read it') as e:
+        weights.load_model(path)
+    assert not isinstance(e.value, runtime.UnsafeCheckpoint) and 'code execution' not in str(e.value)
+
+
+def test_evaluation_set_is_checked_before_any_image_is_scored(tmp_path):
+    """The meta lines and the image folder: a folder that holds none of the first images, a
+    folder that does not exist, filenames that leave the folder, each an error naming them."""
+    folder = tmp_path / 'val'
+    meta = colour_val_set(folder)
+    evaluate.check_eval_set(str(folder), str(meta))
+    (tmp_path / 'elsewhere').mkdir()
+    with pytest.raises(ValueError, match=rf"none of the first 6 images of {meta} is a file under "
+                                         rf"'{tmp_path / 'elsewhere'}' \(no file {tmp_path / 'elsewhere'}/"):
+        evaluate.check_eval_set(str(tmp_path / 'elsewhere'), str(meta))
+    with pytest.raises(ValueError, match=rf'image folder not found: {tmp_path / "gone"}'):
+        evaluate.check_eval_set(str(tmp_path / 'gone'), str(meta))
+    escaping = write_meta(tmp_path / 'up.jsonl', [{'filename': f'../val/{i}.jpg', 'label': 0, 'label_name': 'red'}
+                                                  for i in range(3)])
+    with pytest.raises(ValueError, match=r"outside_root: '../val/0.jpg'"):
+        evaluate.check_eval_set(str(folder), str(escaping))
 
 
 # ---------------------------------------------------------------- 16. every image mode Pillow opens

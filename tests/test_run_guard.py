@@ -287,6 +287,7 @@ def test_a_failing_evaluation_loses_no_steps_and_runs_again_on_resume(tmp_path, 
     ('eval.prompts', 'prompt7', "config.eval.prompts: prompt set 'prompt7' not found"),
     ('data.val_root', '/nonexistent', 'config.data.val_root: folder not found'),
     ('data.max_bad_rate', 1.01, 'config.data.max_bad_rate: must be in [0, 1]'),
+    ('model.act', 'relu', "config.model.act: one of quick_gelu, gelu, got 'relu'"),
 ])
 def test_bad_values_fail_before_the_workdir_exists(tmp_path, demo_dir, key, value, message):
     cfg = smoke(demo_dir)
@@ -312,6 +313,13 @@ def test_bad_rate_limits_of_zero_and_one_are_accepted(demo_dir, rate):
     else:
         with pytest.raises(data.DataError, match='100% of the last 4 samples'):
             monitor.record('bad 3')
+
+
+def test_a_validation_folder_without_its_images_fails_before_the_workdir_exists(tmp_path, demo_dir):
+    cfg = smoke(demo_dir, **{'data.val_root': demo_dir / 'train'})
+    with pytest.raises(ValueError, match=r'config.data.val_meta / val_root: none of the first 60 images of .*val.jsonl'):
+        train.train(cfg, tmp_path / 'w')
+    assert not (tmp_path / 'w').exists()
 
 
 def test_an_empty_meta_file_fails_before_the_workdir_exists(tmp_path, demo_dir):

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = {p.stem: p for p in ROOT.glob('*.py')} | {f'configs.{p.stem}': p for p in (ROOT / 'configs').glob('*.py')}
 # entry points, then the library they share; a module imports only from its own layer or below
 LAYERS = [{m for m in MODULES if m.startswith('configs.')}, {'bench'}, {'train', 'prepare'}, {'trainstep', 'evaluate'},
-          {'data'}, {'text', 'images', 'runtime', 'declip', 'losses'}]
+          {'data', 'weights'}, {'text', 'images', 'runtime', 'declip', 'losses'}]
 
 
 def project_imports(path):
