@@ -182,7 +182,7 @@ def check_eval_set(root, meta, probe=64):
             return
         reasons.append(f'no file {path}')
     raise ValueError(f'none of the first {len(reasons)} images of {meta} is a file under {root!r} ({reasons[0]}); '
-                     f'is the image folder the right one?')
+                     f'check the image folder and the filenames')
 
 
 class EvalDataset(torch.utils.data.Dataset):

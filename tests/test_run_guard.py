@@ -175,8 +175,8 @@ STEP_FAILS = ('import runpy, sys, trainstep\n'
               'def failing(*args, **kwargs):\n'
               '    raise RuntimeError("injected step failure")\n'
               'trainstep.train_step = failing\n'
-              'sys.argv[0] = "train.py"\n'
-              'runpy.run_path("train.py", run_name="__main__")\n')
+              'sys.argv = sys.argv[1:]\n'
+              'runpy.run_path(sys.argv[0], run_name="__main__")\n')
 
 
 def _failing_run(work, demo_dir, fault, workers):
@@ -315,10 +315,18 @@ def test_bad_rate_limits_of_zero_and_one_are_accepted(demo_dir, rate):
             monitor.record('bad 3')
 
 
-def test_a_validation_folder_without_its_images_fails_before_the_workdir_exists(tmp_path, demo_dir):
-    cfg = smoke(demo_dir, **{'data.val_root': demo_dir / 'train'})
-    with pytest.raises(ValueError, match=r'config.data.val_meta / val_root: none of the first 60 images of .*val.jsonl'):
-        train.train(cfg, tmp_path / 'w')
+@pytest.mark.parametrize('problem', ['other_folder', 'names_leave_the_folder'])
+def test_an_evaluation_set_that_cannot_be_scored_fails_before_the_workdir_exists(tmp_path, demo_dir, problem):
+    """Images that are not under data.val_root (another folder; filenames with '..', which are
+    outside_root) would be skipped, every one, at the first evaluation: an error before any work."""
+    over = {'data.val_root': demo_dir / 'train'}
+    if problem == 'names_leave_the_folder':
+        meta = tmp_path / 'val.jsonl'
+        meta.write_text((demo_dir / 'val.jsonl').read_text().replace('"val_', '"../val/val_'))
+        over = {'data.val_meta': meta}
+    with pytest.raises(ValueError, match=r'config.data.val_meta / val_root: none of the first 60 images of .*val.jsonl'
+                                         + (r".*outside_root: '\.\./val/val_000000.jpg'" if 'data.val_meta' in over else '')):
+        train.train(smoke(demo_dir, **over), tmp_path / 'w')
     assert not (tmp_path / 'w').exists()
 
 
