@@ -9,13 +9,13 @@ import glob
 import itertools
 import os
 import random
-import re
 from pathlib import Path
 
 import torch
 
 import images
 import jpeg
+import runtime
 import text
 from images import BadSample
 
@@ -309,7 +309,7 @@ class PairDataset(torch.utils.data.Dataset):
     resumed run sees identical samples. A failing sample is replaced by a deterministic other one."""
 
     def __init__(self, cfg):
-        roots, metas = split_list(cfg.train_root), split_list(cfg.train_meta)
+        roots, metas = text.split_list(cfg.train_root), text.split_list(cfg.train_meta)
         self.meta = JsonlMeta(roots, metas)
         if len(self.meta) == 0:
             raise ValueError(f'no samples in {metas}')
@@ -343,7 +343,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     a pass yields every sample exactly once, mixed by a seeded shuffle buffer. Each worker emits
     whole batches and the DataLoader takes them round-robin, so a restart at step k knows how many
     samples each worker had consumed and skips them without decoding. A bad sample is replaced
-    by a random other one (as the reference does), never by one of its own batch."""
+    by a random other one (as the reference does), one of its own batch only where nothing else
+    around it can be built."""
 
     def __init__(self, cfg, *, rank, world, start_step):
         self.shards = shard_paths(cfg.shards)
@@ -398,24 +399,34 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise BadSample('bad_encoding', 'txt') from e
         return self.builder(caption, image, rng)
 
-    def batch(self, items, spares, worker, start):
-        """The samples of `items` ((pass, key, group) at stream positions start, ...); a failing
-        one is replaced by a random one of the `spares` lists whose key is not in the batch yet."""
-        used = {key for _, key, _ in items}
+    def batch(self, items, spares, share, start):
+        """The samples of `items` ((pass, key, group) at positions start, ...), failures replaced."""
+        used, failed = {key for _, key, _ in items}, set()
         for j, (_, key, group) in enumerate(items):
             position, failures = start + j, []
-            rng = seeded_rng(self.cfg.seed, 'wds', self.rank, worker, position)
+            rng = seeded_rng(self.cfg.seed, 'wds', self.rank, share[0], position)
             sample, kind = self.builder.attempt(lambda: self.build(group, rng), key)
             while sample is None:
                 failures.append(kind)
-                free = [s for part in spares for s in part if s[1] not in used]
-                if not free or len(failures) > 100:
-                    raise DataError(f'no good sample to replace {key}: {len(failures)} tries failed, {len(free)} '
-                                    f'other samples in the neighbouring batches and the shuffle buffer')
-                _, other, group = rng.choice(free)
-                used.add(other)
-                sample, kind = self.builder.attempt(lambda: self.build(group, rng), other)
+                failed.add(key)
+                key, group = self.replacement(key, [items, *spares], used, failed, share, rng, len(failures))
+                used.add(key)
+                sample, kind = self.builder.attempt(lambda: self.build(group, rng), key)
             yield {**sample, 'position': position, 'bad': bad_counts(failures)}
+
+    def replacement(self, key, around, used, failed, share, rng, tries):
+        """(key, group) to try in place of `key`: a random one of the batch, the neighbouring batches
+        and the shuffle buffer (`around`) not in the batch yet, as the reference does, else one
+        already in it (a tiny corpus repeats samples), else the first of this worker's shards
+        (`share`) that has not failed. Only the rate limit or 100 failures in a row stop the run."""
+        known = [s for part in around for s in part if s[1] not in failed]
+        fresh = [s for s in known if s[1] not in used]
+        anywhere = (s for s in itertools.islice(self.samples(*share), 1_000) if s[1] not in failed)
+        found = (rng.choice(fresh or known) if known else next(anywhere, None)) if tries <= 100 else None
+        if found is None:
+            raise DataError(f'no good sample to replace {key}: {tries} tries failed, none of the samples around it '
+                            f'or of the first 1,000 of loader worker {share[0]}\'s shards can be built')
+        return found[1:]
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -433,7 +444,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         for start in itertools.count(0, size):
             following = list(itertools.islice(stream, size))
             if start >= skip:
-                yield from self.batch(current, (previous, following, buffer), worker, start)
+                yield from self.batch(current, (previous, following, buffer), (worker, workers), start)
             previous, current = current, following
 
 
@@ -492,18 +503,11 @@ class Collate:
         return out
 
 
-def split_list(value, *, braces=False):
-    """The items of a list, or of a comma-separated string (with `braces`, not at commas inside {...})."""
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return [v for v in re.split(r',(?![^{}]*\})' if braces else ',', str(value)) if v]
-
-
 def shard_paths(spec):
     """The sorted shard files of data.shards: comma-separated entries, each brace-expanded
     (text.expand_braces), then a glob pattern (what matches) or a path (which must exist)."""
     paths, missing = set(), []
-    for entry in split_list(spec, braces=True):
+    for entry in text.split_list(spec, braces=True):
         for name in text.expand_braces(entry):
             if glob.has_magic(name):
                 paths.update(glob.glob(name))
@@ -519,15 +523,6 @@ def shard_paths(spec):
     return sorted(paths)
 
 
-def _worker_init(worker_id):
-    """One thread per worker; SIGINT / SIGTERM are the training process's to handle (it finishes
-    its step and saves): a worker dying of Ctrl-C would fail that step. Workers end with it."""
-    import signal
-    torch.set_num_threads(1)
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
-
-
 def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=False, accum=1):
     """Loader of uint8 view batches [B, V, 3, S, S] with (masked) tokens, MLM positions/targets,
     EDA tokens and bad-sample counts, starting at `start_step`. With `accum` = k a batch holds
@@ -535,7 +530,7 @@ def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=Fal
     same stream positions, since (t*W + r)*kB = (t*kW + rk)*B; each micro-batch masked alone)."""
     collate = Collate(mask=cfg.mask, seed=cfg.seed, micro=cfg.batch_size)
     kwargs = dict(batch_size=cfg.batch_size * accum, num_workers=cfg.workers, collate_fn=collate,
-                  pin_memory=pin_memory, worker_init_fn=_worker_init)
+                  pin_memory=pin_memory, worker_init_fn=runtime.loader_worker_init)
     if cfg.workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch)
     if cfg.format == 'wds':
@@ -569,7 +564,7 @@ def check_config(cfg):
     if cfg.eda and cfg.eda_synonyms:
         _need('synonyms_path (or set --config.data.eda_synonyms=False)', cfg.synonyms_path)
     if cfg.format == 'jsonl':
-        metas, roots = split_list(cfg.train_meta), split_list(cfg.train_root)
+        metas, roots = text.split_list(cfg.train_meta), text.split_list(cfg.train_root)
         if not metas:
             raise ValueError('config.data.train_meta: no meta file given')
         if len(roots) != len(metas):

@@ -29,9 +29,11 @@ def model_config(vision, *, declip=True, **overrides):
     text tower (77 tokens, DeCLIP's 49,409 ids, width 512, 12 layers) and, with `declip`, the
     SimSiam heads (1024 / 512) and the MLM head; the ViT patch embedding frozen (reference quirk);
     the ResNet's BatchNorm synchronised over the job (the reference's DeCLIP-R50 config asks for it;
-    its CLIP-R50 config does not, and configs/clip_r50.py turns it off)."""
+    its CLIP-R50 config does not, and configs/clip_r50.py turns it off); the Transformers' MLP
+    activation `act`: 'quick_gelu' (OpenAI CLIP, DeCLIP) or 'gelu' (most open_clip models trained by
+    LAION)."""
     fields = dict(vision, freeze_conv1=True, concat_views=False, sync_bn=vision['vision'] == 'resnet',
-                  grad_checkpointing=False,
+                  grad_checkpointing=False, act='quick_gelu',
                   context_length=text.CONTEXT_LENGTH,
                   vocab_size=text.VOCAB_SIZE, text_width=512, text_layers=12, text_heads=8, declip=declip,
                   simsiam_dim=1024, predictor_dim=512)
@@ -41,6 +43,16 @@ def model_config(vision, *, declip=True, **overrides):
 class QuickGELU(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {'quick_gelu': QuickGELU, 'gelu': nn.GELU}
+
+
+def activation(name):
+    """The MLP activation module class of config.model.act."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f'config.model.act: one of {", ".join(ACTIVATIONS)}, got {name!r}')
+    return ACTIVATIONS[name]
 
 
 class Attention(nn.Module):
@@ -63,14 +75,14 @@ class Attention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN block: x + MHA(LN(x)), x + MLP(LN(x)); MLP with QuickGELU."""
+    """Pre-LN block: x + MHA(LN(x)), x + MLP(LN(x)); MLP with QuickGELU (or `act`)."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, act=QuickGELU):
         super().__init__()
         self.attn = Attention(width, heads)
         self.ln_1 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict(
-            c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)))
+            c_fc=nn.Linear(width, 4 * width), gelu=act(), c_proj=nn.Linear(4 * width, width)))
         self.ln_2 = nn.LayerNorm(width)
 
     def forward(self, x, causal=False):
@@ -102,10 +114,10 @@ def checkpointed(module, x, **kwargs):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads):
+    def __init__(self, width, layers, heads, act=QuickGELU):
         super().__init__()
         self.grad_checkpointing = False
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, act) for _ in range(layers))
         # CLIP's text-tower init; the DeCLIP reference applies it to the visual ViT too.
         proj_std = width ** -0.5 * (2 * layers) ** -0.5
         for block in self.resblocks:
@@ -133,14 +145,14 @@ def patch_embed(images, weight):
 class VisionTransformer(nn.Module):
     """ViT with OpenAI CLIP names; conv1 (patch embedding) optionally frozen at its random init."""
 
-    def __init__(self, *, image_size, patch_size, width, layers, heads, embed_dim, freeze_conv1):
+    def __init__(self, *, image_size, patch_size, width, layers, heads, embed_dim, freeze_conv1, act=QuickGELU):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(0.01 * torch.randn((image_size // patch_size) ** 2 + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, act)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
         # Reference quirk: the patch embedding is never trained (conv1 has no BN/dropout, so
@@ -292,11 +304,11 @@ class ModifiedResNet(nn.Module):
 class TextTransformer(nn.Module):
     """Causal text Transformer pooled at the eot (largest id) position; projection with bias."""
 
-    def __init__(self, *, vocab_size, context_length, width, layers, heads, embed_dim):
+    def __init__(self, *, vocab_size, context_length, width, layers, heads, embed_dim, act=QuickGELU):
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, act)
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Linear(width, embed_dim)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -354,11 +366,12 @@ class DeCLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.logit_scale = nn.Parameter(torch.full([1], math.log(1 / 0.07)))
+        act = activation(cfg.get('act', 'quick_gelu'))   # checkpoints from before model.act: QuickGELU
         if cfg.vision == 'vit':
             self.visual = VisionTransformer(
                 image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
                 layers=cfg.vision_layers, heads=cfg.vision_heads, embed_dim=cfg.embed_dim,
-                freeze_conv1=cfg.freeze_conv1)
+                freeze_conv1=cfg.freeze_conv1, act=act)
         elif cfg.vision == 'resnet':
             self.visual = ModifiedResNet(
                 layers=tuple(cfg.vision_layers), width=cfg.vision_width, heads=cfg.vision_heads,
@@ -368,7 +381,7 @@ class DeCLIP(nn.Module):
         # Named `encode_text` (reference state-dict prefix); calling it is the text-encoding API.
         self.encode_text = TextTransformer(
             vocab_size=cfg.vocab_size, context_length=cfg.context_length, width=cfg.text_width,
-            layers=cfg.text_layers, heads=cfg.text_heads, embed_dim=cfg.embed_dim)
+            layers=cfg.text_layers, heads=cfg.text_heads, embed_dim=cfg.embed_dim, act=act)
         if cfg.declip:
             self.projector = ProjectionMLP(cfg.embed_dim, cfg.simsiam_dim, cfg.simsiam_dim)
             self.predictor = PredictionMLP(cfg.simsiam_dim, cfg.predictor_dim, cfg.simsiam_dim)

@@ -1,34 +1,31 @@
-"""Zero-shot classification and image-text retrieval, the evaluation dataset; loading of our,
-DeCLIP-reference and OpenAI weights, export to open_clip's layout, inference on one's own data.
+"""Zero-shot classification and image-text retrieval, the evaluation dataset, the CLI (weights
+are read and exported by weights.py).
 
     python evaluate.py --ckpt runs/demo/checkpoints/last.pt
+    python evaluate.py --ckpt runs/demo                      # a workdir: its newest readable checkpoint
     python evaluate.py --ckpt declip_vitb32.pth.tar --val_root /data/imagenet/val --val_meta val_official.json
     torchrun --nproc_per_node 8 evaluate.py --ckpt runs/r50/checkpoints/last.pt --prompts prompt80
     python evaluate.py --ckpt runs/demo/checkpoints/last.pt --task retrieval
     python evaluate.py --ckpt runs/demo/checkpoints/last.pt --export exports/demo   # open_clip layout
 """
 import json
-import math
 import os
 from pathlib import Path
 
-import ml_collections
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from absl import app, flags
 
 import data
-import declip
 import images
 import runtime
 import text
+import weights
 
 FLAGS = flags.FLAGS
 ROOT = Path(__file__).resolve().parent
 IMAGENET_CLASSNAMES = ROOT / 'assets' / 'imagenet_classnames.txt'
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,6 +152,27 @@ def check_eval_record(rec, names, n):
     return rec
 
 
+def check_eval_set(root, meta, probe=64):
+    """Before anything is computed: every line of the meta file (read_eval_meta), and the image
+    folder, which must hold one of the first `probe` images listed (a wrong folder would otherwise
+    show only as every image skipped, after a whole pass); else a ValueError naming them."""
+    records, _ = read_eval_meta(meta)
+    if not Path(root or '.').is_dir():
+        raise ValueError(f'image folder not found: {root}')
+    reasons = []
+    for rec in records[:probe]:
+        try:
+            path = data.confined_path(root, rec['filename'])
+        except images.BadSample as e:
+            reasons.append(str(e))
+            continue
+        if os.path.isfile(path):
+            return
+        reasons.append(f'no file {path}')
+    raise ValueError(f'none of the first {len(reasons)} images of {meta} is a file under {root!r} ({reasons[0]}); '
+                     f'check the image folder and the filenames')
+
+
 class EvalDataset(torch.utils.data.Dataset):
     """Labelled images in the ImageNet-val JSON Lines layout (filename, label, label_name[, caption]);
     this rank's share is indices rank, rank+W, ... (no padding duplicates). The meta file is
@@ -217,233 +235,6 @@ class EvalDataset(torch.utils.data.Dataset):
             except images.BadSample:
                 raise ValueError(f'{self.where(index)}: no caption (retrieval needs one per image)') from None
         return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint loading: ours, DeCLIP reference (.pth.tar), OpenAI CLIP state dicts
-# ----------------------------------------------------------------------------------------------
-
-def _strip(sd, prefix):
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
-
-
-def infer_model_config(sd):
-    """The model block of a config from state-dict shapes (reference and OpenAI layouts)."""
-    text_width = sd['encode_text.token_embedding.weight'].shape[1]
-    text_layers = len({k.split('.')[3] for k in sd if k.startswith('encode_text.transformer.resblocks.')})
-    if 'visual.proj' in sd:
-        width = sd['visual.conv1.weight'].shape[0]
-        patch = sd['visual.conv1.weight'].shape[-1]
-        grid = round(math.sqrt(sd['visual.positional_embedding'].shape[0] - 1))
-        vision = dict(declip.ViT_B32, vision_width=width, patch_size=patch, image_size=grid * patch,
-                      vision_layers=len({k.split('.')[3] for k in sd if k.startswith('visual.transformer.resblocks.')}),
-                      vision_heads=width // 64, embed_dim=sd['visual.proj'].shape[1])
-    else:
-        layers = tuple(len({k.split('.')[2] for k in sd if k.startswith(f'visual.layer{i}.')}) for i in (1, 2, 3, 4))
-        width = sd['visual.conv3.weight'].shape[0]
-        grid = round(math.sqrt(sd['visual.attnpool.positional_embedding'].shape[0] - 1))
-        vision = dict(declip.R50, vision_layers=layers, vision_width=width, vision_heads=width * 32 // 64,
-                      image_size=grid * 32, embed_dim=sd['visual.attnpool.c_proj.weight'].shape[0])
-    cfg = declip.model_config(vision, declip='text_label_predictor.weight' in sd)
-    cfg.update(dict(text_width=text_width, text_layers=text_layers, text_heads=text_width // 64,
-                    context_length=sd['encode_text.positional_embedding'].shape[0],
-                    vocab_size=sd['encode_text.token_embedding.weight'].shape[0]))
-    if cfg.declip:
-        cfg.simsiam_dim = sd['projector.linear1.weight'].shape[0]
-        cfg.predictor_dim = sd['predictor.linear1.weight'].shape[0]
-    return cfg
-
-
-def from_openai(sd):
-    """OpenAI CLIP names -> ours: text tower under encode_text., token rows moved so that
-    sot/eot land on DeCLIP's ids (49407/49408; <|mask|> 49406 gets zeros), text_projection
-    parameter [width, embed] -> Linear weight (transposed) with zero bias (open_clip's `proj_bias`
-    Linear, text_projection.weight / .bias, is taken as it is), scalar logit scale -> [1]."""
-    out = {k: v for k, v in sd.items() if k.startswith('visual.')}
-    for k, v in sd.items():
-        if k.startswith(('transformer.', 'ln_final.', 'positional_embedding', 'text_projection.')):
-            out['encode_text.' + k] = v
-    emb = sd['token_embedding.weight']
-    new = torch.zeros(text.VOCAB_SIZE, emb.shape[1], dtype=emb.dtype)
-    new[:text.MASK_ID] = emb[:text.MASK_ID]
-    new[text.SOT_ID], new[text.EOT_ID] = emb[49406], emb[49407]
-    out['encode_text.token_embedding.weight'] = new
-    if 'text_projection' in sd:
-        proj = sd['text_projection']
-        out['encode_text.text_projection.weight'] = proj.T.contiguous()
-        out['encode_text.text_projection.bias'] = torch.zeros(proj.shape[1], dtype=proj.dtype)
-    out['logit_scale'] = sd['logit_scale'].reshape(1)
-    return out
-
-
-def to_open_clip(model):
-    """(state dict, open_clip_config.json object) of the image and text towers in open_clip's
-    layout: OpenAI CLIP's names, token rows moved back to OpenAI's ids (sot/eot 49406/49407; the
-    <|mask|> row dropped: 49,408 rows), a scalar logit scale. DeCLIP's text projection has a bias,
-    which cannot in general be folded into weights (it follows ln_final and pooling; ln_final's
-    bias could absorb it only where the projection is onto, which R50's 512 -> 1024 is not), so
-    the text tower is open_clip's with `proj_bias` (text_projection.weight [embed, width] and
-    .bias). QuickGELU and the model's own mean/std are in the config."""
-    cfg = model.cfg
-    sd = {k: v for k, v in model.state_dict().items() if k.startswith('visual.')}
-    sd |= {k: v for k, v in model.encode_text.state_dict().items() if k != 'token_embedding.weight'}
-    emb = model.encode_text.token_embedding.weight.detach()
-    sd['token_embedding.weight'] = torch.cat([emb[:text.MASK_ID], emb[text.SOT_ID:]])
-    sd['logit_scale'] = model.logit_scale.detach().reshape(())
-    resnet = cfg.vision == 'resnet'   # open_clip's heads: width (x 32 for a ResNet) // head_width
-    vision_cfg = dict(image_size=cfg.image_size, width=cfg.vision_width, patch_size=None if resnet else cfg.patch_size,
-                      layers=list(cfg.vision_layers) if resnet else cfg.vision_layers,
-                      head_width=cfg.vision_width * (32 if resnet else 1) // cfg.vision_heads)
-    text_cfg = dict(context_length=cfg.context_length, vocab_size=len(sd['token_embedding.weight']),
-                    width=cfg.text_width, heads=cfg.text_heads, layers=cfg.text_layers, proj_bias=True)
-    mean, std = getattr(model, 'mean', images.IMAGENET_MEAN), getattr(model, 'std', images.IMAGENET_STD)
-    return sd, {'model_cfg': dict(embed_dim=cfg.embed_dim, quick_gelu=True, vision_cfg=vision_cfg, text_cfg=text_cfg),
-                'preprocess_cfg': dict(mean=list(mean), std=list(std), interpolation='bilinear')}
-
-
-def export_open_clip(model, out_dir):
-    """Write to_open_clip's weights and config in open_clip's folder layout (what its
-    'local-dir:' and 'hf-hub:' model names read); returns the two paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sd, config = to_open_clip(model)
-    runtime.save_checkpoint(out / 'open_clip_pytorch_model.bin', sd)
-    (out / 'open_clip_config.json').write_text(json.dumps(config, indent=2))
-    return out / 'open_clip_pytorch_model.bin', out / 'open_clip_config.json'
-
-
-def _openai_norm(path):
-    """OpenAI's mean/std, or those of an open_clip_config.json beside `path` (an export), whose
-    text tower must then be QuickGELU's, as ours (GELU weights would give other features)."""
-    config = Path(path).parent / 'open_clip_config.json'
-    if not config.is_file():
-        return OPENAI_MEAN, OPENAI_STD
-    try:
-        found = json.loads(config.read_text())
-        pre, quick_gelu = found.get('preprocess_cfg', {}), found['model_cfg'].get('quick_gelu', False)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f'{config}: not an open_clip config ({type(e).__name__}: {e})') from None
-    if not quick_gelu:
-        raise ValueError(f'{config}: a GELU model (quick_gelu is not true); this code builds QuickGELU towers')
-    return tuple(pre.get('mean', OPENAI_MEAN)), tuple(pre.get('std', OPENAI_STD))
-
-
-def checkpoint_kind(obj):
-    """'ours', 'reference' or 'openai'; anything else is a ValueError saying what was expected."""
-    expected = ('expected a dict: a checkpoint of ours (model, config, step), a DeCLIP reference '
-                'checkpoint (model or state_dict) or a state dict of parameter names and tensors')
-    if not isinstance(obj, dict):
-        raise ValueError(f'{expected}; got {type(obj).__name__}')
-    if 'model' in obj and 'config' in obj and 'step' in obj:
-        if not isinstance(obj['model'], dict) or not isinstance(obj['config'], dict) or 'model' not in obj['config']:
-            raise ValueError(f'{expected}; got "model" {type(obj["model"]).__name__}, "config" '
-                             f'{type(obj["config"]).__name__} without a model block')
-        return 'ours'
-    sd = obj.get('model', obj.get('state_dict', obj))
-    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
-        raise ValueError(f'{expected}; got a {type(sd).__name__} where parameter names should be')
-    keys = list(sd)
-    if any(k.startswith(('module.encode_text.', 'encode_text.')) for k in keys):
-        return 'reference'
-    if 'token_embedding.weight' in keys and any(k.startswith('visual.') for k in keys):
-        return 'openai'
-    raise ValueError(f'unrecognised checkpoint layout (first keys: {keys[:5]})')
-
-
-HEADS = ('projector.', 'predictor.', 'text_label_predictor.')   # training-only heads
-
-
-def _check_keys(path, sd, model):
-    """A RuntimeError naming `path` unless `sd` holds every tower tensor of `model`, shaped as
-    there, and nothing else (the training heads may be missing or extra)."""
-    want = model.state_dict()
-    missing = [k for k in want if k not in sd and not k.startswith(HEADS)]
-    unexpected = [k for k in sd if k not in want and not k.startswith(HEADS)]
-    shapes = [f'{k} {tuple(sd[k].shape)}, expected {tuple(v.shape)}' for k, v in want.items()
-              if k in sd and not k.startswith(HEADS) and sd[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise RuntimeError(f'{path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}, '
-                           f'shape mismatches {shapes[:8]}')
-
-
-def _read(path):
-    """(state dict in our names, model config, {kind, mean, std, run_config}) of a checkpoint file,
-    its tower tensors checked against the config (on the meta device: no memory, no time)."""
-    obj = runtime.safe_load(path)
-    try:
-        kind = checkpoint_kind(obj)
-    except ValueError as e:
-        raise ValueError(f'{path}: {e}') from None
-    info = dict(kind=kind, mean=images.IMAGENET_MEAN, std=images.IMAGENET_STD, run_config={})
-    if kind == 'ours':
-        sd, cfg, info['run_config'] = obj['model'], ml_collections.ConfigDict(obj['config']).model, obj['config']
-    else:
-        sd = _strip(obj.get('model', obj.get('state_dict', obj)) if kind == 'reference' else obj, 'module.')
-        if kind == 'openai':
-            sd = from_openai(sd)
-            info['mean'], info['std'] = _openai_norm(path)
-        sd = {k: v for k, v in sd.items() if not k.startswith('visual.fc.')}
-        if 'logit_scale' in sd:
-            sd['logit_scale'] = sd['logit_scale'].reshape(1)
-        try:
-            cfg = infer_model_config(sd)
-        except KeyError as e:
-            raise ValueError(f'{path}: no {e} (needed to infer the model)') from None
-    with torch.device('meta'):
-        _check_keys(path, sd, declip.build_model(cfg))
-    return sd, cfg, info
-
-
-def load_weights(path):
-    """(state dict, model config) of our checkpoint, a DeCLIP reference .pth.tar or an OpenAI CLIP
-    (or open_clip export) state dict, to start a new run from: the config is the file's (ours) or
-    inferred from shapes (CLIP, declip False, when the file has no heads). Keys in our names:
-    visual.* (OpenAI's), encode_text.* and logit_scale [1], always; projector.*, predictor.*,
-    text_label_predictor.* only where the file has them (DeCLIP runs; not CLIP runs, OpenAI
-    files), else they keep their fresh init under load_state_dict(strict=False); the reference's
-    visual.fc.* dropped. OpenAI token rows land on DeCLIP's ids (sot/eot 49406/49407 ->
-    49407/49408), the <|mask|> row 49406 is zeros, the bias-free text_projection becomes a
-    Linear with zero bias. Every tower tensor is checked present and shaped as the config says
-    (a RuntimeError naming the file)."""
-    return _read(path)[:2]
-
-
-def load_model(path, config=None):
-    """(model in eval mode, preprocess) for the files load_weights reads. `preprocess` maps a PIL
-    image to the normalised [3, S, S] tensor the weights expect (ImageNet mean/std; OpenAI's for
-    OpenAI weights, an export's own). The model carries kind, mean, std, run_config, bpe_path and
-    tokenize(texts): int64 ids [len(texts), context length] in the model's own vocabulary."""
-    sd, cfg, info = _read(path)
-    if config is not None:
-        cfg = config.model if 'model' in config else config
-    model = declip.build_model(cfg)
-    _check_keys(path, sd, model)
-    model.load_state_dict(sd, strict=False)
-    model.eval()
-    for name, value in info.items():
-        setattr(model, name, value)
-    bpe_path = Path(model.run_config['data']['bpe_path']) if model.kind == 'ours' else data.BPE_PATH
-    if not bpe_path.is_file():
-        print(f'warning: {path} was trained with the vocabulary {bpe_path}, which is not here; '
-              f'using {data.BPE_PATH}', flush=True)
-        bpe_path = data.BPE_PATH
-    model.bpe_path = bpe_path
-    model.tokenize = lambda texts: data.get_tokenizer(bpe_path)(texts, cfg.context_length)
-    size, mean, std = cfg.image_size, model.mean, model.std
-
-    def preprocess(img):
-        return images.normalize_images(images.eval_view(img, size=size)[None], mean, std)[0]
-    return model, preprocess
-
-
-@torch.no_grad()
-def predict(model, pixels, texts):
-    """(unit-norm image embeddings [B, D], unit-norm text embeddings [T, D], probabilities [B, T])
-    of preprocessed images [B, 3, S, S] and a list of strings (load_model's model): the
-    probabilities are softmax over the texts of scale * cosine, the scale as in training."""
-    img = F.normalize(model.encode_image(pixels).float(), dim=-1)
-    txt = F.normalize(model.encode_text(model.tokenize(texts).to(pixels.device)).float(), dim=-1)
-    return img, txt, (declip.capped_scale(model.logit_scale.float()) * img @ txt.T).softmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,41 +315,54 @@ def report(metrics, ckpt, task):
 
 def main(argv):
     del argv
+    ckpt = weights.checkpoint_file(FLAGS.ckpt)
     if FLAGS.export:
-        print('wrote', *export_open_clip(load_model(FLAGS.ckpt)[0], FLAGS.export))
+        print('wrote', *weights.export_open_clip(weights.load_model(ckpt, act=FLAGS.act or None)[0], FLAGS.export))
         return
     device, device_type = runtime.setup_device(runtime.dist_env()[2])
     runtime.check_precisions(device_type, {'--precision': FLAGS.precision})
     with runtime.processes(device_type, FLAGS.timeout_s) as (rank, world):
-        model, _ = load_model(FLAGS.ckpt)
-        model.to(device)
-        run_data = model.run_config.get('data', {})
+        model, _ = weights.load_model(ckpt, act=FLAGS.act or None)
+        run_config = model.run_config
+        run_data = run_config.get('data', {})
         val_root = FLAGS.val_root or run_data.get('val_root', '')
         val_meta = FLAGS.val_meta or run_data.get('val_meta', '')
+        prompts = FLAGS.prompts or run_config.get('eval', {}).get('prompts') or 'prompt80'
         if not val_meta:
             raise SystemExit('no evaluation set: pass --val_root and --val_meta')
+        try:
+            check_eval_set(val_root, val_meta)
+            if FLAGS.task == 'zeroshot':
+                text.load_prompts(prompts)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f'--val_root {val_root!r} / --val_meta {val_meta!r} / --prompts {prompts!r} '
+                             f'(unset flags: the checkpoint\'s config): {e}') from None
         names = None
         if FLAGS.classnames:
             names = [n.strip() for n in Path(FLAGS.classnames).read_text().splitlines() if n.strip()]
         _, autocast, _ = runtime.precision(FLAGS.precision, device_type)
-        metrics = evaluate(model, val_root=val_root, val_meta=val_meta, task=FLAGS.task, prompts=FLAGS.prompts,
+        metrics = evaluate(model.to(device), val_root=val_root, val_meta=val_meta, task=FLAGS.task, prompts=prompts,
                            class_names=names, batch=FLAGS.batch_size, workers=FLAGS.workers, device=device,
                            autocast=autocast, rank=rank, world=world,
                            max_file_bytes=run_data.get('max_file_bytes', data.MAX_FILE_BYTES),
                            sample_timeout_s=run_data.get('sample_timeout_s', data.SAMPLE_TIMEOUT_S))
         if rank == 0:
-            report({'checkpoint': str(FLAGS.ckpt), 'kind': model.kind, 'task': FLAGS.task,
-                    'prompts': FLAGS.prompts if FLAGS.task == 'zeroshot' else None, **metrics}, FLAGS.ckpt, FLAGS.task)
+            report({'checkpoint': str(ckpt), 'kind': model.kind, 'task': FLAGS.task,
+                    'prompts': prompts if FLAGS.task == 'zeroshot' else None, **metrics}, ckpt, FLAGS.task)
 
 
 def define_flags():
-    flags.DEFINE_string('ckpt', None, 'checkpoint: ours (.pt), DeCLIP reference (.pth.tar) or OpenAI state dict')
+    flags.DEFINE_string('ckpt', None, 'checkpoint: ours (.pt; or a workdir: its newest readable one), DeCLIP '
+                        'reference (.pth.tar), OpenAI or open_clip state dict')
     flags.DEFINE_enum('task', 'zeroshot', ['zeroshot', 'retrieval'], 'what to evaluate')
     flags.DEFINE_string('val_root', '', 'image folder (default: the checkpoint config\'s data.val_root)')
     flags.DEFINE_string('val_meta', '', 'JSON Lines meta (filename, label, label_name[, caption])')
     flags.DEFINE_string('classnames', '', 'optional file of class names, one per line in label order '
                         f'(e.g. {IMAGENET_CLASSNAMES.relative_to(ROOT)})')
-    flags.DEFINE_string('prompts', 'prompt80', 'prompt1, prompt6, prompt8, prompt80, cc or file:<path>')
+    flags.DEFINE_string('prompts', '', 'prompt1, prompt6, prompt8, prompt80, cc or file:<path> (default: the '
+                        'checkpoint config\'s eval.prompts, else prompt80)')
+    flags.DEFINE_enum('act', '', ['', 'quick_gelu', 'gelu'], 'the towers\' activation, for a state dict that does '
+                      'not say (no open_clip_config.json beside it; default: OpenAI CLIP\'s quick_gelu)')
     flags.DEFINE_integer('batch_size', 256, 'images per batch')
     flags.DEFINE_integer('workers', min(8, os.cpu_count() or 1), 'loader workers')
     flags.DEFINE_enum('precision', 'fp32', ['fp32', 'bf16', 'fp16', 'auto'],

@@ -265,17 +265,20 @@ class UnsafeCheckpoint(RuntimeError):
 
 
 def safe_load(path):
-    """torch.load with weights_only=True: a checkpoint that needs code execution is refused."""
+    """torch.load with weights_only=True: a file that needs code execution to load is refused, one
+    that torch.load cannot read at all is not a checkpoint."""
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:
-        if 'weights_only' in str(e) or 'Unsupported global' in str(e) or 'GLOBAL' in str(e):
-            raise UnsafeCheckpoint(
-                f'{path}: refused, the file needs arbitrary code execution to load (only tensors and '
-                f'plain types are accepted): {str(e).splitlines()[0]}') from None
-        raise RuntimeError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e})') from e
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or ['']
+        said = next((line for line in lines if 'unsupported' in line.lower()), lines[0])[:200]
+        if 'unsupported global' in said.lower():   # the weights-only unpickler's word for code to run
+            raise UnsafeCheckpoint(f'{path}: refused, the file needs arbitrary code execution to load (only '
+                                   f'tensors and plain types are accepted): {said}') from None
+        raise RuntimeError(f'{path}: not a checkpoint (torch.load cannot read it: {type(e).__name__}: '
+                           f'{said})') from None
 
 
 def save_checkpoint(path, state):
@@ -426,6 +429,34 @@ class StopSignals:
         self.received = signal.Signals(signum).name
         print(f'{self.received}: stopping after this step and writing a checkpoint (send it again to exit '
               f'at once)', file=sys.stderr, flush=True)
+
+
+def loader_worker_init(worker_id):
+    """One thread per worker; SIGINT / SIGTERM from anyone else (Ctrl-C reaches the whole process
+    group, torchrun and schedulers signal every process) are the training process's to handle: it
+    finishes its step and saves, which a worker dying of them would fail. The training process's
+    own SIGTERM (the parent's, as torch's workers see it), which interpreter exit sends to the
+    workers of a loader still alive (after an error, say), ends the worker: the exit never waits
+    on it. Otherwise workers end with the loader."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # the watcher takes no other signal
+    threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask | {signal.SIGTERM})
+
+
+def _end_on_sigterm_from(pid):
+    """Wait for SIGTERMs (blocked in every thread, so they queue for this one) and end the
+    process at the first one sent by `pid`."""
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != pid:
+        pass
+    os._exit(0)
+
+
+def release_loader(batches):
+    """End a loader iterator's workers now: after an exception its traceback may hold the
+    iterator past the end of the run (torch's iterators have no public close)."""
+    getattr(batches, '_shutdown_workers', lambda: None)()
 
 
 def exit_with_parent():

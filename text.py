@@ -339,6 +339,13 @@ def _brace_choices(body):
     return [str(n).zfill(pad) for n in numbers]
 
 
+def split_list(value, *, braces=False):
+    """The items of a list, or of a comma-separated string (with `braces`, not at commas inside {...})."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [v for v in regex.split(r',(?![^{}]*\})' if braces else ',', str(value)) if v]
+
+
 def expand_braces(pattern):
     """The names a shell's brace expansion makes of `pattern`, in order: '{a,b}' lists and
     '{0..1023}' / '{00000..01023}' ranges, several (not nested); other braces stay as written."""

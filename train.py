@@ -19,12 +19,14 @@ from ml_collections import config_flags
 import accum
 import checks
 import data
+import declip
 import evaluate
 import images
 import losses
 import runtime
 import text
 import trainstep
+import weights
 
 FLAGS = flags.FLAGS
 
@@ -38,7 +40,8 @@ POSITIVE = ('max_iter', 'accum_steps', 'log_every', 'ckpt_every', 'keep_every', 
 NON_NEGATIVE = ('seed', 'stop_at', 'data.shuffle_buffer', 'keep_copies', 'tb_images', 'peak_tflops', 'data.workers', 'eval.workers',
                 'optim.base_lr', 'optim.warmup_lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
                 *(f'loss.{k}' for k in trainstep.LOSS_TERMS))
-BELOW_ONE = ('optim.beta1', 'optim.beta2', 'data.max_bad_rate')
+BELOW_ONE = ('optim.beta1', 'optim.beta2')
+RATES = ('data.max_bad_rate',)   # 1.0: never stop for bad samples
 
 
 def check_numbers(cfg):
@@ -46,7 +49,8 @@ def check_numbers(cfg):
     otherwise train NaN weights and a zero batch would fail only after the model is built)."""
     values = runtime.check_values(cfg.to_dict(), [
         (POSITIVE, lambda v: v > 0, '> 0'), (NON_NEGATIVE, lambda v: v >= 0, '>= 0'),
-        (BELOW_ONE, lambda v: 0 <= v < 1, 'in [0, 1)'), (('model.',), lambda v: v > 0, '> 0')])
+        (BELOW_ONE, lambda v: 0 <= v < 1, 'in [0, 1)'), (RATES, lambda v: 0 <= v <= 1, 'in [0, 1]'),
+        (('model.',), lambda v: v > 0, '> 0')])
     lo, hi = values['data.crop_scale']
     if not 0 < lo <= hi <= 1:
         raise ValueError(f'config.data.crop_scale: need 0 < min <= max <= 1, got {tuple(cfg.data.crop_scale)}')
@@ -59,8 +63,12 @@ def check_config(cfg):
     data.check_config(cfg.data)
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise ValueError(f'config.init_from: file not found: {cfg.init_from!r}')
+    declip.activation(cfg.model.act)
     if cfg.data.val_meta:
-        evaluate.read_eval_meta(cfg.data.val_meta)   # every line, naming file:line
+        try:   # every line (naming file:line), and images under the folder
+            evaluate.check_eval_set(cfg.data.val_root, cfg.data.val_meta)
+        except ValueError as e:
+            raise ValueError(f'config.data.val_meta / val_root: {e}') from None
         try:
             templates = text.load_prompts(cfg.eval.prompts)
         except (OSError, UnicodeDecodeError) as e:
@@ -158,10 +166,10 @@ def wrap_ddp(state, cfg, world):
     if world == 1:
         return
     device = state.device
-    weights = trainstep.loss_weights(cfg)
+    terms = trainstep.loss_weights(cfg)
     state.ddp = torch.nn.parallel.DistributedDataParallel(
         state.model, device_ids=[device.index] if device.type == 'cuda' else None,
-        find_unused_parameters=cfg.model.declip and not all(weights[k] for k in ('simsiam', 'mlm')))
+        find_unused_parameters=cfg.model.declip and not all(terms[k] for k in ('simsiam', 'mlm')))
 
 
 def zero_shot(state, cfg, rank, world):
@@ -323,13 +331,13 @@ def init_weights(state, cfg):
     initialisation. Returns how the run starts, for the summary."""
     if not cfg.init_from:
         return 'fresh weights'
-    weights, _ = evaluate.load_weights(cfg.init_from)
+    tensors, _ = weights.load_weights(cfg.init_from, act=cfg.model.act)
     try:
-        missing, unexpected = state.model.load_state_dict(weights, strict=False)
+        missing, unexpected = state.model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:
         raise ValueError(f'config.init_from: {cfg.init_from} does not fit config.model: {str(e)[:600]}') from None
     fresh = sorted({k.split('.')[0] for k in missing})
-    return (f'initialised from {cfg.init_from} ({len(weights) - len(unexpected)} tensors'
+    return (f'initialised from {cfg.init_from} ({len(tensors) - len(unexpected)} tensors'
             + (f'; fresh: {", ".join(fresh)}' if fresh else '') + ')')
 
 
@@ -346,6 +354,11 @@ def summary(state, cfg, world, start):
             f'({counts}) | {start}')
 
 
+def end_step(cfg):
+    """The step this invocation ends at."""
+    return min(cfg.stop_at or cfg.max_iter, cfg.max_iter)
+
+
 def eval_due(step, cfg):
     return bool(cfg.data.val_meta) and step > 0 and (due(step, cfg.eval_every) or step == cfg.max_iter)
 
@@ -354,12 +367,11 @@ def run(state, cfg, workdir, rank, world):
     """The loop: a step, then logging, checkpoint and evaluation when due. A signal stops it after
     the step all ranks agree on, with a checkpoint; an evaluation that a crash interrupted runs
     again first on resume (the checkpoint before it was written first)."""
-    ckpt_dir, marker = workdir / 'checkpoints', workdir / 'checkpoints' / 'evaluated_step'
+    ckpt_dir = workdir / 'checkpoints'
     if rank == 0:
         for stale in ckpt_dir.glob('*.tmp'):  # a write interrupted by a crash (the lock says it is no one's)
             stale.unlink()
-    step = accum.train_step if cfg.accum_steps > 1 else trainstep.train_step
-    start, end = state.step, min(cfg.stop_at or cfg.max_iter, cfg.max_iter)
+    start, end = state.step, end_step(cfg)
     if start >= end:
         if rank == 0:
             print(f'nothing to do: the run is at step {start} and this invocation ends at step {end} '
@@ -369,6 +381,21 @@ def run(state, cfg, workdir, rank, world):
                                            max_iter=cfg.max_iter, pin_memory=state.device.type != 'cpu',
                                            accum=cfg.accum_steps))
     log = RunLog(cfg, workdir, rank=rank, world=world, start=start)
+    try:
+        stopping, received = loop(state, cfg, batches, log, ckpt_dir, rank, world)
+    finally:  # on an error too: loader workers end here, not at interpreter exit
+        runtime.release_loader(batches)
+        log.close()
+    if stopping:
+        raise SystemExit(f'stopped at step {state.step} ({received or "signal on another rank"}); the '
+                         f'checkpoint is written: run the same command to resume')
+    return state.model
+
+
+def loop(state, cfg, batches, log, ckpt_dir, rank, world):
+    """Steps from state.step to the end of this invocation; (stopped by a signal, its name)."""
+    marker, start, end = ckpt_dir / 'evaluated_step', state.step, end_step(cfg)
+    step = accum.train_step if cfg.accum_steps > 1 else trainstep.train_step
 
     def evaluation():
         log.evaluation(zero_shot(state, cfg, rank, world), state.step)
@@ -401,12 +428,7 @@ def run(state, cfg, workdir, rank, world):
                 save(state, cfg, ckpt_dir)  # skipped steps changed nothing: still the last good state
             if eval_due(state.step, cfg) and not stopping:
                 evaluation()
-    del batches  # its loader workers (which leave SIGTERM to us) end here, not at interpreter exit
-    log.close()
-    if stopping:
-        raise SystemExit(f'stopped at step {state.step} ({signals.received or "signal on another rank"}); the '
-                         f'checkpoint is written: run the same command to resume')
-    return state.model
+    return stopping, signals.received
 
 
 def main(argv):

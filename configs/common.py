@@ -69,12 +69,17 @@ def base_config(vision, *, declip=True):
     c.peak_tflops = 0.0           # per-device peak for the MFU figure (0: not logged)
     c.tb_images = 4               # samples whose two views are logged as images at start
 
-    # The reference's names: the PEAK learning rate is warmup_lr (1e-3), reached after warmup_steps
-    # of linear warm-up from base_lr (1e-4, the start); a cosine then decays it to min_lr at max_iter.
-    c.optim = ml_collections.ConfigDict(dict(
+    c.optim = optim_config()
+    return c
+
+
+def optim_config():
+    """AdamW and the schedule, with the reference's names: the PEAK learning rate is warmup_lr (1e-3),
+    reached after warmup_steps of linear warm-up from base_lr (1e-4, the start); a cosine then
+    decays it to min_lr at max_iter."""
+    return ml_collections.ConfigDict(dict(
         base_lr=1e-4, warmup_lr=1e-3, min_lr=0.0, warmup_steps=2_500, weight_decay=0.1,
         beta1=0.9, beta2=0.98, eps=1e-8))
-    return c
 
 
 DEMO = data.DATA_DIR / 'demo'

@@ -19,17 +19,25 @@ def demo_dir(tmp_path_factory):
     return out
 
 
+def _parent(proc):
+    stat = (proc / 'stat').read_text()
+    return int(stat[stat.rindex(')') + 2:].split()[1])
+
+
 def _left_behind():
-    """Processes started by this test session (they inherit the mark) that are still alive, but
-    multiprocessing's own helper (it lives as long as this process)."""
+    """Processes started by this test session that are still alive, but multiprocessing's own
+    helper (it lives as long as this process): those that inherit the mark (started with exec), and
+    this process's own children (forked ones, e.g. loader workers of a test's loader, whose
+    environment in /proc is the one before the mark)."""
     found = []
     for d in Path('/proc').iterdir() if Path('/proc').is_dir() else []:
         if d.name.isdigit() and int(d.name) != os.getpid():
             try:
                 cmd = (d / 'cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace')
-                if MARK in (d / 'environ').read_bytes().split(b'\0') and 'resource_tracker' not in cmd:
+                ours = MARK in (d / 'environ').read_bytes().split(b'\0') or _parent(d) == os.getpid()
+                if ours and 'resource_tracker' not in cmd:
                     found.append((int(d.name), cmd[:200]))
-            except OSError:
+            except (OSError, ValueError, IndexError):
                 pass
     return found
 

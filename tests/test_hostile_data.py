@@ -18,7 +18,9 @@ from PIL import Image
 import data
 import evaluate
 import images
+import runtime
 import text
+import weights
 from helpers import data_config, run, run_distributed, write_jpeg
 
 
@@ -158,6 +160,82 @@ def test_time_limit_restores_the_handler_and_leaves_other_threads_alone():
         assert result == ['done']
     finally:
         signal.signal(signal.SIGALRM, previous)
+
+
+# ---------------------------------------------------------------- tiny shards with bad members
+
+def jpeg_bytes(seed):
+    buf = io.BytesIO()
+    write_jpeg(buf, size=(40, 40), seed=seed)
+    return buf.getvalue()
+
+
+def add_member(tar, name, payload=b'', kind=tarfile.REGTYPE):
+    """A file member, or a directory / symlink / hard link (to 0.jpg) with no data."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, len(payload) if kind == tarfile.REGTYPE else 0
+    info.linkname = '' if kind in (tarfile.REGTYPE, tarfile.DIRTYPE) else '0.jpg'
+    tar.addfile(info, io.BytesIO(payload) if kind == tarfile.REGTYPE else None)
+
+
+BAD_MEMBERS = {   # sample 1's members, and the kind it is counted as
+    'no_extension': ([('1', b'x')], 'bad_tar'),
+    'binary_caption': ([('1.jpg', None), ('1.txt', b'\xff\xfe caption')], 'bad_encoding'),
+    'hard_link': ([('1.jpg', {'kind': tarfile.LNKTYPE}), ('1.txt', b'one')], 'bad_tar'),
+    'directory': ([('1.jpg', {'kind': tarfile.DIRTYPE}), ('1.txt', b'one')], 'bad_tar'),
+    'symlink': ([('1.jpg', {'kind': tarfile.SYMTYPE}), ('1.txt', b'one')], 'bad_tar'),
+}
+
+
+def wds_batches(cfg, steps):
+    return [b for _, b in zip(range(steps), data.build_train_loader(cfg, rank=0, world=1, start_step=0,
+                                                                    max_iter=steps))]
+
+
+def write_tiny_shard(path, layout, bad):
+    """A shard of samples 0, 1, ...: 'g' a good pair, 'b' one whose members are BAD_MEMBERS[bad]."""
+    with tarfile.open(path, 'w') as tar:
+        for i, what in enumerate(layout):
+            members = [(f'{i}.jpg', None), (f'{i}.txt', f'caption {i}'.encode())] if what == 'g' else [
+                (name.replace('1', str(i), 1), payload) for name, payload in BAD_MEMBERS[bad][0]]
+            for name, payload in members:
+                if isinstance(payload, dict):
+                    add_member(tar, name, **payload)
+                else:
+                    add_member(tar, name, jpeg_bytes(i) if payload is None else payload)
+
+
+@pytest.mark.parametrize('bad', sorted(BAD_MEMBERS))
+@pytest.mark.parametrize('layout', ['gb', 'gbb', 'bg'])
+def test_a_tiny_shard_with_bad_members_trains_on_counting_them(tmp_path, layout, bad):
+    """A batch of two from a 2-3 sample shard whose only other samples are bad: the bad ones are
+    counted by kind and replaced (by the one good sample, repeated: nothing else can be built)."""
+    write_tiny_shard(tmp_path / 'a.tar', layout, bad)
+    cfg = data_config(format='wds', shards=str(tmp_path / 'a.tar'), eda=False, mask=False, batch_size=2,
+                      bad_window=1000, shuffle_buffer=1)
+    batches = wds_batches(cfg, 3)
+    good = f'caption {layout.index("g")}'
+    tok = data.get_tokenizer()
+    assert all(''.join(tok.decode(t).split()) == good.replace(' ', '') for b in batches for t in b['text'])
+    counts = bad_totals(batches)
+    assert set(counts) == {BAD_MEMBERS[bad][1]} and counts[BAD_MEMBERS[bad][1]] >= 3
+
+
+def test_a_bad_neighbourhood_takes_a_replacement_from_elsewhere_in_the_shards(tmp_path):
+    """Eleven bad samples, then a good one: batches of two whose neighbours and shuffle buffer hold
+    only bad samples take the good one from the worker's shards; a shard with no good sample at
+    all is a clear error; so is a rate limit passed."""
+    write_tiny_shard(tmp_path / 'a.tar', 'b' * 11 + 'g', 'binary_caption')
+    cfg = data_config(format='wds', shards=str(tmp_path / 'a.tar'), eda=False, mask=False, batch_size=2,
+                      bad_window=1000, max_bad_rate=1.0, shuffle_buffer=1)
+    assert bad_totals(wds_batches(cfg, 2))['bad_encoding'] >= 4
+    write_tiny_shard(tmp_path / 'a.tar', 'b' * 12, 'binary_caption')
+    with pytest.raises(data.DataError, match='no good sample to replace .*first 1,000 of loader worker 0'):
+        wds_batches(cfg, 1)
+    write_tiny_shard(tmp_path / 'a.tar', 'b' * 11 + 'g', 'binary_caption')
+    cfg.update(dict(bad_window=10, max_bad_rate=0.5))
+    with pytest.raises(data.DataError, match='of the last 10 samples could not be built'):
+        wds_batches(cfg, 2)
 
 
 # ---------------------------------------------------------------- 8. paths that leave the root
@@ -388,7 +466,7 @@ def test_checkpoint_that_is_not_a_state_dict_names_file_and_expectation(tmp_path
     path = tmp_path / 'odd.pt'
     torch.save(obj, path)
     with pytest.raises(ValueError, match=rf'{path}: expected a dict: a checkpoint of ours'):
-        evaluate.load_model(path)
+        weights.load_model(path)
 
 
 def test_evaluate_cli_names_a_tensor_checkpoint(tmp_path):
@@ -396,6 +474,34 @@ def test_evaluate_cli_names_a_tensor_checkpoint(tmp_path):
     res = run(['evaluate.py', '--ckpt', str(tmp_path / 'tensor.pt'), '--val_meta', 'x'], timeout=120)
     assert res.returncode != 0 and 'AttributeError' not in res.stderr
     assert f'{tmp_path / "tensor.pt"}: expected a dict' in res.stderr and 'got Tensor' in res.stderr
+
+
+@pytest.mark.parametrize('content', [b'epoch 3: loss 0.25\n', bytes(range(256)) * 4, b'PK\x03\x04 not a zip'])
+def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path, content):
+    """A text file, random bytes, a broken zip: "not a checkpoint", not "needs code execution"."""
+    path = tmp_path / 'notes.pt'
+    path.write_bytes(content)
+    with pytest.raises(RuntimeError, match=rf'{path}: not a checkpoint \(torch.load cannot read it') as e:
+        weights.load_model(path)
+    assert not isinstance(e.value, runtime.UnsafeCheckpoint) and 'code execution' not in str(e.value)
+
+
+def test_evaluation_set_is_checked_before_any_image_is_scored(tmp_path):
+    """The meta lines and the image folder: a folder that holds none of the first images, a
+    folder that does not exist, filenames that leave the folder, each an error naming them."""
+    folder = tmp_path / 'val'
+    meta = colour_val_set(folder)
+    evaluate.check_eval_set(str(folder), str(meta))
+    (tmp_path / 'elsewhere').mkdir()
+    with pytest.raises(ValueError, match=rf"none of the first 6 images of {meta} is a file under "
+                                         rf"'{tmp_path / 'elsewhere'}' \(no file {tmp_path / 'elsewhere'}/"):
+        evaluate.check_eval_set(str(tmp_path / 'elsewhere'), str(meta))
+    with pytest.raises(ValueError, match=rf'image folder not found: {tmp_path / "gone"}'):
+        evaluate.check_eval_set(str(tmp_path / 'gone'), str(meta))
+    escaping = write_meta(tmp_path / 'up.jsonl', [{'filename': f'../val/{i}.jpg', 'label': 0, 'label_name': 'red'}
+                                                  for i in range(3)])
+    with pytest.raises(ValueError, match=r"outside_root: '../val/0.jpg'"):
+        evaluate.check_eval_set(str(folder), str(escaping))
 
 
 # ---------------------------------------------------------------- 16. every image mode Pillow opens

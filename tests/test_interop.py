@@ -2,6 +2,7 @@
 open_clip's layout, and inference on one's own images and texts."""
 import json
 
+import ml_collections
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,17 +10,18 @@ from PIL import Image
 
 import data
 import declip
-import evaluate
 import images
 import runtime
 import text
+import weights
 from configs import demo, r50
 from helpers import run
 
 
-def _tiny(vision='vit', seed=1):
+def _tiny(vision='vit', seed=1, act='quick_gelu'):
     """A small model (context length 24) with a trained-looking, non-zero text projection bias."""
     cfg = (r50 if vision == 'resnet' else demo).get_config('smoke')
+    cfg.model.act = act
     torch.manual_seed(seed)
     model = declip.build_model(cfg.model).eval()
     with torch.no_grad():
@@ -84,7 +86,7 @@ def test_load_weights_in_a_fresh_model_equals_load_model(tmp_path, kind):
     path = {'ours': lambda: _save_ours(model, cfg, tmp_path / 'last.pt'),
             'reference': lambda: _save_reference(model, tmp_path / 'ckpt.pth.tar'),
             'openai': lambda: _save_openai(model, tmp_path / 'openai.pt')}[kind]()
-    sd, model_cfg = evaluate.load_weights(path)
+    sd, model_cfg = weights.load_weights(path)
     assert all(k.startswith(('visual.', 'encode_text.', 'logit_scale', *HEADS)) for k in sd)
     assert sd['logit_scale'].shape == (1,)
     if kind == 'ours':
@@ -96,7 +98,7 @@ def test_load_weights_in_a_fresh_model_equals_load_model(tmp_path, kind):
     missing, unexpected = fresh.load_state_dict(sd, strict=False)
     assert not unexpected
     assert {k.split('.')[0] + '.' for k in missing} == (HEADS if kind == 'openai' else set())
-    loaded = evaluate.load_model(path)[0]
+    loaded = weights.load_model(path)[0]
     assert loaded.kind == kind
     _same_features(fresh, loaded, IDS, tol=0)
     _same_features(fresh, model, IDS, tol=1e-5)
@@ -114,11 +116,11 @@ def test_load_weights_names_a_missing_or_misshapen_tower_tensor(tmp_path):
     runtime.save_checkpoint(path, {'model': sd, 'config': cfg.to_dict(), 'step': 3})
     with pytest.raises(RuntimeError, match=rf"{path}: missing keys \['encode_text.ln_final.weight'\].*"
                                            r"visual.ln_post.bias \(3,\), expected \(128,\)"):
-        evaluate.load_weights(path)
+        weights.load_weights(path)
     del sd['encode_text.token_embedding.weight']
     torch.save(sd, path)
     with pytest.raises(ValueError, match=rf"{path}: no 'encode_text.token_embedding.weight'"):
-        evaluate.load_weights(path)
+        weights.load_weights(path)
 
 
 # ---------------------------------------------------------------- export to open_clip's layout
@@ -131,7 +133,7 @@ def _open_clip_ids(ids):
 @pytest.mark.parametrize('vision', ['vit', 'resnet'])
 def test_export_is_openai_layout_and_loads_back_to_the_same_features(tmp_path, vision):
     model, cfg = _tiny(vision)
-    sd, config = evaluate.to_open_clip(model)
+    sd, config = weights.to_open_clip(model)
     ours = model.state_dict()
     text_keys = {k[len('encode_text.'):] for k in ours if k.startswith('encode_text.')}
     assert set(sd) == {k for k in ours if k.startswith('visual.')} | text_keys | {'logit_scale'}
@@ -146,8 +148,8 @@ def test_export_is_openai_layout_and_loads_back_to_the_same_features(tmp_path, v
     heads = vision_cfg['width'] * (32 if vision == 'resnet' else 1) // vision_cfg['head_width']
     assert heads == cfg.model.vision_heads and config['model_cfg']['quick_gelu'] is True
     assert config['preprocess_cfg']['mean'] == list(images.IMAGENET_MEAN)
-    weights, _ = evaluate.export_open_clip(model, tmp_path / 'export')
-    loaded, preprocess = evaluate.load_model(weights)   # our OpenAI loader, mean/std from the config
+    path, _ = weights.export_open_clip(model, tmp_path / 'export')
+    loaded, preprocess = weights.load_model(path)   # our OpenAI loader, mean/std from the config
     assert loaded.kind == 'openai' and loaded.mean == images.IMAGENET_MEAN
     _same_features(loaded, model, IDS, tol=0)
     assert loaded.logit_scale.item() == model.logit_scale.item()
@@ -162,8 +164,8 @@ def test_export_cli_writes_open_clip_folder_and_evaluates_nothing(tmp_path):
                                                                     'open_clip_pytorch_model.bin']
     assert not list(tmp_path.glob('*.json'))          # no metrics written
     config = json.loads((tmp_path / 'out' / 'open_clip_config.json').read_text())
-    assert config == json.loads(json.dumps(evaluate.to_open_clip(model)[1]))
-    _same_features(evaluate.load_model(tmp_path / 'out' / 'open_clip_pytorch_model.bin')[0], model, IDS, tol=0)
+    assert config == json.loads(json.dumps(weights.to_open_clip(model)[1]))
+    _same_features(weights.load_model(tmp_path / 'out' / 'open_clip_pytorch_model.bin')[0], model, IDS, tol=0)
 
 
 def test_evaluation_precision_defaults_to_fp32():
@@ -172,24 +174,47 @@ def test_evaluation_precision_defaults_to_fp32():
     assert "<fp32|bf16|fp16|auto>" in block.splitlines()[0] and "(default: 'fp32')" in block[:400]
 
 
-def test_a_gelu_open_clip_model_is_refused(tmp_path):
-    model, _ = _tiny()
-    weights, config = evaluate.export_open_clip(model, tmp_path)
-    found = json.loads(config.read_text())
-    found['model_cfg']['quick_gelu'] = False
-    config.write_text(json.dumps(found))
-    with pytest.raises(ValueError, match=rf'{config}: a GELU model'):
-        evaluate.load_model(weights)
+def test_open_clip_activation_comes_from_its_config(tmp_path):
+    """An open_clip folder says its activation (GELU unless quick_gelu): a GELU model loads into
+    GELU towers, with its features exactly; in QuickGELU towers they would be off."""
+    model, _ = _tiny(act='gelu')
+    path, config = weights.export_open_clip(model, tmp_path)
+    assert json.loads(config.read_text())['model_cfg']['quick_gelu'] is False
+    loaded = weights.load_model(path)[0]
+    assert loaded.cfg.act == 'gelu'
+    _same_features(loaded, model, IDS, tol=0)
+    quick = declip.build_model(ml_collections.ConfigDict({**loaded.cfg, 'act': 'quick_gelu'})).eval()
+    quick.load_state_dict(loaded.state_dict())
+    for got, want in zip(_features(quick, IDS), _features(model, IDS)):   # ~0.6 % here
+        assert (got - want).norm() > 1e-3 * want.norm()
+    with pytest.raises(ValueError, match=rf'{path}: its towers use gelu, not quick_gelu'):
+        weights.load_weights(path, act='quick_gelu')          # a run whose config.model.act says otherwise
     config.write_text('{"model_cfg": ')
     with pytest.raises(ValueError, match=rf'{config}: not an open_clip config'):
-        evaluate.load_model(weights)
+        weights.load_model(path)
+
+
+def test_a_bare_state_dict_is_never_given_an_activation_silently(tmp_path, capsys):
+    """No config beside an OpenAI-layout state dict: QuickGELU (OpenAI's) with a warning, or the
+    activation asked for (a LAION GELU model: act='gelu'); our checkpoints say theirs."""
+    model, cfg = _tiny(act='gelu')
+    path = _save_openai(model, tmp_path / 'laion.pt')
+    assert weights.load_model(path)[0].cfg.act == 'quick_gelu'
+    assert f'{path} does not say which activation its towers use' in capsys.readouterr().out
+    loaded = weights.load_model(path, act='gelu')[0]
+    assert loaded.cfg.act == 'gelu' and 'taking gelu' in capsys.readouterr().out
+    _same_features(loaded, model, IDS, tol=1e-6)
+    ours = _save_ours(model, cfg, tmp_path / 'last.pt')
+    assert weights.load_model(ours)[0].cfg.act == 'gelu' and capsys.readouterr().out == ''
+    with pytest.raises(ValueError, match=rf'{ours}: its towers use gelu, not quick_gelu'):
+        weights.load_weights(ours, act='quick_gelu')
 
 
 def test_open_clip_builds_the_export_and_computes_the_same_features(tmp_path):
     """Where open_clip is installed (it is not a dependency): its own model from the folder."""
     open_clip = pytest.importorskip('open_clip')
     model, _ = _tiny()
-    evaluate.export_open_clip(model, tmp_path)
+    weights.export_open_clip(model, tmp_path)
     theirs = open_clip.create_model(f'local-dir:{tmp_path}').eval()
     assert open_clip.get_tokenizer(f'local-dir:{tmp_path}')(['a red circle on a blue square']).shape == (1, 24)
     ids = _open_clip_ids(IDS)
@@ -210,9 +235,9 @@ def test_predict_on_own_images_and_texts(tmp_path):
     ckpt = _save_ours(model, cfg, tmp_path / 'last.pt')
     texts = ['a red circle', 'a green square', 'a blue triangle on a white background']
     # the README's lines
-    model, preprocess = evaluate.load_model(ckpt)
+    model, preprocess = weights.load_model(ckpt)
     pixels = torch.stack([preprocess(Image.new('RGB', (90, 70), c)) for c in ('red', 'green')])
-    image_emb, text_emb, probs = evaluate.predict(model, pixels, texts)
+    image_emb, text_emb, probs = weights.predict(model, pixels, texts)
 
     ids = model.tokenize(texts)
     assert ids.shape == (3, 24) and torch.equal(ids, data.tokenize(texts, 24))

@@ -93,6 +93,50 @@ def test_kill9_anywhere_then_resume_gives_the_same_losses(tmp_path, demo_dir, np
     assert_checkpoints_readable(crashed)
 
 
+PAUSES_IN_EVALUATION = ('import os, runpy, sys, time, evaluate\n'
+                        'get = evaluate.EvalDataset.__getitem__\n'
+                        'def paused(self, i):\n'
+                        '    if os.environ.get("PAUSE_IN_EVALUATION"):\n'
+                        '        print("evaluating", flush=True)\n'
+                        '        time.sleep(120)\n'
+                        '    return get(self, i)\n'
+                        'evaluate.EvalDataset.__getitem__ = paused\n'
+                        'sys.argv = sys.argv[1:]\n'
+                        'runpy.run_path(sys.argv[0], run_name="__main__")\n')
+
+
+def test_kill9_during_evaluation_then_resume_gives_the_same_numbers(tmp_path, demo_dir):
+    """A run killed in its in-run evaluation and relaunched with the same command (data through a
+    symlink, paths relative to a working directory that is not the code's) evaluates again on
+    resume: every image scored, the numbers of a run that was never interrupted."""
+    (tmp_path / 'corpus').symlink_to(demo_dir)
+    args = [sys.executable, '-c', PAUSES_IN_EVALUATION, str(ROOT / 'train.py'), '--config',
+            f'{ROOT}/configs/demo.py:smoke', '--config.max_iter=2', '--config.eval_every=1', '--config.log_every=1',
+            *[f'--config.data.{k}=corpus/{v}' for k, v in (('train_root', 'train'), ('train_meta', 'train.jsonl'),
+                                                          ('val_root', 'val'), ('val_meta', 'val.jsonl'))]]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+    res = subprocess.run([*args, '--workdir', 'ref'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    proc = subprocess.Popen([*args, '--workdir', 'crashed'], cwd=tmp_path, env={**env, 'PAUSE_IN_EVALUATION': '1'},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert any(line.startswith('evaluating') for line in proc.stdout)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert runtime.safe_load(tmp_path / 'crashed' / 'checkpoints' / 'last.pt')['step'] == 1
+    res = subprocess.run([*args, '--workdir', 'crashed'], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'resumed from' in res.stderr and 'step 1: zero-shot top-1' in res.stdout
+    for tag in ('eval/zeroshot_top1', 'eval/zeroshot_top5', 'eval/images_skipped'):
+        want, _ = scalars(tmp_path / 'ref', tag)
+        got, _ = scalars(tmp_path / 'crashed', tag)
+        assert sorted(want) == sorted(got) == [1, 2] and got == want, tag
+    assert set(scalars(tmp_path / 'crashed', 'eval/images_skipped')[0].values()) == {0}
+
+
 def test_bad_corpus_trains_through_and_counts_every_kind(tmp_path):
     root = tmp_path / 'corpus'
     root.mkdir()

@@ -1,5 +1,6 @@
 """Nothing lost, nothing hangs: unreadable checkpoints, a second run on one workdir, preemption
 signals, a killed launcher, a failing evaluation, non-finite numbers, config drift at resume."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import runtime
 import trainstep
 import train
@@ -167,6 +169,90 @@ def test_workers_exit_when_their_launcher_is_killed(tmp_path, demo_dir):
     assert not left
 
 
+# ---------------------------------------------------------------- a failing run exits, loader workers too
+
+STEP_FAILS = ('import runpy, sys, trainstep\n'
+              'def failing(*args, **kwargs):\n'
+              '    raise RuntimeError("injected step failure")\n'
+              'trainstep.train_step = failing\n'
+              'sys.argv = sys.argv[1:]\n'
+              'runpy.run_path(sys.argv[0], run_name="__main__")\n')
+
+
+def _failing_run(work, demo_dir, fault, workers):
+    """(command, environment, what the output ends with) of a run that fails at its first step."""
+    over = {'max_iter': 4, 'data.val_meta': '', 'data.workers': workers}
+    env, entry = {**os.environ, 'OMP_NUM_THREADS': '1'}, ['train.py']
+    if fault == 'bad_rate':       # every image missing: the rate monitor stops the first batch
+        meta = work.parent / 'missing.jsonl'
+        meta.write_text(''.join(f'{{"filename": "gone{i}.jpg", "caption": "a cat"}}\n' for i in range(40)))
+        over.update({'data.train_meta': meta, 'data.bad_window': 10, 'data.max_bad_rate': 0.2})
+        expected = 'could not be built'
+    elif fault == 'diverged':
+        env['DECLIP_TEST_NONFINITE_STEPS'] = '0'
+        over['max_nonfinite'] = 1
+        expected = '1 consecutive non-finite losses at step 1'
+    else:
+        entry = ['-c', STEP_FAILS, 'train.py']
+        expected = 'injected step failure'
+    args = [sys.executable, *entry, '--config', 'configs/demo.py:smoke', '--workdir', str(work),
+            *smoke_overrides(demo_dir, **over)]
+    return args, env, expected
+
+
+@pytest.mark.parametrize('workers', [1, 2])
+@pytest.mark.parametrize('fault', ['bad_rate', 'diverged', 'step_error'])
+def test_a_failing_run_with_loader_workers_exits(tmp_path, demo_dir, fault, workers):
+    """The data-rate stop, the divergence stop and an exception in the step each end the process,
+    loader workers included, within seconds of the error (interpreter exit once waited forever on
+    a worker that ignores SIGTERM)."""
+    work = tmp_path / 'w'
+    args, env, expected = _failing_run(work, demo_dir, fault, workers)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if expected in line:
+                break
+        code = proc.wait(timeout=30)
+        left = _processes_mentioning(str(work))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert any(expected in line for line in lines), ''.join(lines[-30:])
+    assert code != 0 and not left
+
+
+HOLDS_A_LOADER = ('import sys\n'
+                  'import data\n'
+                  'from tests.helpers import data_config\n'
+                  'cfg = data_config(train_root=sys.argv[1], train_meta=sys.argv[2], workers=2)\n'
+                  'batches = iter(data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=50))\n'
+                  'next(batches)\n'
+                  'print("holding a loader", flush=True)\n')
+
+
+def test_a_process_that_still_holds_a_loader_at_exit_exits(tmp_path, demo_dir):
+    """What kept a test process alive after its last test: a loader with workers still referenced
+    at interpreter exit (here a module global; in a test, a traceback or a cycle)."""
+    proc = subprocess.Popen([sys.executable, '-c', HOLDS_A_LOADER, str(demo_dir / 'train'),
+                             str(demo_dir / 'train.jsonl')], cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out = proc.stdout.readline()
+        code = proc.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert out == 'holding a loader\n' and code == 0
+
+
 # ---------------------------------------------------------------- 5: evaluation never loses steps
 
 def test_a_failing_evaluation_loses_no_steps_and_runs_again_on_resume(tmp_path, demo_dir, monkeypatch):
@@ -200,6 +286,8 @@ def test_a_failing_evaluation_loses_no_steps_and_runs_again_on_resume(tmp_path, 
     ('loss.nn', float('inf'), 'config.loss.nn: must be a finite number'),
     ('eval.prompts', 'prompt7', "config.eval.prompts: prompt set 'prompt7' not found"),
     ('data.val_root', '/nonexistent', 'config.data.val_root: folder not found'),
+    ('data.max_bad_rate', 1.01, 'config.data.max_bad_rate: must be in [0, 1]'),
+    ('model.act', 'relu', "config.model.act: one of quick_gelu, gelu, got 'relu'"),
 ])
 def test_bad_values_fail_before_the_workdir_exists(tmp_path, demo_dir, key, value, message):
     cfg = smoke(demo_dir)
@@ -207,6 +295,38 @@ def test_bad_values_fail_before_the_workdir_exists(tmp_path, demo_dir, key, valu
     (cfg[section] if section else cfg)[leaf] = value
     with pytest.raises(ValueError, match=message.replace('[', r'\[').replace(')', r'\)')):
         train.train(cfg, tmp_path / 'w')
+    assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('rate', [0.0, 1.0])
+def test_bad_rate_limits_of_zero_and_one_are_accepted(demo_dir, rate):
+    """max_bad_rate=1.0 never stops a run for bad samples (every attempt may fail: 100 % is not
+    above 1.0); 0.0 stops it at the first full window with a failure."""
+    cfg = smoke(demo_dir, **{'data.max_bad_rate': rate})
+    train.check_numbers(cfg)
+    monitor = data.FailureMonitor(4, cfg.data.max_bad_rate)
+    for i in range(3):
+        monitor.record(f'bad {i}')
+    if rate == 1.0:
+        for i in range(20):
+            monitor.record(f'bad {i}')
+    else:
+        with pytest.raises(data.DataError, match='100% of the last 4 samples'):
+            monitor.record('bad 3')
+
+
+@pytest.mark.parametrize('problem', ['other_folder', 'names_leave_the_folder'])
+def test_an_evaluation_set_that_cannot_be_scored_fails_before_the_workdir_exists(tmp_path, demo_dir, problem):
+    """Images that are not under data.val_root (another folder; filenames with '..', which are
+    outside_root) would be skipped, every one, at the first evaluation: an error before any work."""
+    over = {'data.val_root': demo_dir / 'train'}
+    if problem == 'names_leave_the_folder':
+        meta = tmp_path / 'val.jsonl'
+        meta.write_text((demo_dir / 'val.jsonl').read_text().replace('"val_', '"../val/val_'))
+        over = {'data.val_meta': meta}
+    with pytest.raises(ValueError, match=r'config.data.val_meta / val_root: none of the first 60 images of .*val.jsonl'
+                                         + (r".*outside_root: '\.\./val/val_000000.jpg'" if 'data.val_meta' in over else '')):
+        train.train(smoke(demo_dir, **over), tmp_path / 'w')
     assert not (tmp_path / 'w').exists()
 
 

@@ -1,10 +1,10 @@
 """Starting from weights, the start summary, the config listing."""
 import torch
 
-import evaluate
 import runtime
 import train
 import trainstep
+import weights
 from helpers import run, smoke_overrides
 from test_run_guard import smoke
 
@@ -24,7 +24,7 @@ def test_init_from_starts_with_the_files_weights_and_fresh_heads(tmp_path, demo_
     cfg = smoke(demo_dir, init_from=source)
     state = trainstep.build_state(cfg, torch.device('cpu'))
     start = train.init_weights(state, cfg)
-    reference, _ = evaluate.load_model(source)
+    reference, _ = weights.load_model(source)
     state.model.eval()
     for ours, theirs in zip(_features(state.model, torch.Generator().manual_seed(0)),
                             _features(reference, torch.Generator().manual_seed(0))):

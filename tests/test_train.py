@@ -12,6 +12,7 @@ import evaluate
 import runtime
 import text
 import trainstep
+import weights
 from configs import demo, r50, vitb32
 from helpers import run, scalars, smoke_overrides, torchrun
 from tiny_step import nonfinite_at
@@ -176,18 +177,20 @@ def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, demo_dir):
                *smoke_overrides(demo_dir, max_iter=2, **{'data.bpe_path': vocabulary})])
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = tmp_path / 'checkpoints' / 'last.pt'
-    assert evaluate.load_model(ckpt)[0].bpe_path == vocabulary   # evaluation tokenizes with it
-    res = run(['evaluate.py', '--ckpt', str(ckpt), '--prompts', 'prompt8', '--workers', '0'])
+    assert weights.load_model(ckpt)[0].bpe_path == vocabulary   # evaluation tokenizes with it
+    res = run(['evaluate.py', '--ckpt', str(tmp_path), '--workers', '0'])   # a workdir, the run's eval.prompts
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / 'checkpoints' / 'last.zeroshot.json').read_text())
-    assert metrics['images'] == 60 and metrics['kind'] == 'ours'
+    assert metrics['images'] == 60 and metrics['kind'] == 'ours' and metrics['checkpoint'] == str(ckpt)
+    assert metrics['prompts'] == 'prompt1'
     # the same number computed directly: prompt ensemble over the classes present, argmax
-    model, preprocess = evaluate.load_model(ckpt)
+    model, preprocess = weights.load_model(ckpt)
     records = [json.loads(line) for line in (demo_dir / 'val.jsonl').read_text().splitlines()]
     classes = sorted({(r['label'], r['label_name']) for r in records})
     tok = data.get_tokenizer()
-    templates = text.load_prompts('prompt8')
-    assert len(templates) == 8 and templates[0] == 'a photo of a {0}'
+    templates = text.load_prompts('prompt1')
+    assert templates == ['a photo of a {0}.']
+    assert len(text.load_prompts('prompt8')) == 8 and text.load_prompts('prompt8')[0] == 'a photo of a {0}'
     from PIL import Image
     with torch.no_grad():
         cls = []
@@ -206,6 +209,10 @@ def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, demo_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads((tmp_path / 'checkpoints' / 'last.retrieval.json').read_text())
     assert r['pairs'] == 60 and 0 <= r['i2t_R@1'] <= r['i2t_R@5'] <= r['i2t_R@10'] <= 100
+    (tmp_path / 'empty').mkdir()                # a wrong image folder: an error before any image is scored
+    res = run(['evaluate.py', '--ckpt', str(ckpt), '--val_root', str(tmp_path / 'empty'), '--out', str(tmp_path / 'x')])
+    assert res.returncode != 0 and not (tmp_path / 'x').exists()
+    assert f"none of the first 60 images of {demo_dir / 'val.jsonl'} is a file under '{tmp_path / 'empty'}'" in res.stderr
 
 
 def test_retrieval_metrics_against_brute_force():
@@ -245,7 +252,7 @@ def test_load_reference_pth_tar(tmp_path, vision):
         sd['module.visual.fc.weight'] = torch.zeros(128, 128)
         sd['module.visual.fc.bias'] = torch.zeros(128)
     torch.save({'model': sd, 'optimizer': {}, 'last_iter': 10}, tmp_path / 'ckpt.pth.tar')
-    loaded, preprocess = evaluate.load_model(tmp_path / 'ckpt.pth.tar')
+    loaded, preprocess = weights.load_model(tmp_path / 'ckpt.pth.tar')
     assert loaded.kind == 'reference'
     text = data.tokenize(['a red circle'], 24)
     _agree(model, loaded, text)
@@ -265,14 +272,14 @@ def test_load_openai_state_dict(tmp_path):
     sd['text_projection'] = model.encode_text.text_projection.weight.detach().T.clone()
     sd['logit_scale'] = torch.tensor(4.6052)
     torch.save(sd, tmp_path / 'openai.pt')
-    loaded, preprocess = evaluate.load_model(tmp_path / 'openai.pt')
-    assert loaded.kind == 'openai' and loaded.mean == evaluate.OPENAI_MEAN
+    loaded, preprocess = weights.load_model(tmp_path / 'openai.pt')
+    assert loaded.kind == 'openai' and loaded.mean == weights.OPENAI_MEAN
     assert torch.equal(loaded.encode_text.token_embedding.weight[text.MASK_ID], torch.zeros(emb.shape[1]))
     _agree(model, loaded, data.tokenize(['a blue cross', 'x'], 24))
     from PIL import Image
     x = preprocess(Image.new('RGB', (90, 70), (255, 0, 0)))
     assert x.shape == (3, 64, 64)
-    assert x[0, 0, 0].item() == pytest.approx((1 - evaluate.OPENAI_MEAN[0]) / evaluate.OPENAI_STD[0], rel=1e-5)
+    assert x[0, 0, 0].item() == pytest.approx((1 - weights.OPENAI_MEAN[0]) / weights.OPENAI_STD[0], rel=1e-5)
 
 
 class _Evil:
@@ -283,7 +290,7 @@ class _Evil:
 def test_checkpoint_needing_code_execution_is_refused(tmp_path):
     torch.save({'model': _Evil()}, tmp_path / 'evil.pt')
     with pytest.raises(runtime.UnsafeCheckpoint, match='refused'):
-        evaluate.load_model(tmp_path / 'evil.pt')
+        weights.load_model(tmp_path / 'evil.pt')
 
 
 def test_zero_shot_eval_maps_rows_to_labels():
