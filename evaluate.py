@@ -301,15 +301,28 @@ def retrieval(model, loader, captions, *, tokenizer, device, mean, std, autocast
             'pairs_skipped': sum(by_kind.values()), 'skipped': by_kind}
 
 
-def report(metrics, ckpt, task):
-    """Print the metrics and write them as JSON (--out, else beside the checkpoint)."""
+def result_path(out, ckpt, task):
+    """Where the JSON goes (`out`, else beside the checkpoint), checked before any work: its folder
+    must exist and be writable, so that a finished evaluation is never lost to a typo."""
+    path = Path(out or (str(Path(ckpt).with_suffix('')) + f'.{task}.json'))
+    if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        flag = f'--out {out!r}' if out else f'the checkpoint folder {str(path.parent)!r} (set --out)'
+        raise SystemExit(f'{flag}: {path} cannot be written (its folder must exist and be writable, '
+                         f'and it must not be a folder)')
+    return path
+
+
+def report(metrics, out, task):
+    """Print the metrics and write them as JSON to `out`; a failed write says so, the metrics printed."""
     width = max(len(k) for k in metrics)
     print('\n'.join(f'{k:<{width}}  {v:.2f}' if isinstance(v, float) else f'{k:<{width}}  {v}'
                     for k, v in metrics.items()))
     scored, skipped = ('images', 'images_skipped') if task == 'zeroshot' else ('pairs', 'pairs_skipped')
     print(f'(over the {metrics[scored]} {scored} scored; {metrics[skipped]} skipped, by kind: {metrics["skipped"]})')
-    out = Path(FLAGS.out or (str(Path(ckpt).with_suffix('')) + f'.{task}.json'))
-    out.write_text(json.dumps(metrics, indent=2))
+    try:
+        out.write_text(json.dumps(metrics, indent=2))
+    except OSError as e:
+        raise SystemExit(f'could not write {out} ({e}); the metrics are printed above') from None
     print(f'wrote {out}')
 
 
@@ -319,6 +332,7 @@ def main(argv):
     if FLAGS.export:
         print('wrote', *weights.export_open_clip(weights.load_model(ckpt, act=FLAGS.act or None)[0], FLAGS.export))
         return
+    out = result_path(FLAGS.out, ckpt, FLAGS.task)
     device, device_type = runtime.setup_device(runtime.dist_env()[2])
     runtime.check_precisions(device_type, {'--precision': FLAGS.precision})
     with runtime.processes(device_type, FLAGS.timeout_s) as (rank, world):
@@ -348,7 +362,7 @@ def main(argv):
                            sample_timeout_s=run_data.get('sample_timeout_s', data.SAMPLE_TIMEOUT_S))
         if rank == 0:
             report({'checkpoint': str(ckpt), 'kind': model.kind, 'task': FLAGS.task,
-                    'prompts': prompts if FLAGS.task == 'zeroshot' else None, **metrics}, ckpt, FLAGS.task)
+                    'prompts': prompts if FLAGS.task == 'zeroshot' else None, **metrics}, out, FLAGS.task)
 
 
 def define_flags():

@@ -213,6 +213,9 @@ def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, demo_dir):
     res = run(['evaluate.py', '--ckpt', str(ckpt), '--val_root', str(tmp_path / 'empty'), '--out', str(tmp_path / 'x')])
     assert res.returncode != 0 and not (tmp_path / 'x').exists()
     assert f"none of the first 60 images of {demo_dir / 'val.jsonl'} is a file under '{tmp_path / 'empty'}'" in res.stderr
+    res = run(['evaluate.py', '--ckpt', str(ckpt), '--out', str(tmp_path / 'missing' / 'r.json')])  # refused first
+    assert res.returncode != 0 and 'Traceback' not in res.stderr
+    assert f"--out '{tmp_path / 'missing' / 'r.json'}': {tmp_path / 'missing' / 'r.json'} cannot be written" in res.stderr
 
 
 def test_retrieval_metrics_against_brute_force():
