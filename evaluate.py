@@ -83,7 +83,8 @@ def zero_shot_eval(model, loader, classifier, *, label_ids, device, mean, std, a
         if not len(labels):
             continue
         with autocast:
-            feats = model.encode_image(images.normalize_images(pixels.to(device, non_blocking=True), mean, std))
+            pixels = images.to_device(pixels, torch.device(device))
+            feats = model.encode_image(images.normalize_images(pixels, mean, std))
         logits = F.normalize(feats.float(), dim=-1) @ classifier.T
         labels = labels.to(device)
         top5 = label_ids[logits.topk(min(5, logits.shape[1]), dim=1).indices]
@@ -241,8 +242,8 @@ class EvalDataset(torch.utils.data.Dataset):
 # Evaluation of a model, and the CLI
 # ----------------------------------------------------------------------------------------------
 
-def _loader(ds, batch, workers):
-    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, pin_memory=False)
+def _loader(ds, batch, workers, pin=False):
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, pin_memory=pin)
 
 
 def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, workers, device,
@@ -261,7 +262,7 @@ def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, wo
     ds = EvalDataset(val_root, val_meta, rank=rank, world=world, image_size=model.cfg.image_size,
                      max_file_bytes=max_file_bytes, sample_timeout_s=sample_timeout_s)
     mean, std = getattr(model, 'mean', images.IMAGENET_MEAN), getattr(model, 'std', images.IMAGENET_STD)
-    ctx = model.cfg.context_length
+    ctx, loader = model.cfg.context_length, _loader(ds, batch, workers, pin=torch.device(device).type != 'cpu')
     if task == 'zeroshot':
         if class_names:  # a full list in label order, e.g. the 1,000 ImageNet names
             label_ids, names = list(range(len(class_names))), class_names
@@ -270,11 +271,11 @@ def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, wo
         ds.check_labels(label_ids)
         classifier = zero_shot_classifier(model, names, text.load_prompts(prompts), tokenizer=tokenizer,
                                           context_length=ctx, device=device)
-        metrics = zero_shot_eval(model, _loader(ds, batch, workers), classifier, label_ids=label_ids,
-                                 device=device, mean=mean, std=std, autocast=autocast)
+        metrics = zero_shot_eval(model, loader, classifier, label_ids=label_ids, device=device, mean=mean, std=std,
+                                 autocast=autocast)
     else:
-        metrics = retrieval(model, _loader(ds, batch, workers), ds.captions(), tokenizer=tokenizer,
-                            device=device, mean=mean, std=std, autocast=autocast)
+        metrics = retrieval(model, loader, ds.captions(), tokenizer=tokenizer, device=device, mean=mean, std=std,
+                            autocast=autocast)
     if rank == 0 and metrics['skipped']:
         print(f'warning: {sum(metrics["skipped"].values())} evaluation images skipped {metrics["skipped"]}; '
               f'the metrics are over the images scored', flush=True)

@@ -402,6 +402,15 @@ def gaussian_blur(x, sigma, max_sigma=2.0):
     return y.view(n, c, h, w)
 
 
+def to_device(t, device):
+    """An asynchronous host-to-device copy: from pinned memory (pinned here when the tensor is not,
+    e.g. one built in the step), since a non_blocking copy of unpageable memory waits for the
+    device on NPU."""
+    if device.type != 'cpu' and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _plan_on_device(plan, device):
     """[(op, host mask, host per-sample parameter)] -> [(op, count, indices, parameters)] with
     the indices of the flagged samples and their parameters on `device`: one host-to-device
@@ -409,9 +418,7 @@ def _plan_on_device(plan, device):
     index = [mask.nonzero().squeeze(1) for _, mask, _ in plan]
     flat_index = torch.cat(index)
     flat_param = torch.cat([param[i].float() for (_, _, param), i in zip(plan, index)])
-    if device.type != 'cpu':
-        flat_index = flat_index.pin_memory().to(device, non_blocking=True)
-        flat_param = flat_param.pin_memory().to(device, non_blocking=True)
+    flat_index, flat_param = to_device(flat_index, device), to_device(flat_param, device)
     counts = [len(i) for i in index]
     return [(op, n, i, f) for (op, _, _), n, i, f in zip(plan, counts, flat_index.split(counts), flat_param.split(counts))]
 
@@ -421,9 +428,7 @@ def _whole_batch(plan, device):
     result where the sample's flag is set (torch.where), so no shape depends on the draw."""
     masks = torch.stack([mask for _, mask, _ in plan])
     params = torch.stack([param.float() for _, _, param in plan])
-    if device.type != 'cpu':
-        masks = masks.pin_memory().to(device, non_blocking=True)
-        params = params.pin_memory().to(device, non_blocking=True)
+    masks, params = to_device(masks, device), to_device(params, device)
     return [(op, m, f) for (op, _, _), m, f in zip(plan, masks, params)]
 
 

@@ -194,7 +194,7 @@ def device_views(batch, *, cfg, step, rank, world, device, static=False):
     if 'jpeg' in batch:
         views, undecodable = jpeg.decode_views(batch, size=cfg.data.image_size, device=device)
     else:
-        views = batch['images'].to(device, non_blocking=True)
+        views = images.to_device(batch['images'], device)
     if not images.moco_views(cfg.data.augmentation):   # crops only
         return images.normalize_images(views.flatten(0, 1)).view(views.shape), undecodable
     gen = data.generator(cfg.seed, step * world + rank)
@@ -213,7 +213,7 @@ def step_inputs(state, batch, *, cfg, rank, world):
     if state.static_shapes and 'mlm_index' in host:
         host['mlm_index'], host['mlm_targets'] = text.pad_positions(host['mlm_index'], host['mlm_targets'],
                                                                     cfg.mlm_bucket)
-    out = {k: host[k].to(state.device, non_blocking=True) if k in host else None for k in names}
+    out = {k: images.to_device(host[k], state.device) if k in host else None for k in names}
     return dict(out, views=views, undecodable=undecodable)
 
 
