@@ -189,7 +189,8 @@ def _failing_run(work, demo_dir, fault, workers):
         over.update({'data.train_meta': meta, 'data.bad_window': 10, 'data.max_bad_rate': 0.2})
         expected = 'could not be built'
     elif fault == 'diverged':
-        env['DECLIP_TEST_NONFINITE_STEPS'] = '0'
+        env['DECLIP_TEST_NONFINITE_STEPS'] = '0'   # read by tests/train_faults.py
+        entry = ['tests/train_faults.py']
         over['max_nonfinite'] = 1
         expected = '1 consecutive non-finite losses at step 1'
     else:
