@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from absl import app, flags
 
 import data
+import guard
 import images
 import runtime
 import text
@@ -55,15 +56,15 @@ def _readable(batch, counts):
     if len(batch) < 4:
         return batch[:3]
     bad = torch.as_tensor(batch[3])
-    counts += torch.bincount(bad[bad >= 0], minlength=len(data.BAD_KINDS))
+    counts += torch.bincount(bad[bad >= 0], minlength=len(guard.BAD_KINDS))
     return tuple(t[bad < 0] for t in batch[:3])
 
 
 def _skip_report(skipped, scored, what):
     """{kind: count} of the skipped images; a DataError when nothing could be scored."""
-    by_kind = {k: n for k, n in zip(data.BAD_KINDS, skipped) if n}
+    by_kind = {k: n for k, n in zip(guard.BAD_KINDS, skipped) if n}
     if not scored:
-        raise data.DataError(f'none of the {sum(skipped)} evaluation {what} could be scored, every image was '
+        raise guard.DataError(f'none of the {sum(skipped)} evaluation {what} could be scored, every image was '
                              f'skipped ({by_kind or "no images"}); the warnings above name files')
     return by_kind
 
@@ -77,7 +78,7 @@ def zero_shot_eval(model, loader, classifier, *, label_ids, device, mean, std, a
     label_ids[k]. No image scored on any rank is a DataError, on every rank."""
     label_ids = torch.as_tensor(label_ids, device=device)
     counts = torch.zeros(3, dtype=torch.long, device=device)  # int64: a dtype every backend reduces
-    skipped = torch.zeros(len(data.BAD_KINDS), dtype=torch.long)
+    skipped = torch.zeros(len(guard.BAD_KINDS), dtype=torch.long)
     for batch in loader:
         pixels, labels, _ = _readable(batch, skipped)
         if not len(labels):
@@ -163,8 +164,8 @@ def check_eval_set(root, meta, probe=64):
     reasons = []
     for rec in records[:probe]:
         try:
-            path = data.confined_path(root, rec['filename'])
-        except images.BadSample as e:
+            path = guard.confined_path(root, rec['filename'])
+        except guard.BadSample as e:
             reasons.append(str(e))
             continue
         if os.path.isfile(path):
@@ -178,12 +179,12 @@ class EvalDataset(torch.utils.data.Dataset):
     """Labelled images in the ImageNet-val JSON Lines layout (filename, label, label_name[, caption]);
     this rank's share is indices rank, rank+W, ... (no padding duplicates). The meta file is
     checked whole when read (read_eval_meta). Items are (uint8 view, label or -1, record index,
-    data.BAD_KINDS index or -1): an image that cannot be read (handled as training samples are:
+    guard.BAD_KINDS index or -1): an image that cannot be read (handled as training samples are:
     regular files inside the root, bounded bytes and time) gives zeros and its kind, for
     evaluation to skip and count; the first few of each process are named in a warning."""
 
     def __init__(self, root, meta, *, rank=0, world=1, image_size=224, max_pixels=1 << 28,
-                 max_file_bytes=data.MAX_FILE_BYTES, sample_timeout_s=data.SAMPLE_TIMEOUT_S):
+                 max_file_bytes=guard.MAX_FILE_BYTES, sample_timeout_s=data.SAMPLE_TIMEOUT_S):
         self.root, self.meta, self.image_size, self.max_pixels = root, meta, image_size, max_pixels
         self.max_file_bytes, self.sample_timeout_s = max_file_bytes, sample_timeout_s
         self.records, self.lines = read_eval_meta(meta)
@@ -196,16 +197,16 @@ class EvalDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         index = self.indices[i]
         rec = self.records[index]
-        view, kind, detail = data.guarded(lambda: self.view(rec['filename']), self.sample_timeout_s)
+        view, kind, detail = guard.guarded(lambda: self.view(rec['filename']), self.sample_timeout_s)
         if kind is not None:
             view = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
             if self.warned < 5:
                 self.warned += 1
                 print(f'warning: evaluation image skipped, {self.where(index)}: {detail}', flush=True)
-        return view, rec.get('label', -1), index, -1 if kind is None else data.BAD_KINDS.index(kind)
+        return view, rec.get('label', -1), index, -1 if kind is None else guard.BAD_KINDS.index(kind)
 
     def view(self, filename):
-        img = images.open_image(data.confined_path(self.root, filename), self.max_pixels, max_bytes=self.max_file_bytes)
+        img = guard.open_image(guard.confined_path(self.root, filename), self.max_pixels, max_bytes=self.max_file_bytes)
         return images.eval_view(img, size=self.image_size)
 
     def where(self, index):
@@ -233,7 +234,7 @@ class EvalDataset(torch.utils.data.Dataset):
         for index, rec in enumerate(self.records):
             try:
                 out.append(data.first_caption(rec.get('caption')))
-            except images.BadSample:
+            except guard.BadSample:
                 raise ValueError(f'{self.where(index)}: no caption (retrieval needs one per image)') from None
         return out
 
@@ -247,7 +248,7 @@ def _loader(ds, batch, workers, pin=False):
 
 
 def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, workers, device,
-             autocast, tokenizer=None, rank=0, world=1, max_file_bytes=data.MAX_FILE_BYTES,
+             autocast, tokenizer=None, rank=0, world=1, max_file_bytes=guard.MAX_FILE_BYTES,
              sample_timeout_s=data.SAMPLE_TIMEOUT_S):
     """Run one task on this rank's share; every rank gets the merged metrics. The meta file is
     checked first: a malformed line, or a label outside the classes evaluated, is a ValueError
@@ -286,7 +287,7 @@ def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, wo
 def retrieval(model, loader, captions, *, tokenizer, device, mean, std, autocast):
     """R@k both ways over the pairs whose image could be read (the others skipped, counted by kind)."""
     img, txt = [], []
-    skipped = torch.zeros(len(data.BAD_KINDS), dtype=torch.long)
+    skipped = torch.zeros(len(guard.BAD_KINDS), dtype=torch.long)
     for batch in loader:
         pixels, _, index = _readable(batch, skipped)
         if not len(index):
@@ -359,7 +360,7 @@ def main(argv):
         metrics = evaluate(model.to(device), val_root=val_root, val_meta=val_meta, task=FLAGS.task, prompts=prompts,
                            class_names=names, batch=FLAGS.batch_size, workers=FLAGS.workers, device=device,
                            autocast=autocast, rank=rank, world=world,
-                           max_file_bytes=run_data.get('max_file_bytes', data.MAX_FILE_BYTES),
+                           max_file_bytes=run_data.get('max_file_bytes', guard.MAX_FILE_BYTES),
                            sample_timeout_s=run_data.get('sample_timeout_s', data.SAMPLE_TIMEOUT_S))
         if rank == 0:
             report({'checkpoint': str(ckpt), 'kind': model.kind, 'task': FLAGS.task,

@@ -1,125 +1,18 @@
 """Images: host decode and RandomResizedCrop/flip/resize to uint8 (loader workers), batched
 device-side colour jitter / grayscale / blur / normalisation (device JPEG decode: jpeg.py)."""
-import contextlib
 import functools
-import io
 import math
-import os
-import stat
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from guard import BadSample
+
 # ----------------------------------------------------------------------------------------------
 # Images, CPU part: decode, RandomResizedCrop, flip, resize -> uint8 (loader workers)
 # ----------------------------------------------------------------------------------------------
-
-class BadSample(Exception):
-    """A sample that cannot be built; `kind` names the failure for the counters."""
-
-    def __init__(self, kind, detail=''):
-        super().__init__(f'{kind}: {detail}')
-        self.kind = kind
-
-
-MAX_FILE_BYTES = 64 << 20  # default bound on the bytes of one image file (data.max_file_bytes)
-_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-
-
-def open_regular(path):
-    """A binary file object of `path` if, symlinks followed, it is a regular file. Anything else
-    (FIFO, device, socket, directory) is refused before it is opened: a FIFO blocks its reader
-    forever and /dev/zero never ends. O_NONBLOCK keeps even a racing FIFO's open from waiting for
-    a writer, and the type is checked again on the open descriptor."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise BadSample('not_regular', str(path))
-        fd = os.open(path, _OPEN_FLAGS)
-    except (FileNotFoundError, NotADirectoryError) as e:
-        raise BadSample('missing', str(path)) from e
-    except OSError as e:
-        raise BadSample('unreadable', f'{path}: {e.strerror or e}') from e
-    f = os.fdopen(fd, 'rb')
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        raise BadSample('not_regular', str(path))
-    return f
-
-
-def read_file(path, *, max_bytes):
-    """The bytes of a regular file (open_regular) of at most `max_bytes`; a bigger one is a
-    BadSample 'file_too_large', found from its size or, for files that misreport it, by reading
-    one byte past the bound."""
-    with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise BadSample('file_too_large', f'{path}: {size:,} bytes > {max_bytes:,} (data.max_file_bytes)')
-        try:
-            raw = f.read(size + 1)
-            if len(raw) > size:  # grew, or a size of 0 that means "unknown"
-                raw += f.read(max_bytes + 1 - len(raw))
-        except (OSError, TypeError) as e:  # TypeError: a non-blocking read that had no data
-            raise BadSample('unreadable', f'{path}: {e}') from e
-    if len(raw) > max_bytes:
-        raise BadSample('file_too_large', f'{path}: more than {max_bytes:,} bytes (data.max_file_bytes)')
-    return raw
-
-
-@contextlib.contextmanager
-def time_limit(seconds):
-    """Raise BadSample 'timeout' in the body after `seconds` (SIGALRM from ITIMER_REAL), so that no
-    sample holds a loader worker, or the main process with data.workers=0, forever: a blocked read
-    is interrupted too. Signals reach the main thread only: in another thread, with seconds <= 0
-    or while a real-time timer of someone else is running (it is left alone), the body runs
-    without a limit. The previous SIGALRM handler is restored."""
-    import signal
-    import threading
-    if (seconds <= 0 or threading.current_thread() is not threading.main_thread()
-            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
-        yield
-        return
-
-    def expire(signum, frame):
-        raise BadSample('timeout', f'over {seconds:g} s (data.sample_timeout_s)')
-    previous = signal.signal(signal.SIGALRM, expire)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-        yield
-    finally:
-        try:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        finally:  # even when the alarm fires between the body's end and the line above
-            signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
-
-
-def read_bytes(source, *, max_bytes=MAX_FILE_BYTES):
-    """The bytes of a path (read_file: a missing, irregular or too large file is a BadSample) or
-    bytes as given (bounded by whoever read them, e.g. data.iter_tar); empty ones are a BadSample."""
-    raw = read_file(source, max_bytes=max_bytes) if isinstance(source, (str, Path)) else source
-    if not raw:
-        raise BadSample('empty_file', str(source) if isinstance(source, (str, Path)) else '')
-    return raw
-
-
-def open_image(source, max_pixels, *, max_bytes=MAX_FILE_BYTES):
-    """Open (header only) a path or bytes as a PIL image; size checked before any decoding."""
-    from PIL import Image, UnidentifiedImageError
-    raw = read_bytes(source, max_bytes=max_bytes)
-    try:
-        img = Image.open(io.BytesIO(raw))
-    except UnidentifiedImageError as e:
-        raise BadSample('not_image', str(e)) from e
-    except Image.DecompressionBombError as e:
-        raise BadSample('too_large', str(e)) from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # header cut short
-        raise BadSample('truncated', str(e)) from e
-    if img.width * img.height > max_pixels:
-        raise BadSample('too_large', f'{img.width}x{img.height}')
-    return img
-
 
 def to_rgb(img):
     """Decode to RGB from every mode Pillow opens (truncated files raise). 16-bit data (I;16,

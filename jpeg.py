@@ -3,7 +3,8 @@ crop boxes and flips of its views; the training step decodes the batch on the de
 CUDA) and cuts the views there. Files the device cannot take are decoded on the host as usual."""
 import torch
 
-from images import BadSample, _pixels, open_image, resize_crop, to_rgb, view_boxes
+from guard import BadSample, open_image
+from images import _pixels, resize_crop, to_rgb, view_boxes
 
 
 def device_decodable(raw, img):

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 import accum
 import checks
 import data
+import guard
 import declip
 import evaluate
 import images
@@ -251,7 +252,7 @@ class RunLog:
             if self.cfg.peak_tflops and self.flops_per_step:
                 scalars['perf/mfu'] = self.flops_per_step / step_s / (self.cfg.peak_tflops * 1e12)
             scalars['samples/bad_total'] = int(bad.sum())   # each kind once it occurs (after losses in the list)
-            scalars.update({f'samples/{kind}': n for kind, n in zip(data.BAD_KINDS, bad.tolist()) if n})
+            scalars.update({f'samples/{kind}': n for kind, n in zip(guard.BAD_KINDS, bad.tolist()) if n})
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
             eta = datetime.timedelta(seconds=int(step_s * (end - step)))

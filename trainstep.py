@@ -13,12 +13,13 @@ import torch
 import torch.distributed as dist
 from einops import rearrange
 
-import data
 import declip
+import guard
 import images
 import jpeg
 import losses
 import runtime
+import seeds
 import text
 
 LOSS_TERMS = ('clip', 'simsiam', 'mlm', 'nn')
@@ -147,7 +148,7 @@ class TrainState:
                 'queues': [q.cpu() for qs in queues for q in qs],
                 'queue_ptr': self.queue_ptr, 'rng': torch.get_rng_state(), 'config': config,
                 'world_size': world, 'nonfinite_total': int(self.nonfinite_total),
-                'bad_totals': dict(zip(data.BAD_KINDS, bad.tolist()))}
+                'bad_totals': dict(zip(guard.BAD_KINDS, bad.tolist()))}
 
     def load_state_dict(self, state):
         rank, _ = losses.world_info()
@@ -163,9 +164,9 @@ class TrainState:
         self.nonfinite_total += state['nonfinite_total']
         totals = state['bad_totals']
         if isinstance(totals, list):  # checkpoints that saved the first ten kinds as a list
-            totals = dict(zip(data.BAD_KINDS[:9] + ('other',), totals))
+            totals = dict(zip(guard.BAD_KINDS[:9] + ('other',), totals))
         if rank == 0:  # the restored sum over ranks is counted once (kinds this code knows)
-            self.bad_totals += torch.tensor([totals.get(k, 0) for k in data.BAD_KINDS])
+            self.bad_totals += torch.tensor([totals.get(k, 0) for k in guard.BAD_KINDS])
 
 
 def build_state(cfg, device, rank=0):
@@ -183,7 +184,7 @@ def build_state(cfg, device, rank=0):
     return TrainState(model=model, optimizer=build_optimizer(model, cfg.optim, device.type),
                       scaler=runtime.grad_scaler(device.type, use_scaler), queue=queue, autocast=autocast,
                       nonfinite_run=counter.clone(), nonfinite_total=counter.clone(),
-                      bad_totals=torch.zeros(len(data.BAD_KINDS), dtype=torch.long))
+                      bad_totals=torch.zeros(len(guard.BAD_KINDS), dtype=torch.long))
 
 
 def device_views(batch, *, cfg, step, rank, world, device, static=False):
@@ -197,7 +198,7 @@ def device_views(batch, *, cfg, step, rank, world, device, static=False):
         views = images.to_device(batch['images'], device)
     if not images.moco_views(cfg.data.augmentation):   # crops only
         return images.normalize_images(views.flatten(0, 1)).view(views.shape), undecodable
-    gen = data.generator(cfg.seed, step * world + rank)
+    gen = seeds.generator(cfg.seed, step * world + rank)
     out = images.device_augment(rearrange(views, 'b v c h w -> (b v) c h w'), generator=gen, static=static)
     return rearrange(out, '(b v) c h w -> b v c h w', v=views.shape[1]), undecodable
 
@@ -265,7 +266,7 @@ def update(state, batch, *, total, keys, undecodable):
     state.nonfinite_total += skip.long()
     if 'bad' in batch:
         state.bad_totals += batch['bad']
-    state.bad_totals[data.BAD_KINDS.index('truncated')] += undecodable
+    state.bad_totals[guard.BAD_KINDS.index('truncated')] += undecodable
     state.step += 1
     return {'skipped': skip, 'stop': stop, 'grad_norm': grad_norm}
 

@@ -9,6 +9,7 @@ follows data.DATA_DIR (`data/` beside the code, or $DECLIP_DATA).
 import ml_collections
 
 import data
+import guard
 import text
 from declip import R50, ViT_B32, model_config  # noqa: F401  (R50, ViT_B32: the configs' towers)
 
@@ -52,7 +53,7 @@ def base_config(vision, *, declip=True):
         bpe_path=str(data.BPE_PATH), synonyms_path=str(data.SYNONYMS_PATH),
         batch_size=128, workers=8, prefetch=4, seed=seed, context_length=context_length,
         max_pixels=89_478_485,     # larger images are rejected as decompression bombs
-        max_file_bytes=data.MAX_FILE_BYTES,      # larger image files (and tar members) are bad samples
+        max_file_bytes=guard.MAX_FILE_BYTES,      # larger image files (and tar members) are bad samples
         sample_timeout_s=data.SAMPLE_TIMEOUT_S,  # a sample taking longer is a bad sample (0: no limit)
         bad_window=1_000, max_bad_rate=0.1))
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import data
+import guard
 import text
 from helpers import data_config, write_half_missing_corpus, write_jpeg
 
@@ -75,7 +76,7 @@ def test_every_bad_kind_is_counted_and_replaced(tmp_path):
     for i, kind in enumerate(kinds):
         sample = ds[(i, 1000 + i)]
         assert sample['images'].shape == (2, 3, 32, 32)
-        bad = dict(zip(data.BAD_KINDS, sample['bad'].tolist()))
+        bad = dict(zip(guard.BAD_KINDS, sample['bad'].tolist()))
         if kind is None:
             assert sum(bad.values()) == 0, (i, bad)
         else:
@@ -91,7 +92,7 @@ def test_loader_sums_counts_per_batch(tmp_path):
                       batch_size=8)
     loader = data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=10)
     total = sum(b['bad'] for b in loader)
-    counted = dict(zip(data.BAD_KINDS, total.tolist()))
+    counted = dict(zip(guard.BAD_KINDS, total.tolist()))
     for kind in set(k for k in kinds if k):
         assert counted[kind] > 0, kind
     assert counted['other'] == 0
@@ -112,7 +113,7 @@ def test_webdataset_missing_text_and_corrupt_member(tmp_path):
     cfg = data_config(format='wds', shards=str(tmp_path / '*.tar'), eda=False, mask=False, batch_size=2,
                       bad_window=1000)
     batches = [b for _, b in zip(range(4), data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=4))]
-    total = dict(zip(data.BAD_KINDS, sum(b['bad'] for b in batches).tolist()))
+    total = dict(zip(guard.BAD_KINDS, sum(b['bad'] for b in batches).tolist()))
     assert total['bad_tar'] >= 2 and sum(total.values()) == total['bad_tar']
     assert all(b['images'].shape == (2, 2, 3, 32, 32) for b in batches)
 
@@ -121,6 +122,6 @@ def test_mostly_bad_corpus_stops_with_examples(tmp_path):
     write_half_missing_corpus(tmp_path)
     cfg = data_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), bad_window=20,
                       max_bad_rate=0.2)
-    with pytest.raises(data.DataError, match=r'(?s)could not be built.*missing: .*\.jpg'):
+    with pytest.raises(guard.DataError, match=r'(?s)could not be built.*missing: .*\.jpg'):
         for _ in data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=50):
             pass

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import guard
 import declip
 import evaluate
 import images
@@ -51,7 +52,7 @@ CAPTION = ' '.join(f'a photo of the {c} {s} on a sandy background'
 def masked_batch(positions):
     """(masked text, selected positions [B, L]) of Collate for identical captions at these stream positions."""
     tokens = data.tokenize([CAPTION], 77)[0]
-    samples = [{'text': tokens.clone(), 'bad': torch.zeros(len(data.BAD_KINDS), dtype=torch.long),
+    samples = [{'text': tokens.clone(), 'bad': torch.zeros(len(guard.BAD_KINDS), dtype=torch.long),
                 'images': torch.zeros(2, 3, 1, 1, dtype=torch.uint8), 'position': p} for p in positions]
     out = data.Collate(mask=True, seed=0)(samples)
     selected = torch.zeros(out['text'].numel(), dtype=torch.bool)

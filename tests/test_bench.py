@@ -8,6 +8,7 @@ import torch
 
 import configs.demo
 import data
+import guard
 import runtime
 import train
 from helpers import scalars, write_jpeg
@@ -52,7 +53,7 @@ def test_bench_step_is_the_training_step(tmp_path, monkeypatch):
     cfg.data.update(dict(train_meta=str(tmp_path / 'train.jsonl'), train_root=str(tmp_path), val_meta=''))
     cfg.update(dict(log_every=1, max_iter=3, precision='fp32', compile='false'))
     batch = bench._synthetic_batch(cfg, cfg.data.batch_size, torch.device('cpu'))
-    batch['bad'] = torch.zeros(len(data.BAD_KINDS), dtype=torch.long)
+    batch['bad'] = torch.zeros(len(guard.BAD_KINDS), dtype=torch.long)
     step = bench.trainer(cfg, torch.device('cpu'))
     bench_losses = [float(step(batch)) for _ in range(3)]
 

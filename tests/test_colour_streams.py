@@ -4,7 +4,7 @@ steps share their jitter, grayscale and blur draws, and a resumed run redraws th
 import pytest
 import torch
 
-import data
+import seeds
 import images
 import trainstep
 from helpers import tiny_config
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 @pytest.mark.parametrize('step, rank, world', [(1, 0, 2), (3, 2, 4), (2, 0, 1)])
 def test_views_are_augmented_from_the_step_and_rank_stream(step, rank, world):
     """device_views equals device_augment over the batch's views in (sample, view) order with
-    data.generator(seed, step * world + rank). Breaks it catches: the stream index step + rank
+    seeds.generator(seed, step * world + rank). Breaks it catches: the stream index step + rank
     (step 1 of rank 0 would redraw step 0 of rank 1), the run's seed left out, the views taken
     in (view, sample) order."""
     cfg = tiny_config()
@@ -26,7 +26,7 @@ def test_views_are_augmented_from_the_step_and_rank_stream(step, rank, world):
     batch = bench._synthetic_batch(cfg, 4, CPU)
     got, undecodable = trainstep.device_views(batch, cfg=cfg, step=step, rank=rank, world=world, device=CPU)
     views = batch['images']
-    want = images.device_augment(views.flatten(0, 1), generator=data.generator(5, step * world + rank))
+    want = images.device_augment(views.flatten(0, 1), generator=seeds.generator(5, step * world + rank))
     assert undecodable == 0
     torch.testing.assert_close(got, want.view(views.shape), rtol=0, atol=0)
 

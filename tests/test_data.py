@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
 import data
+import guard
 import evaluate
 import images
 import jpeg
@@ -64,9 +65,9 @@ def test_several_sources_and_join_path(tmp_path):
     meta = data.JsonlMeta([str(tmp_path / 's0'), 's3:'], [str(tmp_path / 's0/m.jsonl'), str(tmp_path / 's1/m.jsonl')])
     assert len(meta) == 7
     root, rec = meta.record(4)
-    assert rec['filename'] == '/f1_1' and data.join_path(root, rec['filename']) == 's3:/f1_1'
+    assert rec['filename'] == '/f1_1' and guard.join_path(root, rec['filename']) == 's3:/f1_1'
     root, rec = meta.record(2)
-    assert data.join_path(root, rec['filename']) == str(tmp_path / 's0' / 'f0_2')
+    assert guard.join_path(root, rec['filename']) == str(tmp_path / 's0' / 'f0_2')
 
 
 def test_eval_dataset_layout_and_sharding(tmp_path):
@@ -192,10 +193,10 @@ def test_train_views_are_crop_resize_flip(fmt):
     arr = (np.asarray(smooth).astype(int) + rng.integers(-20, 21, (150, 200, 3))).clip(0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format=fmt, quality=95)
-    decoded = images.to_rgb(images.open_image(buf.getvalue(), 1 << 30))
+    decoded = images.to_rgb(guard.open_image(buf.getvalue(), 1 << 30))
     diffs = []
     for seed in range(8):
-        views = images.train_views(images.open_image(buf.getvalue(), 1 << 30), size=96, rng=random.Random(seed))  # < 2x: no JPEG draft
+        views = images.train_views(guard.open_image(buf.getvalue(), 1 << 30), size=96, rng=random.Random(seed))  # < 2x: no JPEG draft
         rng = random.Random(seed)
         boxes = [images.rrc_params(200, 150, rng) for _ in range(2)]
         flips = [rng.random() < 0.5 for _ in range(2)]
@@ -293,7 +294,7 @@ def test_device_decode_retries_then_falls_back_then_replaces():
     views, undecodable = jpeg.decode_views(batch, size=24, device=torch.device('cpu'), decode=flaky)
     assert calls == [4, 1, 1, 1, 1] and undecodable == 1
     for i in range(3):
-        pixels = images._pixels(images.to_rgb(images.open_image(blobs[i], 1 << 30)))
+        pixels = images._pixels(images.to_rgb(guard.open_image(blobs[i], 1 << 30)))
         for v in range(2):
             want = images.resize_crop(pixels, batch['boxes'][i, v].tolist(), 24, bool(batch['flips'][i, v]))
             assert torch.equal(views[i, v], want)
@@ -443,4 +444,4 @@ def test_loader_batch_contents(tmp_path):
     flat = batch['text'].flatten()
     assert batch['mlm_index'].numel() == batch['mlm_targets'].numel()
     assert (batch['mlm_targets'] != flat[batch['mlm_index']]).float().mean() >= 0.5  # mostly masked
-    assert batch['bad'].shape == (len(data.BAD_KINDS),) and batch['bad'].sum() == 0
+    assert batch['bad'].shape == (len(guard.BAD_KINDS),) and batch['bad'].sum() == 0

@@ -11,8 +11,11 @@ import torch
 from PIL import Image
 
 import data
+import guard
 import images
 import jpeg
+import seeds
+import shards
 import text
 import trainstep
 from configs import clip_vitb32
@@ -64,7 +67,7 @@ def write_tar(path, members):
 
 def unflipped(raw, rng, *, size, scale):
     """The view RandomResizedCrop(size, scale) alone makes of an image with `rng` (no flip)."""
-    img = images.to_rgb(images.open_image(raw, 1 << 30))
+    img = images.to_rgb(guard.open_image(raw, 1 << 30))
     left, top, w, h = images.rrc_params(img.width, img.height, rng, scale)
     return images.resize_crop(images._pixels(img), (left, top, left + w, top + h), size, False)
 
@@ -87,7 +90,7 @@ def test_clip_batch_has_no_flip_and_no_colour_op(tmp_path):
                                        seed=d.seed))
     for j, ((index, position), caption) in enumerate(zip(items, captions(batch))):
         assert caption == f'picture{index}'
-        want = unflipped(pairs[caption], data.seeded_rng(d.seed, position), size=d.image_size, scale=(0.5, 1.0))
+        want = unflipped(pairs[caption], seeds.seeded_rng(d.seed, position), size=d.image_size, scale=(0.5, 1.0))
         assert not torch.equal(want, want.flip(-1))
         assert torch.equal(batch['images'][j, 0], want), j
     views, undecodable = trainstep.device_views(batch, cfg=cfg, step=0, rank=0, world=1, device=CPU)
@@ -105,7 +108,7 @@ def test_clip_webdataset_batch_has_no_flip(tmp_path):
     cfg = clip_config(format='wds', shards=str(tmp_path / 'a.tar'), batch_size=4)
     batch = next(iter(data.build_train_loader(cfg.data, rank=0, world=1, start_step=0, max_iter=1)))
     for j, caption in enumerate(captions(batch)):  # rank 0, worker 0: stream positions 0..3
-        rng = data.seeded_rng(cfg.data.seed, 'wds', 0, 0, j)
+        rng = seeds.seeded_rng(cfg.data.seed, 'wds', 0, 0, j)
         assert torch.equal(batch['images'][j, 0], unflipped(pairs[caption], rng, size=64, scale=(0.5, 1.0)))
 
 
@@ -118,7 +121,7 @@ def test_clip_device_decode_has_no_flip(tmp_path):
         batch, size=64, device=CPU, decode=lambda blobs: [jpeg._pillow_decode(b, CPU) for b in blobs])
     items = data.IterationSampler(len(pairs), batch_size=6, world_size=1, rank=0, max_iter=1, seed=cfg.data.seed)
     for j, ((_, position), caption) in enumerate(zip(items, captions(batch))):
-        want = unflipped(pairs[caption], data.seeded_rng(cfg.data.seed, position), size=64, scale=(0.5, 1.0))
+        want = unflipped(pairs[caption], seeds.seeded_rng(cfg.data.seed, position), size=64, scale=(0.5, 1.0))
         assert torch.equal(views[j, 0], want), j
     assert undecodable == 0
 
@@ -236,9 +239,10 @@ def test_shuffle_buffer_mixes_a_pass_and_resumes_alike(tmp_path):
 
 def test_a_worker_without_samples_is_an_error_not_a_hang(tmp_path):
     write_stream_shards(tmp_path, [2])
-    stream = data.ShardStream(data_config(format='wds', shards=str(tmp_path / '*.tar')), rank=0, world=1, start_step=0)
+    stream = shards.ShardStream(data_config(format='wds', shards=str(tmp_path / '*.tar')), rank=0, world=1, start_step=0,
+                                make_builder=data.SampleBuilder)
     assert len(list(zip(range(4), stream.samples(1, 2)))) == 4
-    with pytest.raises(data.DataError, match='loader worker 2 of 3'):
+    with pytest.raises(guard.DataError, match='loader worker 2 of 3'):
         next(stream.samples(2, 3))
 
 
@@ -267,11 +271,11 @@ def test_too_many_names_is_an_error():
 def test_shard_patterns_with_braces_lists_and_globs(tmp_path):
     buf = io.BytesIO()
     write_jpeg(buf, size=(40, 40))
-    shards = ['00000', '00001', '00002', '00003x', 'a', 'b', 'c', 'extra-1']
-    for name in shards:
+    stems = ['00000', '00001', '00002', '00003x', 'a', 'b', 'c', 'extra-1']
+    for name in stems:
         write_tar(tmp_path / f'{name}.tar', [('k.jpg', buf.getvalue()), ('k.txt', name.encode())])
     spec = f'{tmp_path}/{{00000..00002}}.tar,{tmp_path}/{{a,b}}.tar,{tmp_path}/extra-*.tar'
-    names = [p.split('/')[-1] for p in data.shard_paths(spec)]
+    names = [p.split('/')[-1] for p in shards.shard_paths(spec)]
     assert names == ['00000.tar', '00001.tar', '00002.tar', 'a.tar', 'b.tar', 'extra-1.tar']
     cfg = data_config(format='wds', shards=spec, eda=False, mask=False, batch_size=6)
     data.check_config(cfg)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import data
+import guard
 import evaluate
 import images
 import runtime
@@ -26,7 +27,7 @@ from helpers import data_config, run, run_distributed, write_jpeg
 
 def bad_totals(batches):
     total = sum(b['bad'] for b in batches)
-    return {k: n for k, n in zip(data.BAD_KINDS, total.tolist()) if n}
+    return {k: n for k, n in zip(guard.BAD_KINDS, total.tolist()) if n}
 
 
 def write_meta(path, records):
@@ -48,18 +49,18 @@ def test_only_regular_files_are_read_and_reads_are_bounded(tmp_path):
     (tmp_path / 'big').write_bytes(b'x' * 1001)
     (tmp_path / 'fits').write_bytes(b'x' * 1000)
     for path in ('/dev/zero', tmp_path / 'fifo', tmp_path / 'link', tmp_path / 'folder'):
-        with pytest.raises(images.BadSample) as e:
-            images.read_file(path, max_bytes=1000)
+        with pytest.raises(guard.BadSample) as e:
+            guard.read_file(path, max_bytes=1000)
         assert e.value.kind == 'not_regular', path
-    with pytest.raises(images.BadSample, match='file_too_large'):
-        images.read_file(tmp_path / 'big', max_bytes=1000)
-    assert images.read_file(tmp_path / 'fits', max_bytes=1000) == b'x' * 1000
-    with pytest.raises(images.BadSample, match='missing'):
-        images.read_file(tmp_path / 'fits' / 'below', max_bytes=1000)
+    with pytest.raises(guard.BadSample, match='file_too_large'):
+        guard.read_file(tmp_path / 'big', max_bytes=1000)
+    assert guard.read_file(tmp_path / 'fits', max_bytes=1000) == b'x' * 1000
+    with pytest.raises(guard.BadSample, match='missing'):
+        guard.read_file(tmp_path / 'fits' / 'below', max_bytes=1000)
     # a meta line naming /dev/zero under the root '/': a counted sample, not an endless read
     write_meta(tmp_path / 'meta.jsonl', [{'filename': '/dev/zero', 'caption': 'zeros'}])
     ds = data.PairDataset(data_config(train_root='/', train_meta=str(tmp_path / 'meta.jsonl'), max_bad_rate=1.0))
-    with pytest.raises(data.DataError, match='100 consecutive bad samples'):
+    with pytest.raises(guard.DataError, match='100 consecutive bad samples'):
         ds[(0, 0)]
     assert list(ds.builder.monitor.examples)[-1].startswith(f'{tmp_path}/meta.jsonl:1: not_regular: /dev/zero')
 
@@ -81,7 +82,7 @@ def test_fifo_folder_and_oversized_images_are_counted_samples(tmp_path, workers)
                       batch_size=4, bad_window=1000, max_file_bytes=max_bytes)
     ds = data.PairDataset(cfg)
     for i, kind in enumerate([None, 'not_regular', 'not_regular', 'not_regular', 'file_too_large']):
-        bad = dict(zip(data.BAD_KINDS, ds[(i, i)]['bad'].tolist()))
+        bad = dict(zip(guard.BAD_KINDS, ds[(i, i)]['bad'].tolist()))
         assert (bad[kind] >= 1) if kind else sum(bad.values()) == 0, (i, bad)
     assert set(bad_totals(one_pass(cfg, 8))) == {'not_regular', 'file_too_large'}
 
@@ -113,13 +114,13 @@ def test_a_sample_that_hangs_is_cut_off_and_counted(tmp_path, monkeypatch, worke
     write_jpeg(tmp_path / 'good.jpg')
     write_jpeg(tmp_path / 'slow.jpg')
     write_meta(tmp_path / 'meta.jsonl', [{'filename': n, 'caption': 'a cat'} for n in ['slow.jpg'] + ['good.jpg'] * 3])
-    real = images.read_bytes
+    real = guard.read_bytes
 
     def read_bytes(source, **kwargs):
         if str(source).endswith('slow.jpg'):
             time.sleep(60)
         return real(source, **kwargs)
-    monkeypatch.setattr(images, 'read_bytes', read_bytes)
+    monkeypatch.setattr(guard, 'read_bytes', read_bytes)
 
     def mine(*_):
         pass
@@ -141,17 +142,17 @@ def test_time_limit_restores_the_handler_and_leaves_other_threads_alone():
         pass
     previous = signal.signal(signal.SIGALRM, mine)
     try:
-        with pytest.raises(images.BadSample, match='timeout'):
-            with images.time_limit(0.2):
+        with pytest.raises(guard.BadSample, match='timeout'):
+            with guard.time_limit(0.2):
                 time.sleep(5)
         assert signal.getsignal(signal.SIGALRM) is mine and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-        with images.time_limit(5):
+        with guard.time_limit(5):
             pass
         assert signal.getsignal(signal.SIGALRM) is mine
         result = []
 
         def elsewhere():  # no signals off the main thread: no limit, and no error
-            with images.time_limit(0.1):
+            with guard.time_limit(0.1):
                 time.sleep(0.3)
             result.append('done')
         thread = threading.Thread(target=elsewhere)
@@ -230,11 +231,11 @@ def test_a_bad_neighbourhood_takes_a_replacement_from_elsewhere_in_the_shards(tm
                       bad_window=1000, max_bad_rate=1.0, shuffle_buffer=1)
     assert bad_totals(wds_batches(cfg, 2))['bad_encoding'] >= 4
     write_tiny_shard(tmp_path / 'a.tar', 'b' * 12, 'binary_caption')
-    with pytest.raises(data.DataError, match='no good sample to replace .*first 1,000 of loader worker 0'):
+    with pytest.raises(guard.DataError, match='no good sample to replace .*first 1,000 of loader worker 0'):
         wds_batches(cfg, 1)
     write_tiny_shard(tmp_path / 'a.tar', 'b' * 11 + 'g', 'binary_caption')
     cfg.update(dict(bad_window=10, max_bad_rate=0.5))
-    with pytest.raises(data.DataError, match='of the last 10 samples could not be built'):
+    with pytest.raises(guard.DataError, match='of the last 10 samples could not be built'):
         wds_batches(cfg, 2)
 
 
@@ -257,10 +258,10 @@ def test_paths_outside_the_root_are_refused(tmp_path):
     for r in (root, tmp_path / 'alias'):
         ds = data.PairDataset(data_config(train_root=str(r), train_meta=str(tmp_path / 'meta.jsonl'), bad_window=1000))
         for i, (filename, kind) in enumerate(cases):
-            bad = dict(zip(data.BAD_KINDS, ds[(i, i)]['bad'].tolist()))
+            bad = dict(zip(guard.BAD_KINDS, ds[(i, i)]['bad'].tolist()))
             assert (bad[kind] >= 1) if kind else sum(bad.values()) == 0, (filename, bad)
-    assert data.confined_path(str(root), '/sub/x.jpg') == str(root / 'sub' / 'x.jpg')   # the reference's rule
-    assert data.confined_path('', '/abs/x.jpg') == '/abs/x.jpg'   # no root: nothing to leave
+    assert guard.confined_path(str(root), '/sub/x.jpg') == str(root / 'sub' / 'x.jpg')   # the reference's rule
+    assert guard.confined_path('', '/abs/x.jpg') == '/abs/x.jpg'   # no root: nothing to leave
 
 
 # ---------------------------------------------------------------- 9. megabyte captions
@@ -308,7 +309,7 @@ def test_blank_and_crlf_lines_are_not_samples_and_lines_are_named(tmp_path):
     assert [ds.meta.where(i).rsplit(':', 1)[1] for i in range(4)] == ['1', '5', '6', '8']
     for i in (0, 1, 3):
         assert ds[(i, i)]['bad'].sum() == 0                                # BOM and CRLF parse
-    assert ds[(2, 2)]['bad'][data.BAD_KINDS.index('bad_json')] == 1
+    assert ds[(2, 2)]['bad'][guard.BAD_KINDS.index('bad_json')] == 1
     assert 'meta.jsonl:6: bad_json' in ds.builder.monitor.examples[-1]
     line_starts = [0] + [i + 1 for i, b in enumerate(raw) if b == ord('\n')]
     for chunk in (3, 7, 1 << 20):
@@ -377,7 +378,7 @@ def test_every_validation_image_bad_is_a_clear_error(tmp_path):
     folder.mkdir()
     meta = write_meta(folder / 'val.jsonl', [{'filename': f'{i}.jpg', 'label': 0, 'label_name': 'red'}
                                              for i in range(3)])
-    with pytest.raises(data.DataError, match=r"none of the 3 evaluation images could be scored.*'missing': 3"):
+    with pytest.raises(guard.DataError, match=r"none of the 3 evaluation images could be scored.*'missing': 3"):
         run_eval(folder, meta)
 
 
@@ -390,7 +391,7 @@ def test_one_int64_all_reduce_carries_the_skips_and_a_rank_with_none_left_takes_
 
     def other_rank(t):
         seen.append(t.dtype)
-        return t + torch.tensor([1, 2, 2] + [0] * len(data.BAD_KINDS))
+        return t + torch.tensor([1, 2, 2] + [0] * len(guard.BAD_KINDS))
     monkeypatch.setattr(evaluate, '_all_reduce', other_rank)
     m = run_eval(folder, meta)
     assert seen == [torch.int64]
@@ -402,7 +403,7 @@ def _two_rank_eval(rank, world, folder, path):
     out = {'mixed': run_eval(folder, folder / 'val.jsonl', rank=rank, world=world)}
     try:
         run_eval(folder, folder / 'bad.jsonl', rank=rank, world=world)
-    except data.DataError as e:
+    except guard.DataError as e:
         out['error'] = str(e)
     torch.save(out, f'{path}.{rank}')
 

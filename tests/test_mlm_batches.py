@@ -4,6 +4,8 @@ micro-batch is masked from its own stream position, as that device would in a la
 import torch
 
 import data
+import guard
+import seeds
 import text
 
 VOCAB, MASK, SOT, EOT = 12, 9, 10, 11   # a small vocabulary whose last three ids are the specials
@@ -35,7 +37,7 @@ def captions(n):
 
 def collate(tokens, positions, *, micro=None):
     """Collate (seed 3) of samples with these captions at these stream positions."""
-    samples = [{'text': t, 'bad': torch.zeros(len(data.BAD_KINDS), dtype=torch.long),
+    samples = [{'text': t, 'bad': torch.zeros(len(guard.BAD_KINDS), dtype=torch.long),
                 'images': torch.zeros(2, 3, 1, 1, dtype=torch.uint8), 'position': p} for t, p in zip(tokens, positions)]
     return data.Collate(mask=True, seed=3, micro=micro)(samples)
 
@@ -48,7 +50,7 @@ def test_each_micro_batch_is_masked_from_its_own_stream_position():
     positions = [40, 41, 42, 43, 44, 45]
     tokens = captions(6)
     out = collate(tokens, positions, micro=3)
-    parts = [text.mask_tokens(tokens[i:i + 3], generator=data.generator(3, positions[i])) for i in (0, 3)]
+    parts = [text.mask_tokens(tokens[i:i + 3], generator=seeds.generator(3, positions[i])) for i in (0, 3)]
     want_text = torch.cat([m for m, _ in parts])
     want_index, want_targets = text.mlm_positions(torch.cat([lab for _, lab in parts]))
     assert torch.equal(out['text'], want_text)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
+import guard
 import runtime
 import trainstep
 import train
@@ -305,14 +305,14 @@ def test_bad_rate_limits_of_zero_and_one_are_accepted(demo_dir, rate):
     above 1.0); 0.0 stops it at the first full window with a failure."""
     cfg = smoke(demo_dir, **{'data.max_bad_rate': rate})
     train.check_numbers(cfg)
-    monitor = data.FailureMonitor(4, cfg.data.max_bad_rate)
+    monitor = guard.FailureMonitor(4, cfg.data.max_bad_rate)
     for i in range(3):
         monitor.record(f'bad {i}')
     if rate == 1.0:
         for i in range(20):
             monitor.record(f'bad {i}')
     else:
-        with pytest.raises(data.DataError, match='100% of the last 4 samples'):
+        with pytest.raises(guard.DataError, match='100% of the last 4 samples'):
             monitor.record('bad 3')
 
 

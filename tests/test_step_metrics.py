@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import data
+import guard
 from tiny_step import gradients, keep_gradients, one_thread, step, tiny_state  # noqa: F401  (one_thread: a fixture)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -28,7 +28,7 @@ def test_bad_sample_counts_add_up_over_steps():
     """Each batch's per-kind counts of replaced samples are added to state.bad_totals. Break it
     catches: the totals set to the last batch's counts."""
     cfg, state, batch = tiny_state(batch=4)
-    counts = [torch.arange(len(data.BAD_KINDS)), torch.ones(len(data.BAD_KINDS), dtype=torch.long)]
+    counts = [torch.arange(len(guard.BAD_KINDS)), torch.ones(len(guard.BAD_KINDS), dtype=torch.long)]
     for c in counts:
         step(state, dict(batch, bad=c), cfg)
     assert state.bad_totals.tolist() == (counts[0] + counts[1]).tolist()

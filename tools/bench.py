@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the library besi
 
 import accum  # noqa: E402
 import data  # noqa: E402
+import guard  # noqa: E402
 import images  # noqa: E402
 import jpeg  # noqa: E402
 import runtime  # noqa: E402
@@ -80,7 +81,7 @@ def trainer(cfg, device):
 def _jpeg_batch(cfg, batch, folder):
     """A device-decode batch (JPEG bytes, boxes, flips) of `batch` files from `folder`, cycled."""
     raws = [f.read_bytes() for f in bench_data.image_files(folder, batch)]
-    raws = [(raw, *images.open_image(raw, 1 << 30).size) for raw in raws]
+    raws = [(raw, *guard.open_image(raw, 1 << 30).size) for raw in raws]
     crops = dict(views=cfg.data.views, scale=tuple(cfg.data.crop_scale), flip=images.moco_views(cfg.data.augmentation))
     return jpeg.collate_jpeg([jpeg.jpeg_sample(*raws[i % len(raws)], random.Random(i), **crops)
                                 for i in range(batch)])

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import data
+import guard
 import images
 
 
@@ -44,7 +45,7 @@ def _pil_crop(img, rng, size):
 def pil_views(raw, rng, size=224):
     """The previous CPU part, for comparison: like images.train_views, but Pillow's crop + BILINEAR
     resize + flip (torchvision's RandomResizedCrop on PIL images, exactly)."""
-    img = images.to_rgb(images.open_image(raw, 1 << 30))
+    img = images.to_rgb(guard.open_image(raw, 1 << 30))
     views = [_pil_crop(img, rng, size) for _ in range(2)]
     flip = 0  # PIL.Image.Transpose.FLIP_LEFT_RIGHT
     return torch.stack([images._to_chw(v.transpose(flip) if rng.random() < 0.5 else v) for v in views])
@@ -99,8 +100,8 @@ def bench_data(args):
     rates = _rates({
         'full': lambda raw: moco_pil_views(raw, rng),
         'pil': lambda raw: pil_views(raw, rng),
-        'cpu_part': lambda raw: images.train_views(images.open_image(raw, 1 << 30), size=224, rng=rng),
-        'decode': lambda raw: images.to_rgb(images.open_image(raw, 1 << 30))}, raws, args.seconds)
+        'cpu_part': lambda raw: images.train_views(guard.open_image(raw, 1 << 30), size=224, rng=rng),
+        'decode': lambda raw: images.to_rgb(guard.open_image(raw, 1 << 30))}, raws, args.seconds)
     batch = torch.randint(0, 256, (2 * args.device_pairs, 3, 224, 224), dtype=torch.uint8)
     for views in (batch[:4], batch):  # warm-up, then timed
         start = time.perf_counter()

@@ -5,7 +5,7 @@ import math
 import os
 from pathlib import Path
 
-import data
+import seeds
 
 # class word -> (RGB, other words a caption may use for it: one caption in four does)
 DEMO_COLORS = {'red': ((215, 35, 35), ('crimson', 'scarlet')),
@@ -50,7 +50,7 @@ def demo_class_names():
 def demo_spec(seed, split, i):
     """What sample i of a split shows and says, deterministic from (seed, split, i). Classes take
     turns (i modulo the class count), so colours, shapes and classes are balanced."""
-    rng = data.seeded_rng(seed, split, i)
+    rng = seeds.seeded_rng(seed, split, i)
     label = i % (len(DEMO_COLORS) * len(DEMO_SHAPES))
     color, shape = list(DEMO_COLORS)[label // len(DEMO_SHAPES)], list(DEMO_SHAPES)[label % len(DEMO_SHAPES)]
     size, bg = rng.choice(list(DEMO_SIZES)), rng.choice(list(DEMO_BACKGROUNDS))

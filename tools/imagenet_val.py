@@ -18,7 +18,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the library beside tools/, run as a script
 
 import data  # noqa: E402
-import images  # noqa: E402
+import guard  # noqa: E402
 from tools import write_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -68,8 +68,8 @@ def _mat_array(buf):
 def _read(path, max_bytes=64 << 20):
     """A regular file's bytes: a FIFO, device or folder is refused, not read."""
     try:
-        return images.read_file(path, max_bytes=max_bytes)
-    except images.BadSample as e:
+        return guard.read_file(path, max_bytes=max_bytes)
+    except guard.BadSample as e:
         raise SystemExit(f'imagenet-val: cannot read {path}: {e}') from None
 
 

@@ -1,0 +1,183 @@
+"""Guarded reading, the shell around the data core: files opened only when regular and read only up to
+a bound, paths kept inside their root, a time limit on each sample, and the accounting of the samples
+that fail (BadSample kinds, the failure rate, counts per kind)."""
+import collections
+import contextlib
+import io
+import os
+import stat
+from pathlib import Path
+
+import torch
+
+
+class BadSample(Exception):
+    """A sample that cannot be built; `kind` names the failure for the counters."""
+
+    def __init__(self, kind, detail=''):
+        super().__init__(f'{kind}: {detail}')
+        self.kind = kind
+
+
+MAX_FILE_BYTES = 64 << 20  # default bound on the bytes of one image file (data.max_file_bytes)
+BAD_KINDS = ('missing', 'empty_file', 'not_image', 'truncated', 'too_large', 'empty_caption',
+             'bad_json', 'bad_encoding', 'bad_tar', 'unreadable', 'not_regular', 'file_too_large',
+             'outside_root', 'timeout', 'other')
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def open_regular(path):
+    """A binary file object of `path` if, symlinks followed, it is a regular file. Anything else
+    (FIFO, device, socket, directory) is refused before it is opened: a FIFO blocks its reader
+    forever and /dev/zero never ends. O_NONBLOCK keeps even a racing FIFO's open from waiting for
+    a writer, and the type is checked again on the open descriptor."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise BadSample('not_regular', str(path))
+        fd = os.open(path, _OPEN_FLAGS)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise BadSample('missing', str(path)) from e
+    except OSError as e:
+        raise BadSample('unreadable', f'{path}: {e.strerror or e}') from e
+    f = os.fdopen(fd, 'rb')
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise BadSample('not_regular', str(path))
+    return f
+
+
+def read_file(path, *, max_bytes):
+    """The bytes of a regular file (open_regular) of at most `max_bytes`; a bigger one is a
+    BadSample 'file_too_large', found from its size or, for files that misreport it, by reading
+    one byte past the bound."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise BadSample('file_too_large', f'{path}: {size:,} bytes > {max_bytes:,} (data.max_file_bytes)')
+        try:
+            raw = f.read(size + 1)
+            if len(raw) > size:  # grew, or a size of 0 that means "unknown"
+                raw += f.read(max_bytes + 1 - len(raw))
+        except (OSError, TypeError) as e:  # TypeError: a non-blocking read that had no data
+            raise BadSample('unreadable', f'{path}: {e}') from e
+    if len(raw) > max_bytes:
+        raise BadSample('file_too_large', f'{path}: more than {max_bytes:,} bytes (data.max_file_bytes)')
+    return raw
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Raise BadSample 'timeout' in the body after `seconds` (SIGALRM from ITIMER_REAL), so that no
+    sample holds a loader worker, or the main process with data.workers=0, forever: a blocked read
+    is interrupted too. Signals reach the main thread only: in another thread, with seconds <= 0
+    or while a real-time timer of someone else is running (it is left alone), the body runs
+    without a limit. The previous SIGALRM handler is restored."""
+    import signal
+    import threading
+    if (seconds <= 0 or threading.current_thread() is not threading.main_thread()
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise BadSample('timeout', f'over {seconds:g} s (data.sample_timeout_s)')
+    previous = signal.signal(signal.SIGALRM, expire)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield
+    finally:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:  # even when the alarm fires between the body's end and the line above
+            signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+
+
+def read_bytes(source, *, max_bytes=MAX_FILE_BYTES):
+    """The bytes of a path (read_file: a missing, irregular or too large file is a BadSample) or
+    bytes as given (bounded by whoever read them, e.g. shards.iter_tar); empty ones are a BadSample."""
+    raw = read_file(source, max_bytes=max_bytes) if isinstance(source, (str, Path)) else source
+    if not raw:
+        raise BadSample('empty_file', str(source) if isinstance(source, (str, Path)) else '')
+    return raw
+
+
+def open_image(source, max_pixels, *, max_bytes=MAX_FILE_BYTES):
+    """Open (header only) a path or bytes as a PIL image; size checked before any decoding."""
+    from PIL import Image, UnidentifiedImageError
+    raw = read_bytes(source, max_bytes=max_bytes)
+    try:
+        img = Image.open(io.BytesIO(raw))
+    except UnidentifiedImageError as e:
+        raise BadSample('not_image', str(e)) from e
+    except Image.DecompressionBombError as e:
+        raise BadSample('too_large', str(e)) from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # header cut short
+        raise BadSample('truncated', str(e)) from e
+    if img.width * img.height > max_pixels:
+        raise BadSample('too_large', f'{img.width}x{img.height}')
+    return img
+
+
+def join_path(root, filename):
+    """The reference's joinpath: object-store prefixes ('s3:') concatenate, otherwise os.path.join
+    with a leading '/' of filename stripped."""
+    if not root:
+        return filename
+    if root.endswith(':'):
+        return root + filename
+    return os.path.join(root, filename.lstrip('/'))
+
+
+def confined_path(root, filename):
+    """join_path(root, filename), refused (BadSample 'outside_root') when a meta line could leave
+    the root: a filename with a `..` part (even one that would come back). A leading '/' is
+    stripped, the reference's rule, so absolute names stay inside too. Symlinks inside the root
+    are its owner's and are followed (a root that is a symlink, or a folder of links to images
+    elsewhere, as tools/bench.py builds, keeps working); what they point at must still be a regular file
+    of bounded size (read_file). An empty root confines nothing: filenames are then paths
+    as given."""
+    if root and '..' in filename.split('/'):
+        raise BadSample('outside_root', f'{filename!r} under {root}')
+    return join_path(root, filename)
+
+
+class DataError(RuntimeError):
+    """Too many bad samples: the corpus (or its paths) is wrong, not just a few files."""
+
+
+class FailureMonitor:
+    """Failure rate over the last `window` attempts of this process; above `max_rate` it raises
+    a DataError naming a few examples."""
+
+    def __init__(self, window, max_rate):
+        self.window, self.max_rate = window, max_rate
+        self.recent = collections.deque(maxlen=window)
+        self.examples = collections.deque(maxlen=5)
+
+    def record(self, failure=None):
+        self.recent.append(failure is not None)
+        if failure is not None:
+            self.examples.append(failure)
+            rate = sum(self.recent) / len(self.recent)
+            if len(self.recent) == self.window and rate > self.max_rate:
+                raise DataError(
+                    f'{rate:.0%} of the last {self.window} samples could not be built (limit '
+                    f'{self.max_rate:.0%}, data.max_bad_rate); examples:\n  ' + '\n  '.join(self.examples))
+
+
+def guarded(build, timeout_s):
+    """(build(), None, '') or, when it fails or runs past `timeout_s`, (None, kind, detail)."""
+    try:
+        with time_limit(timeout_s):
+            return build(), None, ''
+    except BadSample as e:
+        return None, e.kind, str(e)
+    except Exception as e:  # a sample must never stop training or evaluation; the monitor catches patterns
+        return None, 'other', f'{type(e).__name__}: {e}'
+
+
+def bad_counts(kinds):
+    counts = torch.zeros(len(BAD_KINDS), dtype=torch.long)
+    for kind in kinds:
+        counts[BAD_KINDS.index(kind)] += 1
+    return counts
