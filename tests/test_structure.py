@@ -19,24 +19,22 @@ TOOLS = {m for m in MODULES if m.split('.')[0] == 'tools'}
 LAYERS = [{m for m in MODULES if m.startswith('configs.')},
           {'tools.bench', 'tools.prepare', 'tools.compare_demo', 'tools.imagenet_val'},
           {'tools.bench_data', 'tools.bench_parts', 'tools.demo', 'tools'},
-          {'train'}, {'accum'}, {'trainstep', 'evaluate', 'checks'}, {'data', 'weights'}, {'jpeg'},
+          {'train'}, {'accum', 'checks'}, {'trainstep', 'evaluate'}, {'data', 'weights'}, {'jpeg'}, {'lifecycle'},
           {'text', 'images', 'runtime', 'declip', 'losses'}]
 # the research core and the shell that hardens it from outside: calls go shell -> core, never back;
 # CORE_USES_SHELL lists the calls still to be moved out of the core
 CORE = {'declip', 'losses', 'text', 'images', 'data', 'trainstep', 'evaluate'}
-SHELL = {'accum', 'runtime', 'checks', 'jpeg', 'weights'}
+SHELL = {'accum', 'runtime', 'lifecycle', 'checks', 'jpeg', 'weights'}
 CORE_USES_SHELL = {('trainstep', 'runtime'), ('evaluate', 'runtime'), ('trainstep', 'jpeg'), ('data', 'jpeg'),
-                   ('data', 'runtime'), ('evaluate', 'weights')}
+                   ('data', 'lifecycle'), ('evaluate', 'weights')}
 LINES, FUNCTION_LINES = 400, 40
 # Modules still over LINES lines or with a function over FUNCTION_LINES, held to the former 600 / 60
 # until they shrink (test_oversized_modules_are_still_oversized says when one must leave the list).
 OVERSIZED = {
     'configs.common': 'base_config: every key in one ConfigDict literal',
-    'data': 'formats, samples, guarded reading, loaders and the checks of the data block in one module',
+    'data': 'formats, samples, guarded reading and loaders in one module',
     'declip': 'all encoders and heads in one module',
     'images': 'host crops, device colour ops and the guarded reading (open_regular .. read_bytes, for a guard module)',
-    'runtime': 'devices, precision, checkpoint files, the workdir lock and signals in one module',
-    'train': 'run: checks, resume and the loop in one function',
 }
 
 
