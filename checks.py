@@ -1,7 +1,20 @@
-"""Config checks of the shell: a config whose model, loss or batch cannot train is refused at start,
-in one line naming the keys and the rule, instead of failing deep inside the model."""
+"""Config checks of the shell, in one place: a config whose numbers, model, loss, batch, data or
+evaluation set cannot train is refused at start, in one line naming the keys (or file) and the
+rule, instead of failing deep inside the run."""
 
 import contextlib
+import math
+from pathlib import Path
+
+import declip
+import evaluate
+import images
+import jpeg
+import lifecycle
+import runtime
+import shards
+import text
+import trainstep
 
 VISIONS = ('vit', 'resnet')
 
@@ -65,3 +78,130 @@ def check_model(cfg):
                       f'device\'s batch (BatchNorm), which needs at least 2 samples')
     if errors:
         raise ValueError('\n'.join(errors))
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole config: every check, before any work and before the workdir is created
+# ----------------------------------------------------------------------------------------------
+
+def check_values(tree, rules):
+    """A config's leaves, after checking that every number (also inside lists) is finite and that
+    the keys of each rule (exact names, or prefixes ending in '.') obey it: (keys, ok, 'rule')."""
+    values = lifecycle.leaves(tree)
+    for key, value in values.items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if not math.isfinite(v):
+                    raise ValueError(f'config.{key}: must be a finite number, got {v}')
+                for keys, ok, rule in rules:
+                    if lifecycle.matches(key, keys) and not ok(v):
+                        raise ValueError(f'config.{key}: must be {rule}, got {value}')
+    return values
+
+
+POSITIVE = ('max_iter', 'accum_steps', 'log_every', 'ckpt_every', 'keep_every', 'eval_every', 'max_nonfinite',
+            'dist_timeout_s', 'mlm_bucket', 'data.batch_size', 'data.prefetch', 'data.bad_window',
+            'data.max_pixels', 'loss.queue_size', 'eval.batch_size', 'optim.eps')
+NON_NEGATIVE = ('seed', 'stop_at', 'data.shuffle_buffer', 'keep_copies', 'tb_images', 'peak_tflops', 'data.workers', 'eval.workers',
+                'optim.base_lr', 'optim.warmup_lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
+                *(f'loss.{k}' for k in trainstep.LOSS_TERMS))
+BELOW_ONE = ('optim.beta1', 'optim.beta2')
+RATES = ('data.max_bad_rate',)   # 1.0: never stop for bad samples
+
+
+def check_numbers(cfg):
+    """Every number finite; counts, rates and model sizes in range (a NaN learning rate would
+    otherwise train NaN weights and a zero batch would fail only after the model is built)."""
+    values = check_values(cfg.to_dict(), [
+        (POSITIVE, lambda v: v > 0, '> 0'), (NON_NEGATIVE, lambda v: v >= 0, '>= 0'),
+        (BELOW_ONE, lambda v: 0 <= v < 1, 'in [0, 1)'), (RATES, lambda v: 0 <= v <= 1, 'in [0, 1]'),
+        (('model.',), lambda v: v > 0, '> 0')])
+    lo, hi = values['data.crop_scale']
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f'config.data.crop_scale: need 0 < min <= max <= 1, got {tuple(cfg.data.crop_scale)}')
+
+
+def check_config(cfg):
+    """Everything the run will need, before any work and before the workdir is created."""
+    check_numbers(cfg)
+    check_model(cfg)
+    check_data(cfg.data)
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise ValueError(f'config.init_from: file not found: {cfg.init_from!r}')
+    declip.activation(cfg.model.act)
+    if cfg.data.val_meta:
+        try:   # every line (naming file:line), and images under the folder
+            evaluate.check_eval_set(cfg.data.val_root, cfg.data.val_meta)
+        except ValueError as e:
+            raise ValueError(f'config.data.val_meta / val_root: {e}') from None
+        try:
+            templates = text.load_prompts(cfg.eval.prompts)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f'config.eval.prompts: {e}') from None
+        if not templates:
+            raise ValueError(f'config.eval.prompts: {cfg.eval.prompts!r} has no templates')
+    if cfg.accum_steps > 1 and cfg.data.format != 'jsonl':
+        raise ValueError('config.accum_steps > 1 needs data.format=jsonl (shards go to ranks and loader workers, '
+                         'not to the virtual devices of a larger job)')
+    if cfg.accum_steps > 1 and cfg.model.sync_bn:   # one line from each machine's first process
+        raise SystemExit(1 if runtime.dist_env()[2] else (
+            f'config.accum_steps={cfg.accum_steps} with config.model.sync_bn=True: BatchNorm cannot be synchronised '
+            f'across micro-batches. Add --config.model.sync_bn=False (each micro-batch of data.batch_size='
+            f'{cfg.data.batch_size} images then has its own BatchNorm statistics, as each device of the larger job '
+            f'without synchronised BatchNorm: what the reference\'s public code ran), or use accum_steps=1'))
+    if cfg.model.declip and (cfg.data.views != 2 or not cfg.data.mask):
+        raise ValueError('config.model.declip needs data.views=2 and data.mask=True')
+    for key, name in (('precision', cfg.precision), ('eval.precision', cfg.eval.precision)):
+        try:
+            runtime.precision(name, 'cpu')
+        except ValueError as e:
+            raise ValueError(f'config.{key}: {e}') from None
+    runtime.shape_modes('cpu', jit_compile=cfg.npu_jit_compile, static_shapes=cfg.static_shapes)
+    trainstep.compile_scope(cfg.compile, 'cpu')
+
+
+# ----------------------------------------------------------------------------------------------
+# The data block: files and folders it names, format, augmentation, decode
+# ----------------------------------------------------------------------------------------------
+
+
+def _need(key, path, kind='file'):
+    if not path or not (Path(path).is_file() if kind == 'file' else Path(path).is_dir()):
+        raise ValueError(f'config.data.{key}: {kind} not found: {path!r}')
+
+
+def check_data(cfg):
+    """Every file and folder the data block names exists, the format, augmentation and decode are
+    known, and a training meta file is not empty."""
+    _need('bpe_path', cfg.bpe_path)
+    if cfg.eda and cfg.eda_synonyms:
+        _need('synonyms_path (or set --config.data.eda_synonyms=False)', cfg.synonyms_path)
+    if cfg.format == 'jsonl':
+        metas, roots = text.split_list(cfg.train_meta), text.split_list(cfg.train_root)
+        if not metas:
+            raise ValueError('config.data.train_meta: no meta file given')
+        if len(roots) != len(metas):
+            raise ValueError(f'config.data.train_root: {len(roots)} roots for {len(metas)} meta files')
+        for meta, root in zip(metas, roots):
+            _need('train_meta', meta)
+            _need('train_root', root, 'folder')
+            with open(meta, 'rb') as f:
+                if not f.read(1 << 20).strip():
+                    raise ValueError(f'config.data.train_meta: {meta} has no samples')
+    elif cfg.format == 'wds':
+        try:
+            shards.shard_paths(cfg.shards)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f'config.data.shards: {e}') from e
+        if not isinstance(cfg.shuffle_buffer, int) or cfg.shuffle_buffer < 0:
+            raise ValueError(f'config.data.shuffle_buffer: a sample count >= 0, got {cfg.shuffle_buffer!r}')
+    else:
+        raise ValueError(f'config.data.format: "jsonl" or "wds", got {cfg.format!r}')
+    if cfg.val_meta:
+        _need('val_meta', cfg.val_meta)
+        _need('val_root', cfg.val_root, 'folder')
+    cfg.augmentation = images.augmentation_name(cfg.augmentation)
+    if cfg.decode not in ('host', 'device'):
+        raise ValueError(f'config.data.decode: "host" or "device", got {cfg.decode!r}')
+    if cfg.decode == 'device':
+        jpeg.nvjpeg_decoder('cpu')  # torchvision must be importable before any work starts

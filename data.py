@@ -14,7 +14,7 @@ import torch
 import guard
 import images
 import jpeg
-import runtime
+import lifecycle
 import shards
 import text
 from guard import BadSample
@@ -281,7 +281,7 @@ def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=Fal
     same stream positions, since (t*W + r)*kB = (t*kW + rk)*B; each micro-batch masked alone)."""
     collate = Collate(mask=cfg.mask, seed=cfg.seed, micro=cfg.batch_size)
     kwargs = dict(batch_size=cfg.batch_size * accum, num_workers=cfg.workers, collate_fn=collate,
-                  pin_memory=pin_memory, worker_init_fn=runtime.loader_worker_init)
+                  pin_memory=pin_memory, worker_init_fn=lifecycle.loader_worker_init)
     if cfg.workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch)
     if cfg.format == 'wds':
@@ -298,49 +298,3 @@ def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=Fal
 if __name__ == '__main__':
     raise SystemExit('`python data.py setup` / `make-demo` moved: run `python tools/prepare.py setup` or '
                      '`python tools/prepare.py make-demo`')
-
-
-# ----------------------------------------------------------------------------------------------
-# Checks of the data block of a config, before any work (naming the key or path)
-# ----------------------------------------------------------------------------------------------
-
-def _need(key, path, kind='file'):
-    if not path or not (Path(path).is_file() if kind == 'file' else Path(path).is_dir()):
-        raise ValueError(f'config.data.{key}: {kind} not found: {path!r}')
-
-
-def check_config(cfg):
-    """Every file and folder the data block names exists, the format, augmentation and decode are
-    known, and a training meta file is not empty."""
-    _need('bpe_path', cfg.bpe_path)
-    if cfg.eda and cfg.eda_synonyms:
-        _need('synonyms_path (or set --config.data.eda_synonyms=False)', cfg.synonyms_path)
-    if cfg.format == 'jsonl':
-        metas, roots = text.split_list(cfg.train_meta), text.split_list(cfg.train_root)
-        if not metas:
-            raise ValueError('config.data.train_meta: no meta file given')
-        if len(roots) != len(metas):
-            raise ValueError(f'config.data.train_root: {len(roots)} roots for {len(metas)} meta files')
-        for meta, root in zip(metas, roots):
-            _need('train_meta', meta)
-            _need('train_root', root, 'folder')
-            with open(meta, 'rb') as f:
-                if not f.read(1 << 20).strip():
-                    raise ValueError(f'config.data.train_meta: {meta} has no samples')
-    elif cfg.format == 'wds':
-        try:
-            shards.shard_paths(cfg.shards)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f'config.data.shards: {e}') from e
-        if not isinstance(cfg.shuffle_buffer, int) or cfg.shuffle_buffer < 0:
-            raise ValueError(f'config.data.shuffle_buffer: a sample count >= 0, got {cfg.shuffle_buffer!r}')
-    else:
-        raise ValueError(f'config.data.format: "jsonl" or "wds", got {cfg.format!r}')
-    if cfg.val_meta:
-        _need('val_meta', cfg.val_meta)
-        _need('val_root', cfg.val_root, 'folder')
-    cfg.augmentation = images.augmentation_name(cfg.augmentation)
-    if cfg.decode not in ('host', 'device'):
-        raise ValueError(f'config.data.decode: "host" or "device", got {cfg.decode!r}')
-    if cfg.decode == 'device':
-        jpeg.nvjpeg_decoder('cpu')  # torchvision must be importable before any work starts

@@ -13,154 +13,25 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 import accum
 import checks
 import data
-import guard
-import declip
 import evaluate
+import guard
 import images
-import losses
+import lifecycle
 import runtime
-import text
 import trainstep
 import weights
 
 FLAGS = flags.FLAGS
 
 # ----------------------------------------------------------------------------------------------
-# Configuration checks: fail before any work, naming the key or path
+# Around the loop: DDP, logging, evaluation
 # ----------------------------------------------------------------------------------------------
-
-POSITIVE = ('max_iter', 'accum_steps', 'log_every', 'ckpt_every', 'keep_every', 'eval_every', 'max_nonfinite',
-            'dist_timeout_s', 'mlm_bucket', 'data.batch_size', 'data.prefetch', 'data.bad_window',
-            'data.max_pixels', 'loss.queue_size', 'eval.batch_size', 'optim.eps')
-NON_NEGATIVE = ('seed', 'stop_at', 'data.shuffle_buffer', 'keep_copies', 'tb_images', 'peak_tflops', 'data.workers', 'eval.workers',
-                'optim.base_lr', 'optim.warmup_lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
-                *(f'loss.{k}' for k in trainstep.LOSS_TERMS))
-BELOW_ONE = ('optim.beta1', 'optim.beta2')
-RATES = ('data.max_bad_rate',)   # 1.0: never stop for bad samples
-
-
-def check_numbers(cfg):
-    """Every number finite; counts, rates and model sizes in range (a NaN learning rate would
-    otherwise train NaN weights and a zero batch would fail only after the model is built)."""
-    values = runtime.check_values(cfg.to_dict(), [
-        (POSITIVE, lambda v: v > 0, '> 0'), (NON_NEGATIVE, lambda v: v >= 0, '>= 0'),
-        (BELOW_ONE, lambda v: 0 <= v < 1, 'in [0, 1)'), (RATES, lambda v: 0 <= v <= 1, 'in [0, 1]'),
-        (('model.',), lambda v: v > 0, '> 0')])
-    lo, hi = values['data.crop_scale']
-    if not 0 < lo <= hi <= 1:
-        raise ValueError(f'config.data.crop_scale: need 0 < min <= max <= 1, got {tuple(cfg.data.crop_scale)}')
-
-
-def check_config(cfg):
-    """Everything the run will need, before any work and before the workdir is created."""
-    check_numbers(cfg)
-    checks.check_model(cfg)
-    data.check_config(cfg.data)
-    if cfg.init_from and not Path(cfg.init_from).is_file():
-        raise ValueError(f'config.init_from: file not found: {cfg.init_from!r}')
-    declip.activation(cfg.model.act)
-    if cfg.data.val_meta:
-        try:   # every line (naming file:line), and images under the folder
-            evaluate.check_eval_set(cfg.data.val_root, cfg.data.val_meta)
-        except ValueError as e:
-            raise ValueError(f'config.data.val_meta / val_root: {e}') from None
-        try:
-            templates = text.load_prompts(cfg.eval.prompts)
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f'config.eval.prompts: {e}') from None
-        if not templates:
-            raise ValueError(f'config.eval.prompts: {cfg.eval.prompts!r} has no templates')
-    if cfg.accum_steps > 1 and cfg.data.format != 'jsonl':
-        raise ValueError('config.accum_steps > 1 needs data.format=jsonl (shards go to ranks and loader workers, '
-                         'not to the virtual devices of a larger job)')
-    if cfg.accum_steps > 1 and cfg.model.sync_bn:   # one line from each machine's first process
-        raise SystemExit(1 if runtime.dist_env()[2] else (
-            f'config.accum_steps={cfg.accum_steps} with config.model.sync_bn=True: BatchNorm cannot be synchronised '
-            f'across micro-batches. Add --config.model.sync_bn=False (each micro-batch of data.batch_size='
-            f'{cfg.data.batch_size} images then has its own BatchNorm statistics, as each device of the larger job '
-            f'without synchronised BatchNorm: what the reference\'s public code ran), or use accum_steps=1'))
-    if cfg.model.declip and (cfg.data.views != 2 or not cfg.data.mask):
-        raise ValueError('config.model.declip needs data.views=2 and data.mask=True')
-    for key, name in (('precision', cfg.precision), ('eval.precision', cfg.eval.precision)):
-        try:
-            runtime.precision(name, 'cpu')
-        except ValueError as e:
-            raise ValueError(f'config.{key}: {e}') from None
-    runtime.shape_modes('cpu', jit_compile=cfg.npu_jit_compile, static_shapes=cfg.static_shapes)
-    trainstep.compile_scope(cfg.compile, 'cpu')
-
-
-# ----------------------------------------------------------------------------------------------
-# Around the loop: resume, checkpoints, logging, evaluation
-# ----------------------------------------------------------------------------------------------
-
-RUN_DEFINING = ('model.', 'loss.', 'optim.', 'seed', 'accum_steps', 'data.seed', 'data.batch_size', 'data.format',
-                'data.train_root', 'data.train_meta', 'data.shards', 'data.views', 'data.image_size',
-                'data.crop_scale', 'data.eda', 'data.eda_synonyms', 'data.mask', 'data.context_length',
-                'data.augmentation', 'data.shuffle_buffer')
-
-
-def check_resumed_config(saved, cfg, path, allow_change):
-    """Refuse (unless allowed) a resume whose config changes what the run computes: model,
-    losses, optimiser, batch size, data sources and order; warn for the rest (max_iter too:
-    extending a run is deliberate, though it reshapes the rest of the cosine schedule)."""
-    saved_data = saved.get('data', {})
-    if saved_data.get('augmentation') in images.RENAMED:   # a run from before the rename: the same views
-        saved = {**saved, 'data': {**saved_data, 'augmentation': images.RENAMED[saved_data['augmentation']]}}
-    lines, refused = runtime.config_changes(saved, cfg.to_dict(), RUN_DEFINING)
-    if refused and not allow_change:
-        raise ValueError(f'{path} belongs to a run with another config; resuming would change it:\n'
-                         + '\n'.join(refused) + '\nuse the same config, another --workdir, or --allow_config_change')
-    if lines:
-        logging.warning('resuming %s with a changed config:\n%s', path, '\n'.join(lines))
-
-
-def resume(state, cfg, ckpt_dir, world, *, start_over=False, allow_change=False):
-    """Continue from the newest readable checkpoint of the workdir, if there is one. Checkpoints
-    that exist but none of which can be read stop the run (unless `start_over`: they are then
-    renamed *.unreadable and the run starts from step 0)."""
-    path, saved, unreadable = runtime.find_checkpoint(ckpt_dir, warn=logging.warning)
-    rank = losses.world_info()[0]
-    if saved is None and unreadable and not start_over:
-        raise RuntimeError('no readable checkpoint in {}:\n{}\nrepair or move them, or pass --start_over to '
-                           'start from step 0'.format(ckpt_dir, '\n'.join(f'  {p}: {e}' for p, e in unreadable)))
-    if saved is None:
-        if unreadable and world > 1:
-            dist.barrier()  # every rank has looked before rank 0 renames
-        for bad, _ in unreadable if rank == 0 else ():
-            bad.rename(bad.with_name(bad.name + '.unreadable'))
-        return
-    check_resumed_config(saved['config'], cfg, path, allow_change)
-    state.load_state_dict(saved)
-    if rank == 0:
-        logging.info('resumed from %s at step %d', path, state.step)
-    if saved['world_size'] != world:
-        logging.warning('resuming a %d-process run with %d processes: data order and NN queues of '
-                        'ranks >= %d change', saved['world_size'], world, saved['world_size'])
-
-
-def save(state, cfg, ckpt_dir):
-    """last.pt (and every keep_every steps a kept copy), written by rank 0 for all ranks. Weights
-    that are not finite are never written (every rank holds the same parameters, so all agree)."""
-    if not torch.stack([p.isfinite().all() for p in state.model.parameters()]).all():
-        raise SystemExit(f'step {state.step}: the weights are not finite; no checkpoint written (the last good '
-                         f'one in {ckpt_dir} stays)')
-    saved = state.state_dict(cfg.to_dict())
-    if saved is None:
-        return
-    paths = [ckpt_dir / 'last.pt'] + [ckpt_dir / f'step_{state.step}.pt'] * (
-        state.step % cfg.keep_every == 0 or state.step == cfg.max_iter)
-    for path in paths:
-        runtime.save_checkpoint(path, saved)
-    runtime.prune_copies(ckpt_dir, cfg.keep_copies)
-    logging.info('step %d: wrote %s', state.step, ', '.join(p.name for p in paths))
-
 
 def wrap_ddp(state, cfg, world):
     """DDP over the model (several processes); a DeCLIP head whose loss weight is 0 gets no gradient."""
@@ -274,16 +145,6 @@ class RunLog:
             self.writer.close()
 
 
-def stop_if_diverged(state, cfg, ckpt_dir):
-    """A clean stop after config.max_nonfinite consecutive skipped steps (checked at log steps)."""
-    run_len = int(state.nonfinite_run)
-    if run_len:
-        logging.warning('step %d: non-finite loss, step skipped (%d in a row)', state.step, run_len)
-    if run_len >= cfg.max_nonfinite:
-        raise SystemExit(f'stopping: {run_len} consecutive non-finite losses at step {state.step} (config.'
-                         f'max_nonfinite={cfg.max_nonfinite}); the last checkpoint in {ckpt_dir} is intact')
-
-
 def due(step, every):
     return step % every == 0
 
@@ -296,8 +157,8 @@ def train(cfg, workdir, *, start_over=False, allow_config_change=False):
     """Check the config, set up device and processes, hold the workdir, run the loop; returns
     the model."""
     with checks.config_errors():
-        check_config(cfg)
-    runtime.exit_with_parent()
+        checks.check_config(cfg)
+    lifecycle.exit_with_parent()
     device, device_type = runtime.setup_device(runtime.dist_env()[2], cfg.device)
     if cfg.data.decode == 'device' and device_type not in ('cuda', 'cpu'):
         raise ValueError(f'config.data.decode=device needs CUDA (nvJPEG); on {device_type} torchvision would '
@@ -308,7 +169,7 @@ def train(cfg, workdir, *, start_over=False, allow_config_change=False):
     workdir, first = Path(workdir), runtime.dist_env()[0] == 0
     if first:
         (workdir / 'checkpoints').mkdir(parents=True, exist_ok=True)
-    with (runtime.workdir_lock(workdir) if first else contextlib.nullcontext()), \
+    with (lifecycle.workdir_lock(workdir) if first else contextlib.nullcontext()), \
             runtime.processes(device_type, cfg.dist_timeout_s) as (rank, world):
         if rank == 0:
             dtype = runtime.precision(cfg.precision, device_type)[0]
@@ -318,7 +179,7 @@ def train(cfg, workdir, *, start_over=False, allow_config_change=False):
                   f'static shapes {static}{npu}', flush=True)
         state = trainstep.build_state(cfg, device, rank)
         state.static_shapes = static
-        resume(state, cfg, workdir / 'checkpoints', world, start_over=start_over, allow_change=allow_config_change)
+        lifecycle.resume(state, cfg, workdir / 'checkpoints', world, start_over=start_over, allow_change=allow_config_change)
         start = f'resumed at step {state.step}' if state.step else init_weights(state, cfg)
         wrap_ddp(state, cfg, world)
         if rank == 0:
@@ -385,7 +246,7 @@ def run(state, cfg, workdir, rank, world):
     try:
         stopping, received = loop(state, cfg, batches, log, ckpt_dir, rank, world)
     finally:  # on an error too: loader workers end here, not at interpreter exit
-        runtime.release_loader(batches)
+        lifecycle.release_loader(batches)
         log.close()
     if stopping:
         raise SystemExit(f'stopped at step {state.step} ({received or "signal on another rank"}); the '
@@ -405,7 +266,7 @@ def loop(state, cfg, batches, log, ckpt_dir, rank, world):
 
     if eval_due(start, cfg) and (not marker.is_file() or marker.read_text().strip() != str(start)):
         evaluation()
-    with runtime.StopSignals() as signals:
+    with lifecycle.StopSignals() as signals:
         stop, stopping = None, False
         while state.step < end and not stopping:
             batch = log.next_batch(batches)
@@ -421,12 +282,12 @@ def loop(state, cfg, batches, log, ckpt_dir, rank, world):
             del metrics['views']   # the next step does not hold this one's images
             log.add(metrics)
             if log_now:
-                stop_if_diverged(state, cfg, ckpt_dir)
+                lifecycle.stop_if_diverged(state, cfg, ckpt_dir)
                 log.log(state, metrics, end)
             stopping = stop is not None and bool(stop)   # the previous step's flag, the same on every rank
             stop = metrics['stop']
             if due(state.step, cfg.ckpt_every) or state.step == end or eval_due(state.step, cfg) or stopping:
-                save(state, cfg, ckpt_dir)  # skipped steps changed nothing: still the last good state
+                lifecycle.save(state, cfg, ckpt_dir)  # skipped steps changed nothing: still the last good state
             if eval_due(state.step, cfg) and not stopping:
                 evaluation()
     return stopping, signals.received

@@ -10,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+import checks
 import data
 import guard
 import images
 import jpeg
+import lifecycle
 import seeds
 import shards
 import text
@@ -141,9 +143,9 @@ def test_moco_v2_keeps_its_random_stream_and_flips():
 def test_unknown_augmentation_is_refused_naming_the_key(tmp_path):
     write_pairs(tmp_path, n=2)
     cfg = clip_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), val_meta='')
-    data.check_config(cfg.data)
+    checks.check_data(cfg.data)
     cfg.data.augmentation = 'simclr'
-    for check in (data.check_config, data.SampleBuilder):
+    for check in (checks.check_data, data.SampleBuilder):
         with pytest.raises(ValueError, match=r"config\.data\.augmentation: one of moco_v2, standard_slip, got 'simclr'"):
             check(cfg.data)
 
@@ -151,22 +153,21 @@ def test_unknown_augmentation_is_refused_naming_the_key(tmp_path):
 def test_former_augmentation_name_is_the_same_transform_with_a_warning(tmp_path):
     """'standard_clip' (this project's former name for the reference's STANDARD_SLIP) still means crops
     only, with a warning naming the new name; a resumed run saved under it is not a config change."""
-    import train
     write_pairs(tmp_path, n=2)
     cfg = clip_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), val_meta='')
     cfg.data.augmentation = 'standard_clip'
     with pytest.warns(UserWarning, match="now called 'standard_slip'"):
-        data.check_config(cfg.data)
+        checks.check_data(cfg.data)
     assert cfg.data.augmentation == 'standard_slip'
     with pytest.warns(UserWarning):
         assert images.moco_views('standard_clip') is False
     assert images.moco_views('moco_v2') is True
     saved = cfg.to_dict()
     saved['data']['augmentation'] = 'standard_clip'
-    train.check_resumed_config(saved, cfg, 'last.pt', allow_change=False)   # no refusal
+    lifecycle.check_resumed_config(saved, cfg, 'last.pt', allow_change=False)   # no refusal
     saved['data']['augmentation'] = 'moco_v2'
     with pytest.raises(ValueError, match="data.augmentation: 'moco_v2' -> 'standard_slip'"):
-        train.check_resumed_config(saved, cfg, 'last.pt', allow_change=False)
+        lifecycle.check_resumed_config(saved, cfg, 'last.pt', allow_change=False)
 
 
 def test_batchnorm_per_config_as_the_reference():
@@ -278,8 +279,8 @@ def test_shard_patterns_with_braces_lists_and_globs(tmp_path):
     names = [p.split('/')[-1] for p in shards.shard_paths(spec)]
     assert names == ['00000.tar', '00001.tar', '00002.tar', 'a.tar', 'b.tar', 'extra-1.tar']
     cfg = data_config(format='wds', shards=spec, eda=False, mask=False, batch_size=6)
-    data.check_config(cfg)
+    checks.check_data(cfg)
     assert sorted(captions(wds_batches(cfg, 1)[0])) == ['00000', '00001', '00002', 'a', 'b', 'extra-1']
     cfg.shards = f'{tmp_path}/{{00000..00004}}.tar'
     with pytest.raises(ValueError, match=r'config\.data\.shards: 2 shard\(s\) .* do not exist: .*00003\.tar, .*00004\.tar'):
-        data.check_config(cfg)
+        checks.check_data(cfg)

@@ -19,7 +19,7 @@ import data
 import guard
 import evaluate
 import images
-import runtime
+import lifecycle
 import text
 import weights
 from helpers import data_config, run, run_distributed, write_jpeg
@@ -484,7 +484,7 @@ def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(RuntimeError, match=rf'{path}: not a checkpoint \(torch.load cannot read it') as e:
         weights.load_model(path)
-    assert not isinstance(e.value, runtime.UnsafeCheckpoint) and 'code execution' not in str(e.value)
+    assert not isinstance(e.value, lifecycle.UnsafeCheckpoint) and 'code execution' not in str(e.value)
 
 
 def test_evaluation_set_is_checked_before_any_image_is_scored(tmp_path):

@@ -1,11 +1,11 @@
 """config.max_nonfinite counts consecutive skipped steps: a good step resets the count, so skips
 scattered among good steps never stop a run, and a streak of max_nonfinite does, at its last step.
 Non-finite losses come from a wrapped losses.declip_loss (tiny_step.nonfinite_at); after every
-step the test applies the loop's own stop rule (train.stop_if_diverged, as at log_every=1), and
+step the test applies the loop's own stop rule (lifecycle.stop_if_diverged, as at log_every=1), and
 one whole run goes through train.train."""
 import pytest
 
-import runtime
+import lifecycle
 import train
 from configs import demo
 from helpers import scalars
@@ -25,7 +25,7 @@ def run_steps(monkeypatch, tmp_path, pattern, max_nonfinite):
         metrics = step(state, batch, cfg)
         seen.append((int(metrics['skipped']), int(state.nonfinite_run)))
         try:
-            train.stop_if_diverged(state, cfg, tmp_path)
+            lifecycle.stop_if_diverged(state, cfg, tmp_path)
         except SystemExit as e:
             return seen, e, state
     return seen, None, state
@@ -72,7 +72,7 @@ def test_a_run_with_scattered_skips_trains_to_the_end(monkeypatch, tmp_path, dem
     cfg.update(dict(max_iter=8, log_every=1, ckpt_every=8, keep_every=8, max_nonfinite=2, compile='false', tb_images=0))
     nonfinite_at(monkeypatch, [True, False] * 4)
     train.train(cfg, tmp_path)
-    last = runtime.safe_load(tmp_path / 'checkpoints' / 'last.pt')
+    last = lifecycle.safe_load(tmp_path / 'checkpoints' / 'last.pt')
     assert last['step'] == 8 and last['nonfinite_total'] == 4
     counted, _ = scalars(tmp_path, 'train/nonfinite_steps')
     assert counted == {t: float((t + 1) // 2) for t in range(1, 9)}

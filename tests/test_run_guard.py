@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import checks
 import guard
-import runtime
-import trainstep
+import lifecycle
 import train
+import trainstep
 from configs import demo
 from helpers import ROOT, free_port, run, smoke_overrides
 
@@ -34,7 +35,7 @@ def smoke(demo_dir, **over):
 
 
 def step_of(path):
-    return runtime.safe_load(path)['step']
+    return lifecycle.safe_load(path)['step']
 
 
 # ---------------------------------------------------------------- 1, 15: checkpoint files
@@ -63,7 +64,7 @@ def test_foreign_files_in_checkpoints_are_left_alone(tmp_path, demo_dir):
     assert sorted(p.name for p in ckpts.glob('step_*.pt')) == ['step_2.pt', 'step_best.pt']
     torch.save({'step': 99}, tmp_path / 'other.pt')           # a torch file that is not a checkpoint
     with pytest.raises(RuntimeError, match='other.pt: not a training checkpoint'):
-        runtime.load_checkpoint(tmp_path / 'other.pt')
+        lifecycle.load_checkpoint(tmp_path / 'other.pt')
 
 
 # ---------------------------------------------------------------- 2: one run per workdir
@@ -73,7 +74,7 @@ def test_a_second_run_on_a_held_workdir_stops_naming_the_holder(tmp_path, demo_d
     (work / 'checkpoints').mkdir(parents=True)
     inflight = work / 'checkpoints' / 'last.pt.tmp'
     inflight.write_bytes(b'being written')
-    with runtime.workdir_lock(work):
+    with lifecycle.workdir_lock(work):
         res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(work), *smoke_overrides(demo_dir)])
     assert res.returncode != 0 and f'is in use by another run (pid {os.getpid()}' in res.stderr
     assert inflight.read_bytes() == b'being written'
@@ -189,7 +190,7 @@ def _failing_run(work, demo_dir, fault, workers):
         over.update({'data.train_meta': meta, 'data.bad_window': 10, 'data.max_bad_rate': 0.2})
         expected = 'could not be built'
     elif fault == 'diverged':
-        env['DECLIP_TEST_NONFINITE_STEPS'] = '0'   # read by tests/train_faults.py
+        env['DECLIP_TEST_NONFINITE_STEPS'] = '0'   # read by tests/train_faults.py, not by train.py
         entry = ['tests/train_faults.py']
         over['max_nonfinite'] = 1
         expected = '1 consecutive non-finite losses at step 1'
@@ -304,7 +305,7 @@ def test_bad_rate_limits_of_zero_and_one_are_accepted(demo_dir, rate):
     """max_bad_rate=1.0 never stops a run for bad samples (every attempt may fail: 100 % is not
     above 1.0); 0.0 stops it at the first full window with a failure."""
     cfg = smoke(demo_dir, **{'data.max_bad_rate': rate})
-    train.check_numbers(cfg)
+    checks.check_numbers(cfg)
     monitor = guard.FailureMonitor(4, cfg.data.max_bad_rate)
     for i in range(3):
         monitor.record(f'bad {i}')
@@ -345,7 +346,7 @@ def test_non_finite_weights_are_never_written(tmp_path, demo_dir):
         next(state.model.parameters())[0] = float('nan')
     (tmp_path / 'checkpoints').mkdir()
     with pytest.raises(SystemExit, match='weights are not finite'):
-        train.save(state, cfg, tmp_path / 'checkpoints')
+        lifecycle.save(state, cfg, tmp_path / 'checkpoints')
     assert not list((tmp_path / 'checkpoints').iterdir())
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checks
 import evaluate
 import runtime
 from helpers import DtypeRecorder, run, smoke_overrides
@@ -208,7 +209,7 @@ def test_device_decode_is_refused_on_npu(monkeypatch, tmp_path, demo_dir):
     cfg.data.decode = 'device'
     monkeypatch.setattr(runtime, 'check_versions', lambda *a: None)
     monkeypatch.setattr(runtime, 'setup_device', lambda rank, requested: (torch.device('cpu'), 'npu'))
-    monkeypatch.setattr(train, 'check_config', lambda cfg: None)
+    monkeypatch.setattr(checks, 'check_config', lambda cfg: None)
     with pytest.raises(ValueError, match='decode=device needs CUDA'):
         train.train(cfg, tmp_path / 'w')
     assert not (tmp_path / 'w').exists()
@@ -322,7 +323,7 @@ def test_npu_settings_come_before_the_model_is_built(monkeypatch, tmp_path):
         events.append('build_model')
         raise Built
     monkeypatch.setattr(declip, 'build_model', build_model)
-    monkeypatch.setattr(train, 'check_config', lambda cfg: None)   # the demo data need not exist
+    monkeypatch.setattr(checks, 'check_config', lambda cfg: None)   # the demo data need not exist
     cfg = demo.get_config('smoke')
     cfg.precision = 'fp32'    # no npu autocast on this CPU
     with pytest.raises(Built):
@@ -336,7 +337,7 @@ def test_training_refuses_bf16_on_an_npu_without_it_before_any_work(monkeypatch,
     import train
     from configs import demo
     _fake_npu_machine(monkeypatch, [], bf16=False)
-    monkeypatch.setattr(train, 'check_config', lambda cfg: None)
+    monkeypatch.setattr(checks, 'check_config', lambda cfg: None)
     cfg = demo.get_config('smoke')
     cfg.update_from_flattened_dict({key: 'bf16'})
     with pytest.raises(ValueError, match=f'config.{key}=bf16: this npu has no bf16'):

@@ -1,7 +1,7 @@
 """Starting from weights, the start summary, the config listing."""
+import lifecycle
 import torch
 
-import runtime
 import train
 import trainstep
 import weights
@@ -34,7 +34,7 @@ def test_init_from_starts_with_the_files_weights_and_fresh_heads(tmp_path, demo_
     train.train(smoke(demo_dir, max_iter=1, init_from=source, **{'data.val_meta': ''}), tmp_path / 'b')
     out = capsys.readouterr().out
     assert f'initialised from {source}' in out and 'global batch 8 = 1 processes x 1 micro-batches x 8' in out
-    assert runtime.safe_load(tmp_path / 'b' / 'checkpoints' / 'last.pt')['config']['init_from'] == str(source)
+    assert lifecycle.safe_load(tmp_path / 'b' / 'checkpoints' / 'last.pt')['config']['init_from'] == str(source)
     assert (tmp_path / 'b' / 'config.json').is_file()
 
 

@@ -1,0 +1,307 @@
+"""The run's lifecycle, around the training loop: checkpoint files, resume and save, one run per
+workdir, stop signals, loader workers' signals and the launcher's death.
+
+`train.py` drives these; `weights.py` reads and writes checkpoint files with them and `data.py`'s
+loader starts its workers with `loader_worker_init`.
+"""
+
+import contextlib
+import ctypes
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from absl import logging
+
+import images
+import losses
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files: tensors and plain types only, atomic writes, newest readable copy
+# ----------------------------------------------------------------------------------------------
+
+class UnsafeCheckpoint(RuntimeError):
+    pass
+
+
+def safe_load(path):
+    """torch.load with weights_only=True: a file that needs code execution to load is refused, one
+    that torch.load cannot read at all is not a checkpoint."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or ['']
+        said = next((line for line in lines if 'unsupported' in line.lower()), lines[0])[:200]
+        if 'unsupported global' in said.lower():   # the weights-only unpickler's word for code to run
+            raise UnsafeCheckpoint(f'{path}: refused, the file needs arbitrary code execution to load (only '
+                                   f'tensors and plain types are accepted): {said}') from None
+        raise RuntimeError(f'{path}: not a checkpoint (torch.load cannot read it: {type(e).__name__}: '
+                           f'{said})') from None
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, fsync, rename: a crash never leaves a partial `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+KEPT_COPY = re.compile(r'step_(\d+)\.pt')
+
+
+def _kept_copies(ckpt_dir):
+    """step_<N>.pt files, oldest first (other names, e.g. a user's step_best.pt, are not ours)."""
+    found = ((m, p) for p in Path(ckpt_dir).glob('step_*.pt') if (m := KEPT_COPY.fullmatch(p.name)))
+    return [p for _, p in sorted((int(m.group(1)), p) for m, p in found)]
+
+
+def load_checkpoint(path):
+    """safe_load of a file that must be one of our checkpoints (a dict with model and step)."""
+    state = safe_load(path)
+    if not isinstance(state, dict) or not {'model', 'step', 'config'} <= state.keys():
+        kind = type(state).__name__ if not isinstance(state, dict) else f'a dict with keys {sorted(state)[:6]}'
+        raise RuntimeError(f'{path}: not a training checkpoint (expected a dict with model, step and config; '
+                           f'found {kind})')
+    return state
+
+
+def find_checkpoint(ckpt_dir, warn=print):
+    """(path, state, unreadable) of last.pt, else of the newest readable kept copy; `unreadable`
+    lists the (path, error) of files that exist but could not be read (each warned about)."""
+    unreadable = []
+    for path in [Path(ckpt_dir) / 'last.pt', *reversed(_kept_copies(ckpt_dir))]:
+        if path.is_file():
+            try:
+                return path, load_checkpoint(path), unreadable
+            except Exception as e:  # noqa: BLE001 - try the next copy
+                warn(f'skipping unreadable checkpoint {path}: {e}')
+                unreadable.append((path, e))
+    return None, None, unreadable
+
+
+def prune_copies(ckpt_dir, keep):
+    """Delete all but the newest `keep` kept copies (keep 0: delete none)."""
+    if keep > 0:
+        for old in _kept_copies(ckpt_dir)[:-keep]:
+            old.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume and save: the checkpoint's config against this run's, the newest readable copy, writes
+# ----------------------------------------------------------------------------------------------
+
+def leaves(tree, prefix=''):
+    """{'a.b': value} of a nested dict (tuples as lists: a checkpoint's config compares equal)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(leaves(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def matches(key, patterns):
+    return any(key.startswith(p) if p.endswith('.') else key == p for p in patterns)
+
+
+def config_changes(saved, current, defining):
+    """(a line per changed key, the lines of those that match `defining`) between a checkpoint's
+    config and this run's. A key only one of them has (another version of the code) is a change
+    but never a defining one."""
+    old, new = leaves(saved), leaves(current)
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k, '<absent>') != new.get(k, '<absent>')]
+    lines = {k: f'  {k}: {old.get(k, "<absent>")!r} -> {new.get(k, "<absent>")!r}' for k in keys}
+    return list(lines.values()), [line for k, line in lines.items()
+                                  if matches(k, defining) and k in old and k in new]
+
+
+RUN_DEFINING = ('model.', 'loss.', 'optim.', 'seed', 'accum_steps', 'data.seed', 'data.batch_size', 'data.format',
+                'data.train_root', 'data.train_meta', 'data.shards', 'data.views', 'data.image_size',
+                'data.crop_scale', 'data.eda', 'data.eda_synonyms', 'data.mask', 'data.context_length',
+                'data.augmentation', 'data.shuffle_buffer')
+
+
+def check_resumed_config(saved, cfg, path, allow_change):
+    """Refuse (unless allowed) a resume whose config changes what the run computes: model,
+    losses, optimiser, batch size, data sources and order; warn for the rest (max_iter too:
+    extending a run is deliberate, though it reshapes the rest of the cosine schedule)."""
+    saved_data = saved.get('data', {})
+    if saved_data.get('augmentation') in images.RENAMED:   # a run from before the rename: the same views
+        saved = {**saved, 'data': {**saved_data, 'augmentation': images.RENAMED[saved_data['augmentation']]}}
+    lines, refused = config_changes(saved, cfg.to_dict(), RUN_DEFINING)
+    if refused and not allow_change:
+        raise ValueError(f'{path} belongs to a run with another config; resuming would change it:\n'
+                         + '\n'.join(refused) + '\nuse the same config, another --workdir, or --allow_config_change')
+    if lines:
+        logging.warning('resuming %s with a changed config:\n%s', path, '\n'.join(lines))
+
+
+def resume(state, cfg, ckpt_dir, world, *, start_over=False, allow_change=False):
+    """Continue from the newest readable checkpoint of the workdir, if there is one. Checkpoints
+    that exist but none of which can be read stop the run (unless `start_over`: they are then
+    renamed *.unreadable and the run starts from step 0)."""
+    path, saved, unreadable = find_checkpoint(ckpt_dir, warn=logging.warning)
+    rank = losses.world_info()[0]
+    if saved is None and unreadable and not start_over:
+        raise RuntimeError('no readable checkpoint in {}:\n{}\nrepair or move them, or pass --start_over to '
+                           'start from step 0'.format(ckpt_dir, '\n'.join(f'  {p}: {e}' for p, e in unreadable)))
+    if saved is None:
+        if unreadable and world > 1:
+            dist.barrier()  # every rank has looked before rank 0 renames
+        for bad, _ in unreadable if rank == 0 else ():
+            bad.rename(bad.with_name(bad.name + '.unreadable'))
+        return
+    check_resumed_config(saved['config'], cfg, path, allow_change)
+    state.load_state_dict(saved)
+    if rank == 0:
+        logging.info('resumed from %s at step %d', path, state.step)
+    if saved['world_size'] != world:
+        logging.warning('resuming a %d-process run with %d processes: data order and NN queues of '
+                        'ranks >= %d change', saved['world_size'], world, saved['world_size'])
+
+
+def save(state, cfg, ckpt_dir):
+    """last.pt (and every keep_every steps a kept copy), written by rank 0 for all ranks. Weights
+    that are not finite are never written (every rank holds the same parameters, so all agree)."""
+    if not torch.stack([p.isfinite().all() for p in state.model.parameters()]).all():
+        raise SystemExit(f'step {state.step}: the weights are not finite; no checkpoint written (the last good '
+                         f'one in {ckpt_dir} stays)')
+    saved = state.state_dict(cfg.to_dict())
+    if saved is None:
+        return
+    paths = [ckpt_dir / 'last.pt'] + [ckpt_dir / f'step_{state.step}.pt'] * (
+        state.step % cfg.keep_every == 0 or state.step == cfg.max_iter)
+    for path in paths:
+        save_checkpoint(path, saved)
+    prune_copies(ckpt_dir, cfg.keep_copies)
+    logging.info('step %d: wrote %s', state.step, ', '.join(p.name for p in paths))
+
+
+def stop_if_diverged(state, cfg, ckpt_dir):
+    """A clean stop after config.max_nonfinite consecutive skipped steps (checked at log steps)."""
+    run_len = int(state.nonfinite_run)
+    if run_len:
+        logging.warning('step %d: non-finite loss, step skipped (%d in a row)', state.step, run_len)
+    if run_len >= cfg.max_nonfinite:
+        raise SystemExit(f'stopping: {run_len} consecutive non-finite losses at step {state.step} (config.'
+                         f'max_nonfinite={cfg.max_nonfinite}); the last checkpoint in {ckpt_dir} is intact')
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per workdir, preemption, launcher death
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+    """An exclusive lock on `workdir` for the life of this process (flock: the kernel drops it
+    when the process dies, however it dies). A second run on the same workdir stops at once,
+    naming the holder. (flock is per host on some network file systems.)"""
+    import fcntl
+    path = Path(workdir) / 'run.lock'
+    f = open(path, 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise RuntimeError(f'{workdir} is in use by another run ({holder}); wait for it to end or use '
+                           f'another --workdir') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()
+
+
+class StopSignals:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) set `received`; the loop then finishes its step,
+    writes a checkpoint and exits non-zero. A second signal ends the process at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signal.Signals(signum).name
+        print(f'{self.received}: stopping after this step and writing a checkpoint (send it again to exit '
+              f'at once)', file=sys.stderr, flush=True)
+
+
+def loader_worker_init(worker_id):
+    """One thread per worker; SIGINT / SIGTERM from anyone else (Ctrl-C reaches the whole process
+    group, torchrun and schedulers signal every process) are the training process's to handle: it
+    finishes its step and saves, which a worker dying of them would fail. The training process's
+    own SIGTERM (the parent's, as torch's workers see it), which interpreter exit sends to the
+    workers of a loader still alive (after an error, say), ends the worker: the exit never waits
+    on it. Otherwise workers end with the loader."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # the watcher takes no other signal
+    threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask | {signal.SIGTERM})
+
+
+def _end_on_sigterm_from(pid):
+    """Wait for SIGTERMs (blocked in every thread, so they queue for this one) and end the
+    process at the first one sent by `pid`."""
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != pid:
+        pass
+    os._exit(0)
+
+
+def release_loader(batches):
+    """End a loader iterator's workers now: after an exception its traceback may hold the
+    iterator past the end of the run (torch's iterators have no public close)."""
+    getattr(batches, '_shutdown_workers', lambda: None)()
+
+
+def exit_with_parent():
+    """Under torchrun, end this worker when its launcher dies: a launcher killed with SIGKILL
+    cannot stop its workers, and they would otherwise run on as orphans. Linux: the kernel's
+    parent-death signal; elsewhere a thread that watches the parent pid."""
+    if 'TORCHELASTIC_RUN_ID' not in os.environ:
+        return
+    parent = os.getppid()
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), 'prctl')
+    except (OSError, AttributeError):
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the launcher died before the signal was asked for
+        os._exit(1)
