@@ -3,38 +3,47 @@
 PYTHON ?= python
 TORCH ?= torch==2.13.0
 
-.PHONY: install setup demo test bench-gpu
+.PHONY: install setup demo test bench-gpu bench-gpu-more
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH) -r requirements-test.txt
 
 setup: install
-	$(PYTHON) prepare.py setup
+	$(PYTHON) tools/prepare.py setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
 
-data/demo/train.jsonl: prepare.py
-	$(PYTHON) prepare.py make-demo --out data/demo
+data/demo/train.jsonl: tools/demo.py
+	$(PYTHON) tools/prepare.py make-demo --out data/demo
 
 demo: setup data/demo/train.jsonl
 	$(PYTHON) train.py --config configs/demo.py --workdir runs/demo
 	$(PYTHON) evaluate.py --ckpt runs/demo/checkpoints/last.pt --prompts prompt6
 	@echo "TensorBoard: tensorboard --logdir runs"
 
-# One accelerator: every GPU figure of BENCHMARKS.md, most wanted first (needs data/ from
-# `python prepare.py setup`). JSON and logs go to $(OUT); the largest-batch searches stop at the
-# first batch that fails. About 10 minutes on an H200.
+# One accelerator, at most 8 minutes: the figures that decide the open speed questions, most wanted
+# first, each under its own time limit (a command past it is cut and the next one runs). Needs data/
+# from `python tools/prepare.py setup`. JSON goes to $(OUT). `make bench-gpu-more` runs the rest
+# of BENCHMARKS.md's GPU figures (parts, precision, loaders, larger batches; about 10 more minutes).
 OUT ?= bench_out/gpu
 IMAGES ?= ../shared/bench_images
-BENCH = $(PYTHON) bench.py
+BENCH = $(PYTHON) tools/bench.py
+STEP = $(BENCH) step --batch=256 --warmup=3 --steps=12
+LIMIT = timeout --kill-after=10
 bench-gpu:
 	mkdir -p $(OUT)
-	test -f data/demo/train.jsonl || $(PYTHON) prepare.py make-demo --out data/demo
-	$(BENCH) step --config=configs/vitb32.py --batch=256 --out=$(OUT)/step_vitb32_256_eager.json
+	-$(LIMIT) 110 $(STEP) --config=configs/vitb32.py --compile --out=$(OUT)/step_vitb32_256.json
+	-$(LIMIT) 150 $(STEP) --config=configs/r50.py --compile --out=$(OUT)/step_r50_256.json
+	-$(LIMIT) 100 $(STEP) --config=configs/vitb32.py --compile --set="compile='towers'" \
+		--out=$(OUT)/step_vitb32_256_towers.json
+	-$(LIMIT) 50 $(STEP) --config=configs/vitb32.py --out=$(OUT)/step_vitb32_256_eager.json
+	-$(LIMIT) 60 $(BENCH) memory --config=configs/vitb32.py --batch=256 --accum=4 --out=$(OUT)/memory_vitb32.json
+
+bench-gpu-more:
+	mkdir -p $(OUT)
+	test -f data/demo/train.jsonl || $(PYTHON) tools/prepare.py make-demo --out data/demo
 	$(BENCH) step --config=configs/r50.py --batch=256 --out=$(OUT)/step_r50_256_eager.json
-	$(BENCH) step --config=configs/vitb32.py --batch=256 --compile --out=$(OUT)/step_vitb32_256.json
-	$(BENCH) step --config=configs/r50.py --batch=256 --compile --out=$(OUT)/step_r50_256.json
 	$(PYTHON) train.py --config configs/vitb32.py:gpu_smoke --workdir $(OUT)/gpu_smoke
 	$(BENCH) parts --config=configs/vitb32.py --batch=256 --out=$(OUT)/parts_vitb32.json
 	$(BENCH) parts --config=configs/r50.py --batch=256 --out=$(OUT)/parts_r50.json
@@ -44,7 +53,6 @@ bench-gpu:
 		--out=$(OUT)/e2e_device.json
 	$(BENCH) step --config=configs/vitb32.py --batch=256 --compile --decode=device --images=$(IMAGES) \
 		--out=$(OUT)/step_vitb32_256_nvjpeg.json
-	$(BENCH) memory --config=configs/vitb32.py --batch=256 --accum=4 --out=$(OUT)/memory_vitb32.json
 	for b in 512 768 1024; do $(BENCH) step --config=configs/vitb32.py --batch=$$b --compile \
 		--out=$(OUT)/step_vitb32_$$b.json || break; done
 	for b in 384 512; do $(BENCH) step --config=configs/r50.py --batch=$$b --compile \

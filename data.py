@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import images
+import jpeg
 import runtime
 import text
 from images import BadSample
@@ -114,7 +115,7 @@ def confined_path(root, filename):
     the root: a filename with a `..` part (even one that would come back). A leading '/' is
     stripped, the reference's rule, so absolute names stay inside too. Symlinks inside the root
     are its owner's and are followed (a root that is a symlink, or a folder of links to images
-    elsewhere, as bench.py builds, keeps working); what they point at must still be a regular file
+    elsewhere, as tools/bench.py builds, keeps working); what they point at must still be a regular file
     of bounded size (images.read_file). An empty root confines nothing: filenames are then paths
     as given."""
     if root and '..' in filename.split('/'):
@@ -267,7 +268,7 @@ class SampleBuilder:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.flip = images.host_flip(cfg.augmentation)
+        self.flip = images.moco_views(cfg.augmentation)
         self.tokenizer = get_tokenizer(cfg.bpe_path)
         self.eda = text.EDA(cfg.synonyms_path, use_synonyms=cfg.eda_synonyms) if cfg.eda else None
         self.monitor = FailureMonitor(cfg.bad_window, cfg.max_bad_rate)
@@ -277,8 +278,8 @@ class SampleBuilder:
         raw = images.read_bytes(image, max_bytes=self.cfg.max_file_bytes)
         img = images.open_image(raw, self.cfg.max_pixels)
         crops = dict(views=self.cfg.views, scale=tuple(self.cfg.crop_scale), flip=self.flip)
-        if self.cfg.decode == 'device' and images.device_decodable(raw, img):
-            out = images.jpeg_sample(raw, img.width, img.height, rng, **crops)
+        if self.cfg.decode == 'device' and jpeg.device_decodable(raw, img):
+            out = jpeg.jpeg_sample(raw, img.width, img.height, rng, **crops)
         else:
             out = {'images': images.train_views(img, size=self.cfg.image_size, rng=rng, **crops)}
         length = self.cfg.context_length
@@ -487,7 +488,7 @@ class Collate:
         out = {'bad': torch.stack([s['bad'] for s in samples]).sum(0)}
         host = [s['images'] for s in samples if 'images' in s]
         if len(host) < len(samples):  # data.decode='device': JPEG bytes and boxes, plus host views
-            out.update(images.collate_jpeg(samples))
+            out.update(jpeg.collate_jpeg(samples))
         if host:
             out['images'] = torch.stack(host)
         if 'text_eda' in samples[0]:
@@ -543,8 +544,8 @@ def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=Fal
 
 
 if __name__ == '__main__':
-    raise SystemExit('`python data.py setup` / `make-demo` moved: run `python prepare.py setup` or '
-                     '`python prepare.py make-demo`')
+    raise SystemExit('`python data.py setup` / `make-demo` moved: run `python tools/prepare.py setup` or '
+                     '`python tools/prepare.py make-demo`')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,8 +587,8 @@ def check_config(cfg):
     if cfg.val_meta:
         _need('val_meta', cfg.val_meta)
         _need('val_root', cfg.val_root, 'folder')
-    images.host_flip(cfg.augmentation)
+    cfg.augmentation = images.augmentation_name(cfg.augmentation)
     if cfg.decode not in ('host', 'device'):
         raise ValueError(f'config.data.decode: "host" or "device", got {cfg.decode!r}')
     if cfg.decode == 'device':
-        images.nvjpeg_decoder('cpu')  # torchvision must be importable before any work starts
+        jpeg.nvjpeg_decoder('cpu')  # torchvision must be importable before any work starts

@@ -28,9 +28,10 @@ def model_config(vision, *, declip=True, **overrides):
     """A config's `model` block: the image tower `vision` (ViT_B32, R50 or a variant), CLIP's
     text tower (77 tokens, DeCLIP's 49,409 ids, width 512, 12 layers) and, with `declip`, the
     SimSiam heads (1024 / 512) and the MLM head; the ViT patch embedding frozen (reference quirk);
-    the ResNet's BatchNorm synchronised over the job (the reference's R50 config asks for it);
-    the Transformers' MLP activation `act`: 'quick_gelu' (OpenAI CLIP, DeCLIP) or 'gelu' (most
-    open_clip models trained by LAION)."""
+    the ResNet's BatchNorm synchronised over the job (the reference's DeCLIP-R50 config asks for it;
+    its CLIP-R50 config does not, and configs/clip_r50.py turns it off); the Transformers' MLP
+    activation `act`: 'quick_gelu' (OpenAI CLIP, DeCLIP) or 'gelu' (most open_clip models trained by
+    LAION)."""
     fields = dict(vision, freeze_conv1=True, concat_views=False, sync_bn=vision['vision'] == 'resnet',
                   grad_checkpointing=False, act='quick_gelu',
                   context_length=text.CONTEXT_LENGTH,

@@ -20,11 +20,11 @@ from absl import app, flags
 import data
 import images
 import runtime
+import text
 import weights
 
 FLAGS = flags.FLAGS
 ROOT = Path(__file__).resolve().parent
-PROMPTS = ROOT / 'assets' / 'prompts'
 IMAGENET_CLASSNAMES = ROOT / 'assets' / 'imagenet_classnames.txt'
 
 
@@ -32,23 +32,11 @@ IMAGENET_CLASSNAMES = ROOT / 'assets' / 'imagenet_classnames.txt'
 # Prompt ensembles and metrics
 # ----------------------------------------------------------------------------------------------
 
-def load_prompts(name):
-    """Templates of a prompt set: prompt1/6/8/80 (shipped), 'cc' (bare class name) or file:<path>."""
-    if name == 'cc':
-        return ['{0}']
-    path = Path(name[5:]) if name.startswith('file:') else PROMPTS / f'{name}.txt'
-    if not path.is_file():
-        raise FileNotFoundError(f'prompt set {name!r} not found at {path} (known: prompt1, prompt6, '
-                                f'prompt8, prompt80, cc, file:<path>)')
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
 @torch.no_grad()
 def zero_shot_classifier(model, class_names, templates, *, tokenizer, context_length, device, batch=1024):
     """[C, D] class embeddings: normalise(mean(normalise(embedding of each prompt)))."""
     rows = []
-    for name in class_names:
-        texts = [t.replace('{0}', name) for t in templates]
+    for texts in text.class_prompts(class_names, templates):
         emb = torch.cat([model.encode_text(tokenizer(texts[i:i + batch], context_length).to(device)).float()
                          for i in range(0, len(texts), batch)])
         rows.append(F.normalize(F.normalize(emb, dim=-1).mean(dim=0), dim=0))
@@ -95,7 +83,8 @@ def zero_shot_eval(model, loader, classifier, *, label_ids, device, mean, std, a
         if not len(labels):
             continue
         with autocast:
-            feats = model.encode_image(images.normalize_images(pixels.to(device, non_blocking=True), mean, std))
+            pixels = images.to_device(pixels, torch.device(device))
+            feats = model.encode_image(images.normalize_images(pixels, mean, std))
         logits = F.normalize(feats.float(), dim=-1) @ classifier.T
         labels = labels.to(device)
         top5 = label_ids[logits.topk(min(5, logits.shape[1]), dim=1).indices]
@@ -253,8 +242,8 @@ class EvalDataset(torch.utils.data.Dataset):
 # Evaluation of a model, and the CLI
 # ----------------------------------------------------------------------------------------------
 
-def _loader(ds, batch, workers):
-    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, pin_memory=False)
+def _loader(ds, batch, workers, pin=False):
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, pin_memory=pin)
 
 
 def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, workers, device,
@@ -273,20 +262,20 @@ def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, wo
     ds = EvalDataset(val_root, val_meta, rank=rank, world=world, image_size=model.cfg.image_size,
                      max_file_bytes=max_file_bytes, sample_timeout_s=sample_timeout_s)
     mean, std = getattr(model, 'mean', images.IMAGENET_MEAN), getattr(model, 'std', images.IMAGENET_STD)
-    ctx = model.cfg.context_length
+    ctx, loader = model.cfg.context_length, _loader(ds, batch, workers, pin=torch.device(device).type != 'cpu')
     if task == 'zeroshot':
         if class_names:  # a full list in label order, e.g. the 1,000 ImageNet names
             label_ids, names = list(range(len(class_names))), class_names
         else:            # the classes of the evaluation file, sorted by label (as the reference)
             label_ids, names = map(list, zip(*ds.classes()))
         ds.check_labels(label_ids)
-        classifier = zero_shot_classifier(model, names, load_prompts(prompts), tokenizer=tokenizer,
+        classifier = zero_shot_classifier(model, names, text.load_prompts(prompts), tokenizer=tokenizer,
                                           context_length=ctx, device=device)
-        metrics = zero_shot_eval(model, _loader(ds, batch, workers), classifier, label_ids=label_ids,
-                                 device=device, mean=mean, std=std, autocast=autocast)
+        metrics = zero_shot_eval(model, loader, classifier, label_ids=label_ids, device=device, mean=mean, std=std,
+                                 autocast=autocast)
     else:
-        metrics = retrieval(model, _loader(ds, batch, workers), ds.captions(), tokenizer=tokenizer,
-                            device=device, mean=mean, std=std, autocast=autocast)
+        metrics = retrieval(model, loader, ds.captions(), tokenizer=tokenizer, device=device, mean=mean, std=std,
+                            autocast=autocast)
     if rank == 0 and metrics['skipped']:
         print(f'warning: {sum(metrics["skipped"].values())} evaluation images skipped {metrics["skipped"]}; '
               f'the metrics are over the images scored', flush=True)
@@ -313,15 +302,28 @@ def retrieval(model, loader, captions, *, tokenizer, device, mean, std, autocast
             'pairs_skipped': sum(by_kind.values()), 'skipped': by_kind}
 
 
-def report(metrics, ckpt, task):
-    """Print the metrics and write them as JSON (--out, else beside the checkpoint)."""
+def result_path(out, ckpt, task):
+    """Where the JSON goes (`out`, else beside the checkpoint), checked before any work: its folder
+    must exist and be writable, so that a finished evaluation is never lost to a typo."""
+    path = Path(out or (str(Path(ckpt).with_suffix('')) + f'.{task}.json'))
+    if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        flag = f'--out {out!r}' if out else f'the checkpoint folder {str(path.parent)!r} (set --out)'
+        raise SystemExit(f'{flag}: {path} cannot be written (its folder must exist and be writable, '
+                         f'and it must not be a folder)')
+    return path
+
+
+def report(metrics, out, task):
+    """Print the metrics and write them as JSON to `out`; a failed write says so, the metrics printed."""
     width = max(len(k) for k in metrics)
     print('\n'.join(f'{k:<{width}}  {v:.2f}' if isinstance(v, float) else f'{k:<{width}}  {v}'
                     for k, v in metrics.items()))
     scored, skipped = ('images', 'images_skipped') if task == 'zeroshot' else ('pairs', 'pairs_skipped')
     print(f'(over the {metrics[scored]} {scored} scored; {metrics[skipped]} skipped, by kind: {metrics["skipped"]})')
-    out = Path(FLAGS.out or (str(Path(ckpt).with_suffix('')) + f'.{task}.json'))
-    out.write_text(json.dumps(metrics, indent=2))
+    try:
+        out.write_text(json.dumps(metrics, indent=2))
+    except OSError as e:
+        raise SystemExit(f'could not write {out} ({e}); the metrics are printed above') from None
     print(f'wrote {out}')
 
 
@@ -331,7 +333,9 @@ def main(argv):
     if FLAGS.export:
         print('wrote', *weights.export_open_clip(weights.load_model(ckpt, act=FLAGS.act or None)[0], FLAGS.export))
         return
+    out = result_path(FLAGS.out, ckpt, FLAGS.task)
     device, device_type = runtime.setup_device(runtime.dist_env()[2])
+    runtime.check_precisions(device_type, {'--precision': FLAGS.precision})
     with runtime.processes(device_type, FLAGS.timeout_s) as (rank, world):
         model, _ = weights.load_model(ckpt, act=FLAGS.act or None)
         run_config = model.run_config
@@ -344,7 +348,7 @@ def main(argv):
         try:
             check_eval_set(val_root, val_meta)
             if FLAGS.task == 'zeroshot':
-                load_prompts(prompts)
+                text.load_prompts(prompts)
         except (ValueError, OSError) as e:
             raise SystemExit(f'--val_root {val_root!r} / --val_meta {val_meta!r} / --prompts {prompts!r} '
                              f'(unset flags: the checkpoint\'s config): {e}') from None
@@ -359,7 +363,7 @@ def main(argv):
                            sample_timeout_s=run_data.get('sample_timeout_s', data.SAMPLE_TIMEOUT_S))
         if rank == 0:
             report({'checkpoint': str(ckpt), 'kind': model.kind, 'task': FLAGS.task,
-                    'prompts': prompts if FLAGS.task == 'zeroshot' else None, **metrics}, ckpt, FLAGS.task)
+                    'prompts': prompts if FLAGS.task == 'zeroshot' else None, **metrics}, out, FLAGS.task)
 
 
 def define_flags():

@@ -1,5 +1,5 @@
 """Images: host decode and RandomResizedCrop/flip/resize to uint8 (loader workers), batched
-device-side colour jitter / grayscale / blur / normalisation, optional device JPEG decode."""
+device-side colour jitter / grayscale / blur / normalisation (device JPEG decode: jpeg.py)."""
 import contextlib
 import functools
 import io
@@ -185,16 +185,28 @@ def _to_chw(img):
     return _pixels(img)[0].contiguous()
 
 
-# data.augmentation -> whether the host crops flip (p 0.5): MoCo v2 views (DeCLIP) do; the CLIP
-# baseline's STANDARD_CLIP is RandomResizedCrop only (and its device side only normalises)
-AUGMENTATIONS = {'moco_v2': True, 'standard_clip': False}
+# data.augmentation -> whether its views are MoCo v2's: host crops flip (p 0.5) and the device runs
+# colour jitter, grayscale and blur (DeCLIP). The CLIP baseline's is the reference's STANDARD_SLIP
+# (its CLIP configs' transform): RandomResizedCrop(scale 0.5-1) only; the device only normalises.
+AUGMENTATIONS = {'moco_v2': True, 'standard_slip': False}
+# former names: the reference's STANDARD_CLIP is another transform (RandomCropMinSize)
+RENAMED = {'standard_clip': 'standard_slip'}
 
 
-def host_flip(augmentation):
-    """Whether the host crops of data.augmentation `augmentation` flip; an unknown name is an error."""
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f'config.data.augmentation: one of {", ".join(AUGMENTATIONS)}, got {augmentation!r}')
-    return AUGMENTATIONS[augmentation]
+def augmentation_name(name):
+    """data.augmentation's current name: a former one is accepted with a warning; an unknown one is an error."""
+    if name in RENAMED:
+        warnings.warn(f'config.data.augmentation={name!r} is now called {RENAMED[name]!r} '
+                      f'(the reference\'s STANDARD_SLIP; its STANDARD_CLIP is another transform)', stacklevel=2)
+        name = RENAMED[name]
+    if name not in AUGMENTATIONS:
+        raise ValueError(f'config.data.augmentation: one of {", ".join(AUGMENTATIONS)}, got {name!r}')
+    return name
+
+
+def moco_views(augmentation):
+    """Whether data.augmentation `augmentation` makes MoCo v2 views (host flip, device colour ops)."""
+    return AUGMENTATIONS[augmentation_name(augmentation)]
 
 
 def view_boxes(width, height, rng, *, views=2, scale=(0.2, 1.0), flip=True):
@@ -309,29 +321,37 @@ def adjust_saturation(x, factor):
 def adjust_hue(x, shift):
     """Rotate hue by `shift` (fraction of the circle) as PIL does it for torchvision's adjust_hue:
     RGB -> 8-bit HSV (H and S truncated, a 255-step hue circle), H += trunc(255*shift) with uint8
-    wrap-around, HSV -> RGB with rounding. float32 throughout (Ascend kernels reject float64):
-    within 1/255 of Pillow, equal on almost every pixel."""
+    wrap-around, HSV -> RGB with rounding. float32 and bool operations only (Ascend runs int64
+    arithmetic on its AI CPU, and has no float64); equal to Pillow on every 8-bit colour."""
     q = torch.round(x.float() * 255)
-    maxc, _ = q.max(dim=1)
-    minc, _ = q.min(dim=1)
-    delta = maxc - minc
-    d = delta.clamp_min(1)
-    r, g, b = q.unbind(1)
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d            # float32, as Pillow
-    # Pillow forms 2 + rc - bc (or 4 + gc - rc) in double and stores it as float: exact in int64
-    # at 2^40 scale, then one correctly rounded conversion
-    rc_i, gc_i, bc_i = (_fixed(v) for v in (rc, gc, bc))
-    other = torch.where(g == maxc, (2 << 40) + rc_i - bc_i, (4 << 40) + gc_i - rc_i)
-    h = torch.where(r == maxc, bc - gc, other.float() * 2.0 ** -40)
-    gray = delta == 0
-    hq = torch.where(gray, 0.0, _trunc255(_hue_fraction(h)))
-    sq = torch.where(gray, 0.0, _trunc255(delta / maxc.clamp_min(1)))
+    hq, sq, v = _hsv8(q)
     step = torch.trunc(_per_sample(shift, q)[:, 0] * 255)
-    hq = torch.remainder(hq + step, 256)
+    return (_rgb8(torch.remainder(hq + step, 256), sq, v) / 255).to(x.dtype)
+
+
+def _hsv8(q):
+    """Pillow's 8-bit (H, S, V) of integer-valued float RGB [N, 3, H, W] (rgb2hsv_row). Pillow's
+    hue is bc - gc, 2 + rc - bc or 4 + gc - rc (rc = (max - r) / delta in float32; the 2 + ... in
+    double, stored as float); the minimum channel's ratio is 1, so each case is one float32
+    operation on the middle channel's ratio c, rounded once as Pillow rounds it. Then
+    fmod(h / 6 + 1, 1) and truncation of x * 255: exact in float32 here (the tests check every
+    colour class against Pillow). A gray pixel gets S = 0, which makes its H irrelevant."""
+    maxc, minc = q.amax(dim=1), q.amin(dim=1)
+    delta = maxc - minc
+    r, g, b = q.unbind(1)
+    c = (maxc - (r + g + b - maxc - minc)) / delta.clamp_min(1)
+    h = torch.where(r == maxc, torch.where(g < b, c - 1, 1 - c),
+                    torch.where(g == maxc, torch.where(r == minc, 3 - c, 1 + c),
+                                torch.where(g == minc, 5 - c, 3 + c)))
+    hue = h / 6 + (h < 0).float()
+    return torch.floor(hue * 255), torch.floor(delta / maxc.clamp_min(1) * 255), maxc
+
+
+def _rgb8(hq, sq, v):
+    """Pillow's hsv2rgb of 8-bit (H, S, V) as integer-valued float RGB [N, 3, H, W]."""
     i = torch.floor(hq * 6.0 / 255.0)
     f = hq * 6.0 / 255.0 - i
     fs = sq / 255.0
-    v = maxc
     p = torch.floor(v * (1.0 - fs) + 0.5)
     qq = torch.floor(v * (1.0 - fs * f) + 0.5)
     t = torch.floor(v * (1.0 - fs * (1.0 - f)) + 0.5)
@@ -340,29 +360,7 @@ def adjust_hue(x, shift):
     red = torch.where((i == 0) | (i == 5), v, torch.where(i == 1, qq, torch.where(i == 4, t, p)))
     green = torch.where((i == 1) | (i == 2), v, torch.where(i == 0, t, torch.where(i == 3, qq, p)))
     blue = torch.where((i == 3) | (i == 4), v, torch.where(i == 2, t, torch.where(i == 5, qq, p)))
-    out = torch.where((sq == 0).unsqueeze(1), v.unsqueeze(1), torch.stack([red, green, blue], dim=1))
-    return (out / 255).to(x.dtype)
-
-
-def _fixed(x, bits=40):
-    """float32 values in [-8, 8] with no bits below 2^-bits as exact int64 multiples of 2^-bits."""
-    return (x * 2.0 ** bits).long()
-
-
-def _trunc255(x):
-    """int(x * 255.0) of float32 x in [0, 1] as Pillow computes it (in double): exact, in int64."""
-    return ((_fixed(x) * 255) >> 40).float()
-
-
-def _hue_fraction(h):
-    """float(fmod(h / 6.0 + 1.0, 1.0)) of float32 h in [-1, 5] as Pillow computes it (double,
-    stored as float), without float64: h / 6 is correctly rounded in float32 for h >= 0; for
-    h < 0, 1 + h / 6 in (5/6, 1) is rounded to the 2^-24 grid in int64 (half to even)."""
-    num = (6 << 32) + _fixed(h, 32)
-    den = 6 << 32
-    q, rem = torch.div(num << 24, den, rounding_mode='floor'), (num << 24) % den
-    q = q + ((2 * rem > den) | ((2 * rem == den) & (q % 2 == 1))).long()
-    return torch.where(h >= 0, h / 6.0, q.float() * 2.0 ** -24)
+    return torch.where((sq == 0).unsqueeze(1), v.unsqueeze(1), torch.stack([red, green, blue], dim=1))
 
 
 def to_grayscale(x, _param=None):
@@ -404,6 +402,15 @@ def gaussian_blur(x, sigma, max_sigma=2.0):
     return y.view(n, c, h, w)
 
 
+def to_device(t, device):
+    """An asynchronous host-to-device copy: from pinned memory (pinned here when the tensor is not,
+    e.g. one built in the step), since a non_blocking copy of unpageable memory waits for the
+    device on NPU."""
+    if device.type != 'cpu' and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _plan_on_device(plan, device):
     """[(op, host mask, host per-sample parameter)] -> [(op, count, indices, parameters)] with
     the indices of the flagged samples and their parameters on `device`: one host-to-device
@@ -411,9 +418,7 @@ def _plan_on_device(plan, device):
     index = [mask.nonzero().squeeze(1) for _, mask, _ in plan]
     flat_index = torch.cat(index)
     flat_param = torch.cat([param[i].float() for (_, _, param), i in zip(plan, index)])
-    if device.type != 'cpu':
-        flat_index = flat_index.pin_memory().to(device, non_blocking=True)
-        flat_param = flat_param.pin_memory().to(device, non_blocking=True)
+    flat_index, flat_param = to_device(flat_index, device), to_device(flat_param, device)
     counts = [len(i) for i in index]
     return [(op, n, i, f) for (op, _, _), n, i, f in zip(plan, counts, flat_index.split(counts), flat_param.split(counts))]
 
@@ -423,9 +428,7 @@ def _whole_batch(plan, device):
     result where the sample's flag is set (torch.where), so no shape depends on the draw."""
     masks = torch.stack([mask for _, mask, _ in plan])
     params = torch.stack([param.float() for _, _, param in plan])
-    if device.type != 'cpu':
-        masks = masks.pin_memory().to(device, non_blocking=True)
-        params = params.pin_memory().to(device, non_blocking=True)
+    masks, params = to_device(masks, device), to_device(params, device)
     return [(op, m, f) for (op, _, _), m, f in zip(plan, masks, params)]
 
 
@@ -487,90 +490,4 @@ def denormalize_images(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The inverse of normalize_images, clamped to [0, 1] (for looking at views)."""
     mean, std = _stats(x, mean, std)
     return (x * std + mean).clamp(0, 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Images, optional device JPEG decode (data.decode='device'): workers send bytes and crop boxes
-# ----------------------------------------------------------------------------------------------
-
-def device_decodable(raw, img):
-    """YCbCr or grayscale JPEGs that end with their end-of-image marker go to the device; others
-    (CMYK, truncated files, trailing bytes, other formats) are decoded here, where a bad file
-    becomes a bad sample that is replaced like any other."""
-    return img.format == 'JPEG' and img.mode in ('RGB', 'L') and raw[-2:] == b'\xff\xd9'
-
-
-def jpeg_sample(raw, width, height, rng, *, views=2, scale=(0.2, 1.0), flip=True):
-    """A JPEG's bytes with the crop boxes (x0, y0, x1, y1) and flips its views will get on the
-    device; the random draws are the host path's (train_views), so both modes crop alike."""
-    boxes, flips = view_boxes(width, height, rng, views=views, scale=scale, flip=flip)
-    return {'jpeg': torch.frombuffer(bytearray(raw), dtype=torch.uint8),
-            'boxes': torch.tensor([(x, y, x + w, y + h) for x, y, w, h in boxes]),
-            'flips': torch.tensor(flips)}
-
-
-def collate_jpeg(samples):
-    """The device-decode part of a batch: all JPEG bytes in one tensor with per-sample sizes
-    (0 for samples decoded on the host), boxes, flips and the indices of host-decoded samples."""
-    views = next(s['boxes'].shape[0] for s in samples if 'jpeg' in s)
-    return {'jpeg': torch.cat([s['jpeg'] for s in samples if 'jpeg' in s]),
-            'jpeg_sizes': torch.tensor([s['jpeg'].numel() if 'jpeg' in s else 0 for s in samples]),
-            'boxes': torch.stack([s.get('boxes', torch.zeros(views, 4, dtype=torch.long)) for s in samples]),
-            'flips': torch.stack([s.get('flips', torch.zeros(views, dtype=torch.bool)) for s in samples]),
-            'host': torch.tensor([i for i, s in enumerate(samples) if 'jpeg' not in s], dtype=torch.long)}
-
-
-def nvjpeg_decoder(device):
-    """torchvision's batched decode_jpeg on `device` (nvjpeg on CUDA); imported only when used."""
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError as e:
-        raise RuntimeError("data.decode='device' needs torchvision (with its image extension)") from e
-    return lambda blobs: decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
-
-
-def _pillow_decode(blob, device):
-    """The host fallback for one JPEG the device decoder refused: uint8 [3, H, W] or None."""
-    try:
-        img = to_rgb(open_image(bytes(blob.numpy()), 1 << 62))
-    except BadSample:
-        return None
-    return _pixels(img)[0].to(device)
-
-
-def decode_views(batch, *, size, device, decode=None):
-    """(uint8 views [B, V, 3, size, size] on `device`, number of undecodable images) of a
-    device-decode batch. JPEGs are decoded in one call of `decode` (default nvjpeg_decoder); when
-    it fails, each image is retried alone and then with Pillow. Views are resize_crop's of the
-    sent boxes; host-decoded samples are copied in; an image nothing decodes takes the views of
-    the batch's first good sample (and is counted, like any bad sample)."""
-    decode = decode or nvjpeg_decoder(device)
-    boxes, flips, sizes = batch['boxes'].tolist(), batch['flips'].tolist(), batch['jpeg_sizes'].tolist()
-    out = torch.empty(len(sizes), len(boxes[0]), 3, size, size, dtype=torch.uint8, device=device)
-    if 'images' in batch:
-        out[batch['host'].to(device)] = batch['images'].to(device, non_blocking=True)
-    index = [i for i, n in enumerate(sizes) if n]
-    blobs = list(torch.split(batch['jpeg'], [sizes[i] for i in index]))
-    try:
-        images = decode(blobs)
-    except RuntimeError:
-        images = []
-        for blob in blobs:
-            try:
-                images.append(decode([blob])[0])
-            except RuntimeError:
-                images.append(_pillow_decode(blob, device))
-    failed = []
-    for i, img in zip(index, images):
-        if img is None:
-            failed.append(i)
-            continue
-        for v, (box, flip) in enumerate(zip(boxes[i], flips[i])):
-            out[i, v] = resize_crop(img[None], box, size, flip)
-    if failed:
-        good = next((i for i in range(len(sizes)) if i not in failed), None)
-        if good is None:
-            raise RuntimeError(f'no image of a {len(sizes)}-sample batch could be decoded')
-        out[failed] = out[good].clone()
-    return out, len(failed)
 

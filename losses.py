@@ -20,8 +20,7 @@ def gather_with_grad(x):
     """All-gather along dim 0; the backward sums the incoming gradients over ranks."""
     if world_info()[1] == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather_no_grad(x):
@@ -32,6 +31,24 @@ def gather_no_grad(x):
     out = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """gather_no_grad whose backward is an all-reduce (sum) of the gathered gradient and this
+    rank's rows of it. torch.distributed.nn's all_gather sends gradients back with all_to_all
+    off NCCL: hcclAlltoAllV on Ascend, which the 910 runs only on whole 4-card clusters."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, n = world_info()[0], x.shape[0]
+        ctx.rows = slice(rank * n, (rank + 1) * n)
+        return gather_no_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total[ctx.rows]
 
 
 def upcast(x):
@@ -86,13 +103,19 @@ def nn_queue_push(*, queue, ptr, feats, skip=None):
     given queue is not changed). The reference's overflow rule: when the write reaches or passes
     the end, fill to the end, drop the rest and restart at 0. Where `skip` (a 0-dim device
     tensor) is non-zero the rows keep their values, so a skipped step changes no row without a
-    host sync; the pointer, a Python int that depends only on batch sizes, advances either way."""
+    host sync; the pointer, a Python int that depends only on batch sizes, advances either way.
+    Every shape depends only on the sizes, never on `ptr` (static shapes for Ascend's operator
+    compile): one index_copy of n rows at ptr, ptr + 1, ... wrapped round to the start, where the
+    dropped and skipped rows write back the rows they land on."""
     size, n = queue.shape[0], feats.shape[0]
-    end = min(ptr + n, size)
-    rows = feats[:end - ptr].to(queue.dtype)
+    rows = feats[:size].to(queue.dtype)              # beyond one whole queue, rows are always dropped
+    at = torch.arange(rows.shape[0], device=queue.device) + ptr
+    keep = at >= size
+    index = torch.where(keep, at - size, at)
     if skip is not None:
-        rows = torch.where(skip > 0, queue[ptr:end], rows)
-    return torch.cat([queue[:ptr], rows, queue[end:]]), (0 if ptr + n >= size else ptr + n)
+        keep = keep | (skip > 0)
+    rows = torch.where(keep.unsqueeze(1), queue.index_select(0, index), rows)
+    return queue.index_copy(0, index, rows), (0 if ptr + n >= size else ptr + n)
 
 
 def nn_clip_loss(*, images, neighbours, logit_scale, labels):
@@ -124,6 +147,13 @@ def nn_neighbours(keys, queue, dtype):
     return normalize_text(upcast(nn_lookup(queries=keys, queue=queue).to(dtype)))
 
 
+def unit_features(features):
+    """(image views, caption views: the masked caption [, the EDA caption]) of a model output,
+    unit-norm in at least fp32."""
+    texts = [features['text']] + ([features['text_eda']] if 'text_eda' in features else [])
+    return [normalize_image(upcast(f)) for f in features['image']], [normalize_text(upcast(t)) for t in texts]
+
+
 def contrastive_terms(*, images, texts, all_images, all_texts, neighbours, logit_scale, labels, weights):
     """{'clip': MVS-CLIP, 'nn': NN loss} of one device's rows against every device's columns
     (normalised features; `neighbours` None without the NN term, else one set per caption view)."""
@@ -148,8 +178,15 @@ def device_terms(features, *, mlm_targets, weights):
     return terms
 
 
+def weighted_total(terms, weights):
+    """The objective from its terms: sum of weight x value over the terms present. The one place
+    terms are summed (declip_loss and the accumulation step both call it)."""
+    return sum(weights[name] * value for name, value in terms.items())
+
+
 def declip_loss(features, *, queue, mlm_targets=None, weights, rank=None, world_size=None):
-    """Weighted DeCLIP objective: w_clip*MVS-CLIP + w_ss*SimSiam + w_mlm*MLM + w_nn*NN.
+    """Weighted DeCLIP objective: w_clip*MVS-CLIP + w_ss*SimSiam + w_mlm*MLM + w_nn*NN, i.e.
+    weighted_total of contrastive_terms (against every device's features) and device_terms.
 
     `features` is the model's output dict; terms whose weight is 0 or whose features are absent are
     skipped (so the CLIP baseline is this function with one view, one caption and weights (1,0,0,0)).
@@ -161,10 +198,7 @@ def declip_loss(features, *, queue, mlm_targets=None, weights, rank=None, world_
     if rank is None or world_size is None:
         rank, world_size = world_info()
     s = upcast(features['logit_scale'])
-    images = [normalize_image(upcast(f)) for f in features['image']]
-    texts = [normalize_text(upcast(features['text']))]
-    if 'text_eda' in features:
-        texts.append(normalize_text(upcast(features['text_eda'])))
+    images, texts = unit_features(features)
     labels = contrastive_labels(texts[0].shape[0], rank, texts[0].device)
     all_images = [gather_with_grad(u) for u in images]
     all_texts = [gather_with_grad(t) for t in texts]
@@ -175,8 +209,7 @@ def declip_loss(features, *, queue, mlm_targets=None, weights, rank=None, world_
                               neighbours=neighbours, logit_scale=s, labels=labels, weights=weights)
     terms.update(device_terms(features, mlm_targets=mlm_targets, weights=weights))
     keys = keys[::-1]
-    total = sum(weights[name] * value for name, value in terms.items())
-    return total, {name: value.detach() for name, value in terms.items()}, keys
+    return weighted_total(terms, weights), {name: value.detach() for name, value in terms.items()}, keys
 
 
 def init_queue(size, dim, *, generator=None, device=None):

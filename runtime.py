@@ -1,6 +1,6 @@
 """Runtime: devices, process groups, precision, memory statistics and checkpoint files.
 
-`train.py`, `evaluate.py` and `bench.py` share these; nothing here knows about models or data.
+`train.py`, `evaluate.py` and `tools/bench.py` share these; nothing here knows about models or data.
 """
 import contextlib
 import datetime
@@ -85,54 +85,52 @@ def setup_device(local_rank, requested='auto'):
         raise RuntimeError(f'config.device={requested!r}, but this process sees {available!r} '
                            f'(set --config.device=auto or cpu)')
     torch.accelerator.set_device_index(local_rank)
+    if device_type == 'npu':
+        npu_settings()
     return torch.device(device_type, local_rank), device_type
+
+
+def npu_settings():
+    """torch_npu settings made before any model exists. Plain (ND) layouts: otherwise .to('npu')
+    stores BatchNorm parameters as NC1HWC0 and conv weights as FRACTAL_Z, which
+    GlobalBatchNorm2d's views and lerps and patch_embed's reshape of conv1.weight do not expect.
+    fp32 matmuls and convolutions without HF32 (on by default for the 910B's convolutions), so that
+    fp32, evaluation's default, means fp32."""
+    torch.npu.config.allow_internal_format = False
+    torch.npu.matmul.allow_hf32 = False
+    torch.npu.conv.allow_hf32 = False
 
 
 SETTINGS = ('auto', 'true', 'false')
 
 
-def _kernel_family(device_name):
-    """CANN's kernel folder name of an Ascend chip: Ascend910B3 -> ascend910b,
-    Ascend910_9391 -> ascend910_93, Ascend910A / Ascend910ProB -> ascend910."""
-    name = device_name.lower()
-    for family in ('ascend910_93', 'ascend910b'):
-        if name.startswith(family):
-            return family
-    return 'ascend910' if name.startswith('ascend910') else name
-
-
-def shape_modes(device_type, *, jit_compile='auto', static_shapes='auto', device_name='', kernel_dirs=()):
+def shape_modes(device_type, *, jit_compile='auto', static_shapes='auto', jit_default=True):
     """(jit_compile or None off NPU, static_shapes) for config.npu_jit_compile / static_shapes.
 
     Online operator compilation (jit) compiles each operator once per new input shape: shapes
     that change every step (colour-op sample counts, the number of masked tokens) then compile
-    every step. CANN's binary kernels handle any shape without compiling, so 'auto' turns jit off
-    where the kernels package of this chip is installed (`kernel_dirs`: the folders of
-    opp/built-in/op_impl/ai_core/tbe/kernel), and makes shapes static only where jit stays on
-    (the first-generation 910 without it). Off NPU, 'auto' means dynamic shapes."""
+    every step, so static shapes follow jit. 'auto' keeps torch_npu's own compile mode
+    (`jit_default`: its default for the chip and CANN release, read from torch_npu) rather than
+    guessing it. Off NPU, 'auto' means dynamic shapes."""
     for key, value in (('npu_jit_compile', jit_compile), ('static_shapes', static_shapes)):
         if str(value).lower() not in SETTINGS:
             raise ValueError(f'config.{key}: auto, true or false, got {value!r}')
     jit_compile, static_shapes = str(jit_compile).lower(), str(static_shapes).lower()
     if device_type != 'npu':
         return None, static_shapes == 'true'
-    jit = jit_compile == 'true' if jit_compile != 'auto' else _kernel_family(device_name) not in kernel_dirs
-    return jit, static_shapes == 'true' if static_shapes != 'auto' else jit
-
-
-def npu_kernel_dirs():
-    opp = os.environ.get('ASCEND_OPP_PATH', '')
-    kernels = Path(opp) / 'built-in' / 'op_impl' / 'ai_core' / 'tbe' / 'kernel'
-    return {p.name for p in kernels.iterdir() if p.is_dir()} if opp and kernels.is_dir() else set()
+    jit = jit_default if jit_compile == 'auto' else jit_compile == 'true'
+    return jit, jit if static_shapes == 'auto' else static_shapes == 'true'
 
 
 def configure_shapes(device_type, *, jit_compile='auto', static_shapes='auto'):
-    """shape_modes on this machine; on NPU also sets torch_npu's operator compile mode."""
+    """shape_modes on this machine; on NPU, torch_npu's compile mode is read (jit_compile='auto')
+    or set."""
     if device_type != 'npu':
         return shape_modes(device_type, jit_compile=jit_compile, static_shapes=static_shapes)
     jit, static = shape_modes('npu', jit_compile=jit_compile, static_shapes=static_shapes,
-                              device_name=torch.npu.get_device_name(), kernel_dirs=npu_kernel_dirs())
-    torch.npu.set_compile_mode(jit_compile=jit)
+                              jit_default=not torch.npu.is_jit_compile_false())
+    if str(jit_compile).lower() != 'auto':
+        torch.npu.set_compile_mode(jit_compile=jit)
     return jit, static
 
 
@@ -188,13 +186,26 @@ PRECISIONS = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float
 
 def choose_precision(name, device_type, bf16_supported):
     """The precision `name` means on a device: 'auto' is fp32 on CPU, bf16 where the accelerator
-    has it, else fp16 with a loss scaler (Ascend 910, whose autocast would otherwise silently
-    run bf16 as fp32)."""
+    has it, else fp16 with a loss scaler (Ascend 910). An explicit bf16 on an accelerator without
+    it is refused: its autocast would turn itself off and run fp32 without a loss scaler."""
     if name == 'auto':
         name = 'fp32' if device_type == 'cpu' else 'bf16' if bf16_supported else 'fp16'
     if name not in PRECISIONS:
         raise ValueError(f'precision must be auto, bf16, fp16 or fp32, got {name!r}')
+    if name == 'bf16' and device_type != 'cpu' and not bf16_supported:
+        raise ValueError(f'this {device_type} has no bf16 (e.g. Ascend 910): use fp16, fp32 or auto')
     return name
+
+
+def check_precisions(device_type, settings):
+    """Refuse, before any work, a precision the device cannot run; `settings` maps each setting's
+    name as the user writes it (config key, flag) to its value, and the error names it."""
+    supported = bf16_supported(device_type)
+    for key, name in settings.items():
+        try:
+            choose_precision(name, device_type, supported)
+        except ValueError as e:
+            raise ValueError(f'{key}={name}: {e}') from None
 
 
 def bf16_supported(device_type):
@@ -278,7 +289,6 @@ def save_checkpoint(path, state):
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    fault_pause('DECLIP_TEST_PAUSE_BEFORE_RENAME')
     os.replace(tmp, path)
 
 
@@ -361,12 +371,6 @@ def prune_copies(ckpt_dir, keep):
     if keep > 0:
         for old in _kept_copies(ckpt_dir)[:-keep]:
             old.unlink()
-
-
-def fault_pause(var):
-    """Fault-injection hook for the reliability tests (sleeps while the variable is set)."""
-    if os.environ.get(var):
-        time.sleep(float(os.environ[var]))
 
 
 # ----------------------------------------------------------------------------------------------

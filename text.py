@@ -1,5 +1,6 @@
 """Text: CLIP byte-level BPE tokenizer with DeCLIP's <|mask|> id, MLM masking, EDA caption augmentation,
-shell-style brace expansion of name patterns."""
+shell-style brace expansion of name patterns, zero-shot prompt templates."""
+import collections
 import functools
 import gzip
 import html
@@ -56,7 +57,7 @@ class Tokenizer:
         bpe_path = Path(bpe_path)
         if not bpe_path.is_file():
             raise FileNotFoundError(
-                f'BPE vocabulary not found at {bpe_path}: run `python prepare.py setup` (or set '
+                f'BPE vocabulary not found at {bpe_path}: run `python tools/prepare.py setup` (or set '
                 f'data.bpe_path / DECLIP_DATA)')
         lines = gzip.open(bpe_path).read().decode('utf-8').split('\n')
         merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
@@ -243,7 +244,7 @@ class EDA:
         if use_synonyms:
             if not Path(synonyms_path).is_file():
                 raise FileNotFoundError(
-                    f'WordNet synonym table not found at {synonyms_path}: run `python prepare.py setup`, '
+                    f'WordNet synonym table not found at {synonyms_path}: run `python tools/prepare.py setup`, '
                     f'or train without synonym replacement (--config.data.eda_synonyms=False)')
             with gzip.open(synonyms_path, 'rt', encoding='utf-8') as f:
                 for line in f:
@@ -357,3 +358,43 @@ def expand_braces(pattern):
     if count > MAX_NAMES:
         raise ValueError(f'{pattern!r} makes more than {MAX_NAMES:,} names')
     return [''.join(p) for p in itertools.product(*pieces, [pattern[last:]])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Zero-shot prompt templates
+# ----------------------------------------------------------------------------------------------
+
+PROMPTS = ROOT / 'assets' / 'prompts'
+
+
+def load_prompts(name):
+    """Templates of a prompt set: prompt1/6/8/80 (shipped), 'cc' (bare class name) or file:<path>.
+    The class goes where a template has {0} or OpenAI's {}; a template with neither would give
+    every class the same text, so it is an error naming file:line."""
+    if name == 'cc':
+        return ['{0}']
+    path = Path(name[5:]) if name.startswith('file:') else PROMPTS / f'{name}.txt'
+    if not path.is_file():
+        raise FileNotFoundError(f'prompt set {name!r} not found at {path} (known: prompt1, prompt6, '
+                                f'prompt8, prompt80, cc, file:<path>)')
+    templates = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip().replace('{}', '{0}')
+        if line and '{0}' not in line:
+            raise ValueError(f'{path}:{n}: template {line!r} has no class placeholder ({{0}} or {{}})')
+        templates += [line] if line else []
+    return templates
+
+
+def class_prompts(class_names, templates):
+    """Each class's prompt texts. Classes whose texts are all the same cannot be told apart: every
+    class alike is an error (a constant classifier); some alike (duplicate names) is a warning."""
+    texts = [[t.replace('{0}', name) for t in templates] for name in class_names]
+    alike = collections.defaultdict(list)
+    for name, ts in zip(class_names, texts):
+        alike[tuple(ts)].append(name)
+    if len(class_names) > 1 and len(alike) == 1:
+        raise ValueError(f'every class gets the same prompt texts ({texts[0][:2]}...): the scores would be constant')
+    for names in (n for n in alike.values() if len(n) > 1):
+        print(f'warning: classes {names} get the same prompt texts and cannot be told apart', flush=True)
+    return texts

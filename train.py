@@ -16,12 +16,15 @@ import torch.distributed as dist
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import accum
+import checks
 import data
 import declip
 import evaluate
 import images
 import losses
 import runtime
+import text
 import trainstep
 import weights
 
@@ -56,6 +59,7 @@ def check_numbers(cfg):
 def check_config(cfg):
     """Everything the run will need, before any work and before the workdir is created."""
     check_numbers(cfg)
+    checks.check_model(cfg)
     data.check_config(cfg.data)
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise ValueError(f'config.init_from: file not found: {cfg.init_from!r}')
@@ -66,15 +70,20 @@ def check_config(cfg):
         except ValueError as e:
             raise ValueError(f'config.data.val_meta / val_root: {e}') from None
         try:
-            templates = evaluate.load_prompts(cfg.eval.prompts)
+            templates = text.load_prompts(cfg.eval.prompts)
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f'config.eval.prompts: {e}') from None
         if not templates:
             raise ValueError(f'config.eval.prompts: {cfg.eval.prompts!r} has no templates')
-    if cfg.accum_steps > 1 and (cfg.data.format != 'jsonl' or cfg.model.sync_bn):
+    if cfg.accum_steps > 1 and cfg.data.format != 'jsonl':
         raise ValueError('config.accum_steps > 1 needs data.format=jsonl (shards go to ranks and loader workers, '
-                         'not to the virtual devices of a larger job) and model.sync_bn=False (synchronised '
-                         'BatchNorm cannot see the other micro-batches)')
+                         'not to the virtual devices of a larger job)')
+    if cfg.accum_steps > 1 and cfg.model.sync_bn:   # one line from each machine's first process
+        raise SystemExit(1 if runtime.dist_env()[2] else (
+            f'config.accum_steps={cfg.accum_steps} with config.model.sync_bn=True: BatchNorm cannot be synchronised '
+            f'across micro-batches. Add --config.model.sync_bn=False (each micro-batch of data.batch_size='
+            f'{cfg.data.batch_size} images then has its own BatchNorm statistics, as each device of the larger job '
+            f'without synchronised BatchNorm: what the reference\'s public code ran), or use accum_steps=1'))
     if cfg.model.declip and (cfg.data.views != 2 or not cfg.data.mask):
         raise ValueError('config.model.declip needs data.views=2 and data.mask=True')
     for key, name in (('precision', cfg.precision), ('eval.precision', cfg.eval.precision)):
@@ -83,8 +92,7 @@ def check_config(cfg):
         except ValueError as e:
             raise ValueError(f'config.{key}: {e}') from None
     runtime.shape_modes('cpu', jit_compile=cfg.npu_jit_compile, static_shapes=cfg.static_shapes)
-    if str(cfg.compile).lower() not in ('auto', 'true', 'false'):
-        raise ValueError(f'config.compile: auto, true or false, got {cfg.compile!r}')
+    trainstep.compile_scope(cfg.compile, 'cpu')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,6 +109,9 @@ def check_resumed_config(saved, cfg, path, allow_change):
     """Refuse (unless allowed) a resume whose config changes what the run computes: model,
     losses, optimiser, batch size, data sources and order; warn for the rest (max_iter too:
     extending a run is deliberate, though it reshapes the rest of the cosine schedule)."""
+    saved_data = saved.get('data', {})
+    if saved_data.get('augmentation') in images.RENAMED:   # a run from before the rename: the same views
+        saved = {**saved, 'data': {**saved_data, 'augmentation': images.RENAMED[saved_data['augmentation']]}}
     lines, refused = runtime.config_changes(saved, cfg.to_dict(), RUN_DEFINING)
     if refused and not allow_change:
         raise ValueError(f'{path} belongs to a run with another config; resuming would change it:\n'
@@ -283,12 +294,14 @@ def due(step, every):
 def train(cfg, workdir, *, start_over=False, allow_config_change=False):
     """Check the config, set up device and processes, hold the workdir, run the loop; returns
     the model."""
-    check_config(cfg)
+    with checks.config_errors():
+        check_config(cfg)
     runtime.exit_with_parent()
     device, device_type = runtime.setup_device(runtime.dist_env()[2], cfg.device)
     if cfg.data.decode == 'device' and device_type not in ('cuda', 'cpu'):
         raise ValueError(f'config.data.decode=device needs CUDA (nvJPEG); on {device_type} torchvision would '
                          f'decode on the CPU inside the training process: use data.decode=host')
+    runtime.check_precisions(device_type, {'config.precision': cfg.precision, 'config.eval.precision': cfg.eval.precision})
     jit, static = runtime.configure_shapes(device_type, jit_compile=cfg.npu_jit_compile,
                                            static_shapes=cfg.static_shapes)
     workdir, first = Path(workdir), runtime.dist_env()[0] == 0
@@ -382,7 +395,7 @@ def run(state, cfg, workdir, rank, world):
 def loop(state, cfg, batches, log, ckpt_dir, rank, world):
     """Steps from state.step to the end of this invocation; (stopped by a signal, its name)."""
     marker, start, end = ckpt_dir / 'evaluated_step', state.step, end_step(cfg)
-    _, autocast, _ = runtime.precision(cfg.precision, state.device.type)
+    step = accum.train_step if cfg.accum_steps > 1 else trainstep.train_step
 
     def evaluation():
         log.evaluation(zero_shot(state, cfg, rank, world), state.step)
@@ -397,14 +410,14 @@ def loop(state, cfg, batches, log, ckpt_dir, rank, world):
             batch = log.next_batch(batches)
             log_now = due(state.step + 1, cfg.log_every) or state.step + 1 == end
             counter = log.flop_counter()
+            state.stop_requested = signals.received is not None   # every rank learns it from the step
             with counter or contextlib.nullcontext():
-                metrics = trainstep.train_step(state, batch, cfg=cfg, autocast=autocast, rank=rank, world=world,
-                                     grad_norm=log_now, keep_views=state.step == start and log.wants_views(),
-                                     stop=signals.received is not None)
+                metrics = step(state, batch, cfg)
             if counter is not None:
                 log.flops_per_step = counter.get_total_flops()
-            if 'views' in metrics:
+            if state.step == start + 1 and log.wants_views():
                 log.views(metrics['views'], start)
+            del metrics['views']   # the next step does not hold this one's images
             log.add(metrics)
             if log_now:
                 stop_if_diverged(state, cfg, ckpt_dir)
@@ -425,7 +438,10 @@ def main(argv):
     if FLAGS.print_config:
         print(FLAGS.config)
         return
-    train(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over, allow_config_change=FLAGS.allow_config_change)
+    try:
+        train(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over, allow_config_change=FLAGS.allow_config_change)
+    except checks.ConfigError as e:   # one message per machine, no traceback
+        raise SystemExit(f'config error: {e}' if runtime.dist_env()[2] == 0 else 1) from None
 
 
 if __name__ == '__main__':

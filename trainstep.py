@@ -1,11 +1,13 @@
 """One training step and the state it changes: model, optimiser, schedule, TrainState, train_step.
 
-train.py runs it in its loop, bench.py times it, the tests call it; nothing here logs or saves.
+train.py runs it in its loop, tools/bench.py times it, the tests call it; accum.train_step, its variant
+for accum_steps > 1, is built from its pieces (step_inputs, update). Nothing here logs or saves.
 """
+from __future__ import annotations  # TrainState's `X | None` fields on Python 3.9 (torch_npu 2.6)
+
 import contextlib
 import dataclasses
 import math
-import os
 
 import torch
 import torch.distributed as dist
@@ -14,6 +16,7 @@ from einops import rearrange
 import data
 import declip
 import images
+import jpeg
 import losses
 import runtime
 import text
@@ -52,15 +55,31 @@ def lr_at(t, optim, max_iter):
     return optim.min_lr + (optim.warmup_lr - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# config.compile -> what torch.compile compiles: the two towers, or the model's whole training
+# forward (towers, SimSiam heads, the MLM head on the masked positions; 1.04x the towers' speed
+# for ViT-B/32 on an H200, BENCHMARKS.md); 'true' and 'auto' (on CUDA) take the whole forward
+COMPILE_SCOPES = {'false': None, 'towers': 'towers', 'model': 'model', 'true': 'model', 'auto': 'model'}
+
+
+def compile_scope(setting, device_type):
+    """What config.compile compiles on `device_type` (None: nothing); an unknown setting is an error."""
+    setting = str(setting).lower()
+    if setting not in COMPILE_SCOPES:
+        raise ValueError(f'config.compile: one of {", ".join(COMPILE_SCOPES)}, got {setting!r}')
+    return None if setting == 'auto' and device_type != 'cuda' else COMPILE_SCOPES[setting]
+
+
 def build_model(cfg, device):
-    """cfg.model on `device` as the step runs it: channels-last ResNet on CUDA, both towers
-    compiled when config.compile says so ('auto': on CUDA)."""
+    """cfg.model on `device` as the step runs it: channels-last ResNet on CUDA, compiled as
+    config.compile says (in place: state-dict names unchanged)."""
     model = declip.build_model(cfg.model).to(device)
     if cfg.model.vision == 'resnet' and device.type == 'cuda':  # NHWC is slow on NPU
         model = model.to(memory_format=torch.channels_last)
-    mode = str(cfg.compile).lower()
-    if mode == 'true' or (mode == 'auto' and device.type == 'cuda'):
-        model.visual.compile()        # in place: state-dict names unchanged
+    scope = compile_scope(cfg.compile, device.type)
+    if scope == 'model':
+        model.compile()
+    elif scope == 'towers':
+        model.visual.compile()
         model.encode_text.compile()
     return model
 
@@ -88,7 +107,9 @@ class TrainState:
     fp32 rows, None without the NN term) of this rank's k = accum_steps virtual devices and
     `queue_ptr` their common FIFO write position; `bad_totals` counts
     this rank's bad samples by kind (rank 0 also carries the restored sum of a resumed run);
-    `static_shapes`: the step keeps every tensor shape fixed (runtime.shape_modes)."""
+    `static_shapes`: the step keeps every tensor shape fixed (runtime.shape_modes); `autocast`:
+    config.precision's context for the forwards; `stop_requested`: set by the loop when a
+    signal arrived here (the step tells every rank)."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -100,10 +121,17 @@ class TrainState:
     step: int = 0
     ddp: torch.nn.Module | None = None
     static_shapes: bool = False
+    autocast: contextlib.AbstractContextManager = dataclasses.field(default_factory=contextlib.nullcontext)
+    stop_requested: bool = False
 
     @property
     def device(self):
         return self.nonfinite_run.device
+
+    @property
+    def forward(self):
+        """What a training forward calls: the DDP wrapper, or the model itself in one process."""
+        return self.model if self.ddp is None else self.ddp
 
     def state_dict(self, config):
         """The checkpoint dict on rank 0, None on the others. A collective: every rank calls it
@@ -145,7 +173,7 @@ def build_state(cfg, device, rank=0):
     virtual device v = rank * accum_steps + j (seeded by v, as rank v of the larger job)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
-    _, _, use_scaler = runtime.precision(cfg.precision, device.type)
+    _, autocast, use_scaler = runtime.precision(cfg.precision, device.type)
     queue, k = None, cfg.accum_steps
     if cfg.model.declip and cfg.loss.nn > 0:
         queue = torch.stack([losses.init_queue(cfg.loss.queue_size, cfg.model.embed_dim, device=device,
@@ -153,7 +181,7 @@ def build_state(cfg, device, rank=0):
                              for v in range(rank * k, (rank + 1) * k)])
     counter = torch.zeros((), dtype=torch.long, device=device)
     return TrainState(model=model, optimizer=build_optimizer(model, cfg.optim, device.type),
-                      scaler=runtime.grad_scaler(device.type, use_scaler), queue=queue,
+                      scaler=runtime.grad_scaler(device.type, use_scaler), queue=queue, autocast=autocast,
                       nonfinite_run=counter.clone(), nonfinite_total=counter.clone(),
                       bad_totals=torch.zeros(len(data.BAD_KINDS), dtype=torch.long))
 
@@ -164,14 +192,94 @@ def device_views(batch, *, cfg, step, rank, world, device, static=False):
     (moco_v2) colour jitter / grayscale / blur per sample from the (seed, step, rank) stream."""
     undecodable = 0
     if 'jpeg' in batch:
-        views, undecodable = images.decode_views(batch, size=cfg.data.image_size, device=device)
+        views, undecodable = jpeg.decode_views(batch, size=cfg.data.image_size, device=device)
     else:
-        views = batch['images'].to(device, non_blocking=True)
-    if cfg.data.augmentation == 'standard_clip':   # crops only
+        views = images.to_device(batch['images'], device)
+    if not images.moco_views(cfg.data.augmentation):   # crops only
         return images.normalize_images(views.flatten(0, 1)).view(views.shape), undecodable
     gen = data.generator(cfg.seed, step * world + rank)
     out = images.device_augment(rearrange(views, 'b v c h w -> (b v) c h w'), generator=gen, static=static)
     return rearrange(out, '(b v) c h w -> b v c h w', v=views.shape[1]), undecodable
+
+
+def step_inputs(state, batch, *, cfg, rank, world):
+    """One device's inputs on the device: normalised augmented views, (masked) captions, EDA
+    captions, MLM positions and targets (padded to mlm_bucket with static shapes), and the count
+    of images nothing could decode."""
+    views, undecodable = device_views(batch, cfg=cfg, step=state.step, rank=rank, world=world,
+                                      device=state.device, static=state.static_shapes)
+    names = ('text', 'text_eda', 'mlm_index', 'mlm_targets')
+    host = {k: batch[k] for k in names if k in batch}
+    if state.static_shapes and 'mlm_index' in host:
+        host['mlm_index'], host['mlm_targets'] = text.pad_positions(host['mlm_index'], host['mlm_targets'],
+                                                                    cfg.mlm_bucket)
+    out = {k: images.to_device(host[k], state.device) if k in host else None for k in names}
+    return dict(out, views=views, undecodable=undecodable)
+
+
+def set_learning_rate(state, cfg):
+    """The schedule's learning rate for the step about to run (1-based: state.step + 1)."""
+    for group in state.optimizer.param_groups:
+        group['lr'] = lr_at(state.step + 1, cfg.optim, cfg.max_iter)
+
+
+def train_step(state, batch, cfg):
+    """One whole training step (accum.train_step is its variant for accum_steps > 1); returns
+    {'loss': {'total': value, term: value}, 'skipped': 0/1, 'stop': 0/1, 'grad_norm', 'views'}
+    as device tensors ('views' is the step's own tensor, not a copy)."""
+    rank, world = losses.world_info()
+    set_learning_rate(state, cfg)
+    # 1-2. views with this device's colour-op stream; captions, MLM positions, EDA captions
+    inputs = step_inputs(state, batch, cfg=cfg, rank=rank, world=world)
+    # 3. features under autocast
+    with state.autocast:
+        out = state.forward(inputs['views'], inputs['text'], text_eda=inputs['text_eda'],
+                            mlm_index=inputs['mlm_index'])
+    # 4. the weighted objective (neighbours from the queue as it was, features gathered with
+    #    gradient over ranks), backward
+    queue = state.queue[0] if state.queue is not None else None
+    total, terms, keys = losses.declip_loss(out, queue=queue, mlm_targets=inputs['mlm_targets'],
+                                            weights=loss_weights(cfg))
+    state.scaler.scale(total).backward()
+    # 5. skip flag, queue push, optimiser step, logit-scale clamp
+    metrics = update(state, batch, total=total, keys=[keys], undecodable=inputs['undecodable'])
+    return dict(metrics, loss={'total': total.detach(), **terms}, views=inputs['views'].detach())
+
+
+def update(state, batch, *, total, keys, undecodable):
+    """The end of a step whose gradients are in .grad: a non-finite loss on any rank skips it
+    everywhere (no weight, optimiser-state or queue row changes; the queue pointer still
+    advances); else push each (virtual) device's `keys` into its queue and take the AdamW step,
+    the logit scale clamped into [3, 6] before and after it (so the first forward used
+    ln(1/0.07)); count skips, bad samples and the step. Returns {'skipped', 'stop', 'grad_norm'}:
+    'stop' is state.stop_requested on any rank, carried by the same all-reduce."""
+    skip, stop = flags_anywhere(total, state.stop_requested, losses.world_info()[1])
+    if state.queue is not None:
+        state.queue, state.queue_ptr = push_queues(state.queue, state.queue_ptr, keys, skip)
+    state.model.clamp_logit_scale_()
+    state.scaler.unscale_(state.optimizer)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in state.model.parameters() if p.grad is not None])
+    optimizer_step(state, skip)
+    state.model.clamp_logit_scale_()
+    state.nonfinite_run = (state.nonfinite_run + 1) * skip.long()
+    state.nonfinite_total += skip.long()
+    if 'bad' in batch:
+        state.bad_totals += batch['bad']
+    state.bad_totals[data.BAD_KINDS.index('truncated')] += undecodable
+    state.step += 1
+    return {'skipped': skip, 'stop': stop, 'grad_norm': grad_norm}
+
+
+def push_queues(queue, ptr, keys, skip):
+    """(queues [k, Q, D], pointer) after FIFO writes of each virtual device's keys (its list in
+    `keys`) into its own queue, no row changed where `skip`."""
+    queues, end = [], ptr
+    for one, device_keys in zip(queue, keys):
+        end = ptr
+        for key in device_keys:
+            one, end = losses.nn_queue_push(queue=one, ptr=end, feats=key, skip=skip)
+        queues.append(one)
+    return torch.stack(queues), end
 
 
 def flags_anywhere(total, stop, world):
@@ -197,187 +305,3 @@ def optimizer_step(state, skip):
     elif not skip.item():
         opt.step()
     opt.zero_grad(set_to_none=True)
-
-
-def step_inputs(state, batch, *, cfg, rank, world):
-    """One device's inputs on the device: normalised augmented views, (masked) captions, EDA
-    captions, MLM positions and targets (padded to mlm_bucket with static shapes), and the count
-    of images nothing could decode."""
-    views, undecodable = device_views(batch, cfg=cfg, step=state.step, rank=rank, world=world,
-                                      device=state.device, static=state.static_shapes)
-    names = ('text', 'text_eda', 'mlm_index', 'mlm_targets')
-    host = {k: batch[k] for k in names if k in batch}
-    if state.static_shapes and 'mlm_index' in host:
-        host['mlm_index'], host['mlm_targets'] = text.pad_positions(host['mlm_index'], host['mlm_targets'],
-                                                                    cfg.mlm_bucket)
-    out = {k: host[k].to(state.device, non_blocking=True) if k in host else None for k in names}
-    return dict(out, views=views, undecodable=undecodable)
-
-
-def micro_batches(batch, k):
-    """The k micro-batches of a loader batch built with accum=k: rows split in k equal parts, the
-    flat MLM positions of each part re-based to its own rows (host tensors, no device sync)."""
-    n, length = len(batch['text']) // k, batch['text'].shape[1]
-    parts = []
-    for j in range(k):
-        part = {key: batch[key][j * n:(j + 1) * n] for key in ('images', 'text', 'text_eda') if key in batch}
-        if 'mlm_index' in batch:
-            lo, hi = torch.searchsorted(batch['mlm_index'], torch.tensor([j, j + 1]) * n * length).tolist()
-            part['mlm_index'] = batch['mlm_index'][lo:hi] - j * n * length
-            part['mlm_targets'] = batch['mlm_targets'][lo:hi]
-        parts.append(part)
-    return parts
-
-
-def train_step(state, batch, *, cfg, autocast, rank=0, world=1, grad_norm=False, keep_views=False, stop=False):
-    """One whole training step; returns {'loss': {term: value}, 'skipped': 0/1, 'stop': 0/1
-    [, 'grad_norm'] [, 'views']} as device tensors (with accum_steps, the losses of virtual device
-    rank * k, as rank 0's are logged in a larger job). A non-finite loss on any rank skips the
-    step everywhere: no weight, optimiser-state or queue row changes (the queue pointer still
-    advances). `stop` (a signal arrived here) becomes 'stop' on every rank."""
-    for group in state.optimizer.param_groups:
-        group['lr'] = lr_at(state.step + 1, cfg.optim, cfg.max_iter)
-    k, undecodable = cfg.accum_steps, 0
-    if k > 1 and 'jpeg' in batch:   # all k micro-batches' JPEGs decoded at once, then split as host
-        views, undecodable = images.decode_views(batch, size=cfg.data.image_size, device=state.device)
-        batch = dict(batch, images=views)  # views are (an image nothing decodes borrows from all k x B)
-    # 1-2. each (virtual) device's views with its colour-op stream; captions, MLM positions, EDA captions
-    parts = [step_inputs(state, part, cfg=cfg, rank=rank * k + j, world=world * k)
-             for j, part in enumerate(micro_batches(batch, k) if k > 1 else [batch])]
-    # 3-4. features, the weighted objective (neighbours from the queues as they were), backward
-    if k == 1:
-        total, terms, keys = single_pass(state, parts[0], cfg=cfg, autocast=autocast)
-        keys = [keys]
-    else:
-        total, terms, keys = accumulated_passes(state, parts, cfg=cfg, autocast=autocast, rank=rank, world=world)
-    skip, stop = flags_anywhere(total, stop, world)
-    # 5. queue pushes and optimiser step (both no-ops where skip); logit scale into [3, 6]
-    #    before and after the step (so the first forward used ln(1/0.07))
-    queues = []
-    for queue, part_keys in zip(state.queue if state.queue is not None else [], keys):
-        ptr = state.queue_ptr
-        for key in part_keys:
-            queue, ptr = losses.nn_queue_push(queue=queue, ptr=ptr, feats=key, skip=skip)
-        queues.append(queue)
-    if queues:
-        state.queue, state.queue_ptr = torch.stack(queues), ptr
-    metrics = {'loss': {'total': terms.pop('total'), **terms}, 'skipped': skip, 'stop': stop}
-    if keep_views:
-        metrics['views'] = parts[0]['views'].detach()
-    state.model.clamp_logit_scale_()
-    if grad_norm:
-        state.scaler.unscale_(state.optimizer)
-        metrics['grad_norm'] = torch.nn.utils.get_total_norm(
-            [p.grad for p in state.model.parameters() if p.grad is not None])
-    optimizer_step(state, skip)
-    state.model.clamp_logit_scale_()
-    state.nonfinite_run = (state.nonfinite_run + 1) * skip.long()
-    state.nonfinite_total += skip.long()
-    if 'bad' in batch:
-        state.bad_totals += batch['bad']
-    state.bad_totals[data.BAD_KINDS.index('truncated')] += undecodable + sum(p['undecodable'] for p in parts)
-    state.step += 1
-    return metrics
-
-
-def single_pass(state, inputs, *, cfg, autocast):
-    """Forward, declip_loss (features gathered with gradient over ranks), backward: (total,
-    {term: value, 'total': value}, queue keys)."""
-    with autocast:
-        forward = state.model if state.ddp is None else state.ddp
-        out = forward(inputs['views'], inputs['text'], text_eda=inputs['text_eda'], mlm_index=inputs['mlm_index'])
-    queue = state.queue[0] if state.queue is not None else None
-    total, terms, keys = losses.declip_loss(out, queue=queue, mlm_targets=inputs['mlm_targets'],
-                                            weights=loss_weights(cfg))
-    total = _injected_nonfinite(state.step, total)
-    state.scaler.scale(total).backward()
-    return total, dict(terms, total=total.detach()), keys
-
-
-def _normalised(out):
-    """(image views, caption views) of a forward's output, unit-norm in at least fp32."""
-    texts = [out['text']] + ([out['text_eda']] if 'text_eda' in out else [])
-    return ([losses.normalize_image(losses.upcast(f)) for f in out['image']],
-            [losses.normalize_text(losses.upcast(t)) for t in texts])
-
-
-def accumulated_passes(state, parts, *, cfg, autocast, rank, world):
-    """k micro-batches as the k virtual devices rank*k+j of a k*world job, exactly (GradCache):
-    1. forward every part without gradient (BatchNorm buffers restored after); 2. gather the unit
-    features of all virtual devices, compute each local device's contrastive terms against all of
-    them, backward to the features and sum those gradients over ranks; 3. forward each part again
-    with gradient and back-propagate features . gradient (+ logit scale . its gradient, + the
-    per-device SimSiam and MLM terms), scaled 1/k so that DDP's mean over ranks is the mean over
-    virtual devices. Returns (total over parts, virtual device rank*k's terms, keys per part)."""
-    k, model, weights = len(parts), state.model, loss_weights(cfg)
-    buffers = [b.clone() for b in model.buffers()]
-    with torch.no_grad(), autocast:
-        cached = [model(p['views'], p['text'], text_eda=p['text_eda']) for p in parts]
-    for b, saved in zip(model.buffers(), buffers):
-        b.copy_(saved)
-    n = parts[0]['text'].shape[0]
-    local = [_normalised(out) for out in cached]
-    gathered = [losses.gather_no_grad(torch.cat(views)).requires_grad_()
-                for views in zip(*[imgs + txts for imgs, txts in local])]
-    n_img = len(local[0][0])
-    all_images, all_texts = gathered[:n_img], gathered[n_img:]
-    s = losses.upcast(cached[0]['logit_scale']).detach().requires_grad_()
-    keys = [[t.detach() for t in txts] if state.queue is not None else [] for _, txts in local]
-    neighbours = None
-    if state.queue is not None:
-        per_view = zip(*[[losses.nn_neighbours(key, q, cached[0]['text'].dtype) for key in ks]
-                         for ks, q in zip(keys, state.queue)])
-        neighbours = [losses.gather_no_grad(torch.cat(v)) for v in per_view]
-    contrastive = []
-    for j in range(k):
-        rows = slice((rank * k + j) * n, (rank * k + j + 1) * n)
-        terms = losses.contrastive_terms(
-            images=[a[rows] for a in all_images], texts=[a[rows] for a in all_texts], all_images=all_images,
-            all_texts=all_texts, neighbours=neighbours, logit_scale=s, weights=weights,
-            labels=(rank * k + j) * n + torch.arange(n, device=s.device))
-        contrastive.append(terms)
-    part_total = _injected_nonfinite(state.step, sum(weights[t] * v for terms in contrastive for t, v in terms.items()))
-    part_total.backward()
-    grads = [a.grad for a in gathered]
-    if world > 1:
-        for g in grads:
-            dist.all_reduce(g)
-    total, first = _second_passes(state, parts, contrastive, grads, s.grad, cfg=cfg, autocast=autocast, rank=rank)
-    return _injected_nonfinite(state.step, total), first, [ks[::-1] for ks in keys]
-
-
-def _second_passes(state, parts, contrastive, grads, scale_grad, *, cfg, autocast, rank):
-    """Step 3 of accumulated_passes: (total over parts, part 0's terms with its total)."""
-    k, weights = len(parts), loss_weights(cfg)
-    n = parts[0]['text'].shape[0]
-    forward = state.model if state.ddp is None else state.ddp
-    total, first, kept = 0.0, None, None
-    for j, p in enumerate(parts):
-        rows = slice((rank * k + j) * n, (rank * k + j + 1) * n)
-        quiet = state.ddp is not None and j < k - 1
-        with forward.no_sync() if quiet else contextlib.nullcontext():
-            with autocast:
-                out = forward(p['views'], p['text'], text_eda=p['text_eda'], mlm_index=p['mlm_index'])
-            if j == 0:   # BatchNorm running statistics: virtual device rank*k's update, as rank 0's in DDP
-                kept = [b.clone() for b in state.model.buffers()]
-            imgs, txts = _normalised(out)
-            surrogate = sum((f * g[rows]).sum() for f, g in zip(imgs + txts, grads))
-            if j == 0:
-                surrogate = surrogate + (losses.upcast(out['logit_scale']) * scale_grad).sum()
-            own = losses.device_terms(out, mlm_targets=p['mlm_targets'], weights=weights)
-            state.scaler.scale((surrogate + sum(weights[t] * v for t, v in own.items())) / k).backward()
-            terms = dict(contrastive[j], **own)
-        part = sum(weights[t] * v for t, v in terms.items())
-        total = total + part.detach()
-        if j == 0:
-            first = dict({t: v.detach() for t, v in terms.items()}, total=part.detach())
-    with torch.no_grad():
-        for b, saved in zip(state.model.buffers(), kept):
-            b.copy_(saved)
-    return total, first
-
-
-def _injected_nonfinite(step, loss):
-    """Fault-injection hook: DECLIP_TEST_NONFINITE_STEPS=3,7 makes those (0-based) steps' loss NaN."""
-    hit = str(step) in os.environ.get('DECLIP_TEST_NONFINITE_STEPS', '').split(',')
-    return loss * float('nan') if hit else loss

@@ -5,7 +5,8 @@ comes from 32 devices x 128 = a global batch of 4,096 (as the ModelZoo table's 3
 passes over YFCC15M. The 8-device launch below is a global batch of 1,024, ~8.5 passes in the
 same 128,001 steps, for which no number is published. `--config.accum_steps=4` on 8 devices makes
 each step exactly one step of the 32-device job (batch 4,096). Crops as the reference's CLIP
-experiments: RandomResizedCrop(scale 0.5-1) only, no flip, no colour op (data.augmentation).
+experiments (STANDARD_SLIP): RandomResizedCrop(scale 0.5-1) only, no flip, no colour op
+(data.augmentation='standard_slip').
 
     torchrun --nproc_per_node 8 train.py --config configs/clip_vitb32.py --workdir runs/clip_vitb32
     torchrun --nproc_per_node 8 train.py --config configs/clip_vitb32.py --workdir runs/clip_vitb32_4k \

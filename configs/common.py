@@ -27,8 +27,8 @@ def base_config(vision, *, declip=True):
     c.stop_at = 0                 # end this invocation after this many steps (0: at max_iter)
     c.device = 'auto'             # the accelerator torch sees, else CPU; or 'npu' / 'cuda' / 'cpu'
     c.precision = 'auto'          # fp32 on CPU, bf16 where supported, else fp16 + loss scaler
-    c.compile = 'auto'            # torch.compile the encoders: 'auto' (on CUDA), 'true' or 'false'
-    c.npu_jit_compile = 'auto'    # NPU online operator compile: 'auto' (off where CANN's binary kernels are installed)
+    c.compile = 'auto'            # torch.compile: 'auto' (on CUDA), 'true', 'false', 'towers' or 'model'
+    c.npu_jit_compile = 'auto'    # NPU online operator compile: 'auto' (torch_npu's own default), 'true' or 'false'
     c.static_shapes = 'auto'      # same shapes every step (colour ops over the whole batch, MLM count padded
     c.mlm_bucket = 256            # to a multiple of mlm_bucket): 'auto' (on NPU while jit compile is on)
 
@@ -44,9 +44,9 @@ def base_config(vision, *, declip=True):
         shuffle_buffer=2_000,      # samples each loader worker mixes (shards: memory x mean sample size)
         val_root='', val_meta='',  # ImageNet-val layout (JSON Lines with filename/label/label_name)
         image_size=image_size, views=2 if declip else 1,
-        # 'moco_v2': crop 0.2-1, flip, colour jitter, grayscale, blur (DeCLIP); 'standard_clip': crop 0.5-1
-        # only (the reference's CLIP experiments)
-        augmentation='moco_v2' if declip else 'standard_clip', crop_scale=(0.2, 1.0) if declip else (0.5, 1.0),
+        # 'moco_v2': crop 0.2-1, flip, colour jitter, grayscale, blur (DeCLIP); 'standard_slip': crop 0.5-1
+        # only (the reference's STANDARD_SLIP, which its CLIP configs use)
+        augmentation='moco_v2' if declip else 'standard_slip', crop_scale=(0.2, 1.0) if declip else (0.5, 1.0),
         decode='host',             # 'device': JPEG decode + crop/resize on the accelerator (torchvision)
         eda=declip, mask=declip, eda_synonyms=True,
         bpe_path=str(data.BPE_PATH), synonyms_path=str(data.SYNONYMS_PATH),
@@ -69,10 +69,17 @@ def base_config(vision, *, declip=True):
     c.peak_tflops = 0.0           # per-device peak for the MFU figure (0: not logged)
     c.tb_images = 4               # samples whose two views are logged as images at start
 
-    c.optim = ml_collections.ConfigDict(dict(
+    c.optim = optim_config()
+    return c
+
+
+def optim_config():
+    """AdamW and the schedule, with the reference's names: the PEAK learning rate is warmup_lr (1e-3),
+    reached after warmup_steps of linear warm-up from base_lr (1e-4, the start); a cosine then
+    decays it to min_lr at max_iter."""
+    return ml_collections.ConfigDict(dict(
         base_lr=1e-4, warmup_lr=1e-3, min_lr=0.0, warmup_steps=2_500, weight_decay=0.1,
         beta1=0.9, beta2=0.98, eps=1e-8))
-    return c
 
 
 DEMO = data.DATA_DIR / 'demo'

@@ -7,11 +7,11 @@
 #   dataset/ (or --data_path=DIR, relative to where the command runs):
 #       yfcc15m_clean_open_data.json   training meta, JSON Lines (filename, caption)
 #       yfcc15m_clean_open_data/       training images
-#       bpe_simple_vocab_16e6.txt.gz   vocabulary (optional; else the one `python prepare.py setup` fetched)
+#       bpe_simple_vocab_16e6.txt.gz   vocabulary (optional; else the one `python tools/prepare.py setup` fetched)
 #       val_official.json              validation meta, JSON Lines (filename, label, label_name)
 #       imagenet_val/                  ILSVRC2012_val_*.JPEG, one flat folder
 #     The validation pair is required for full runs (their accuracy) and optional for performance runs.
-#     `python prepare.py modelzoo-dataset` lays the demo corpus out this way.
+#     `python tools/prepare.py modelzoo-dataset` lays the demo corpus out this way.
 #   test/output/$ASCEND_DEVICE_ID/
 #       train_$ASCEND_DEVICE_ID.log    the training log (a full run's relaunch appends to it)
 #       $CaseName.log                  `key = value` summary (Network, RankSize, BatchSize, DeviceType,
@@ -90,7 +90,7 @@ check_dataset() {
     local dir=$1 need_val=$2 missing=() item
     if [ ! -d "$dir" ]; then
         echo "error: dataset folder not found: $dir (put the data in ./dataset or pass --data_path=DIR;" \
-             "\`python prepare.py modelzoo-dataset\` lays out the demo corpus there)" >&2
+             "\`python tools/prepare.py modelzoo-dataset\` lays out the demo corpus there)" >&2
         return 1
     fi
     [ -f "$dir/yfcc15m_clean_open_data.json" ] || missing+=(yfcc15m_clean_open_data.json)

@@ -14,8 +14,8 @@ MARK = f'DECLIP_TEST_SUITE={os.getpid()}'.encode()
 @pytest.fixture(scope='session')
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp('demo')
-    import prepare
-    prepare.make_demo(out, train=240, val=60, workers=2)
+    from tools import demo
+    demo.make_demo(out, train=240, val=60, workers=2)
     return out
 
 

@@ -2,8 +2,10 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/hccl_rules.py OUT script.py [args...]
 
-Every torch.distributed collective is wrapped: a tensor of a dtype HCCL cannot carry (float64,
-bool, complex; uint8 only where nothing is reduced) raises TypeError, and each outermost call is
+Every torch.distributed collective is wrapped: a tensor of a dtype HCCL cannot carry raises
+TypeError (reductions: int8, int32, int64, float16, float32, the Ascend 910's all-reduce
+dtypes, which the 910B's extend with bfloat16; other collectives also uint8, int16, bfloat16;
+never float64, bool, complex), and each outermost call is
 recorded as 'name dtypes shape' in OUT/rank<R>.json, so a test can check that all ranks issue the
 same sequence. (DDP's gradient buckets are all-reduced from C++, over the parameters' dtype.)
 """
@@ -19,8 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-REDUCIBLE = {torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32, torch.bfloat16}
-MOVABLE = REDUCIBLE | {torch.uint8}
+REDUCIBLE = {torch.int8, torch.int32, torch.int64, torch.float16, torch.float32}
+MOVABLE = REDUCIBLE | {torch.uint8, torch.int16, torch.bfloat16}
 REDUCING = {'all_reduce', 'reduce', 'reduce_scatter', 'reduce_scatter_tensor', 'all_reduce_coalesced'}
 COLLECTIVES = sorted(REDUCING | {
     'all_gather', 'all_gather_into_tensor', 'all_gather_object', 'broadcast', 'broadcast_object_list',

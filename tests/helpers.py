@@ -9,6 +9,7 @@ import ml_collections
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from configs import common
 
@@ -110,3 +111,18 @@ def write_half_missing_corpus(folder, n=40):
             write_jpeg(Path(folder) / f'{i}.jpg', seed=i)
         lines.append(json.dumps({'filename': f'{i}.jpg', 'caption': 'a cat'}))
     (Path(folder) / 'meta.jsonl').write_text('\n'.join(lines))
+
+
+class DtypeRecorder(TorchDispatchMode):
+    """Records the dtype of every tensor an op makes while active: `seen` maps dtype -> first op."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.seen.setdefault(t.dtype, str(func))
+        return out

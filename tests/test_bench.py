@@ -1,4 +1,4 @@
-"""bench.py runs end to end on CPU with tiny settings (speed figures are not asserted; the
+"""tools/bench.py runs end to end on CPU with tiny settings (speed figures are not asserted; the
 bf16-against-fp32 check is), and its step is the training loop's step."""
 import itertools
 import json
@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-import bench
 import configs.demo
 import data
 import runtime
 import train
 from helpers import scalars, write_jpeg
+from tools import bench
 
 
 def test_bench_modes_smoke(tmp_path):

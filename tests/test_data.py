@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-import bench
 import data
 import evaluate
 import images
+import jpeg
 import text
 from helpers import data_config, run_distributed, write_jpeg
+from tools import bench_data
 
 
 # ---------------------------------------------------------------- formats
@@ -224,7 +225,7 @@ def test_float_resize_matches_uint8_kernel_and_pillow():
 
 def pillow_decode(blobs):
     """Stands in for nvjpeg: a list of JPEG byte tensors -> list of uint8 [3, H, W]."""
-    return [images._pillow_decode(b, torch.device('cpu')) for b in blobs]
+    return [jpeg._pillow_decode(b, torch.device('cpu')) for b in blobs]
 
 
 def write_mixed_corpus(folder):
@@ -262,7 +263,7 @@ def test_device_decode_batch_equals_host_batch(tmp_path):
     host, dev = batches['host'], batches['device']
     on_device = (dev['jpeg_sizes'] > 0).tolist()
     assert sum(on_device) == 4 and len(dev['host']) == 6 and dev['images'].shape[0] == 6
-    views, undecodable = images.decode_views(dev, size=40, device=torch.device('cpu'), decode=pillow_decode)
+    views, undecodable = jpeg.decode_views(dev, size=40, device=torch.device('cpu'), decode=pillow_decode)
     assert undecodable == 0
     assert torch.equal(views, host['images'])  # same crops, same pixels, same kernel
     for key in ('text', 'text_eda', 'mlm_index', 'mlm_targets'):
@@ -279,8 +280,8 @@ def test_device_decode_retries_then_falls_back_then_replaces():
         Image.fromarray(rng.integers(0, 256, (50, 60, 3)).astype(np.uint8)).save(buf, format='JPEG')
         blobs.append(buf.getvalue())
     blobs.append(b'\xff\xd8 not a jpeg \xff\xd9')
-    samples = [images.jpeg_sample(raw, 60, 50, random.Random(i)) for i, raw in enumerate(blobs)]
-    batch = images.collate_jpeg(samples)
+    samples = [jpeg.jpeg_sample(raw, 60, 50, random.Random(i)) for i, raw in enumerate(blobs)]
+    batch = jpeg.collate_jpeg(samples)
     refused = {blobs[1], blobs[3]}
     calls = []
 
@@ -289,7 +290,7 @@ def test_device_decode_retries_then_falls_back_then_replaces():
         if any(bytes(b.numpy()) in refused for b in batch_blobs):
             raise RuntimeError('nvjpeg: unsupported')
         return pillow_decode(batch_blobs)
-    views, undecodable = images.decode_views(batch, size=24, device=torch.device('cpu'), decode=flaky)
+    views, undecodable = jpeg.decode_views(batch, size=24, device=torch.device('cpu'), decode=flaky)
     assert calls == [4, 1, 1, 1, 1] and undecodable == 1
     for i in range(3):
         pixels = images._pixels(images.to_rgb(images.open_image(blobs[i], 1 << 30)))
@@ -319,7 +320,7 @@ PIL_OPS = {
     'brightness': (images.adjust_brightness, lambda im, f: ImageEnhance.Brightness(im).enhance(f), (0.6, 1.4)),
     'contrast': (images.adjust_contrast, lambda im, f: ImageEnhance.Contrast(im).enhance(f), (0.6, 1.4)),
     'saturation': (images.adjust_saturation, lambda im, f: ImageEnhance.Color(im).enhance(f), (0.6, 1.4)),
-    'hue': (images.adjust_hue, bench.pil_hue, (-0.1, 0.1)),
+    'hue': (images.adjust_hue, bench_data.pil_hue, (-0.1, 0.1)),
     'blur': (images.gaussian_blur, lambda im, f: im.filter(ImageFilter.GaussianBlur(radius=f)), (0.1, 2.0)),
 }
 

@@ -7,10 +7,10 @@ import re
 import numpy as np
 import pytest
 
-import prepare
 from helpers import smoke_overrides
+from tools import compare_demo, demo
 
-COLOURS, SHAPES = list(prepare.DEMO_COLORS), list(prepare.DEMO_SHAPES)
+COLOURS, SHAPES = list(demo.DEMO_COLORS), list(demo.DEMO_SHAPES)
 
 
 def pattern(words):
@@ -18,7 +18,7 @@ def pattern(words):
 
 
 def test_every_zero_shot_class_needs_both_colour_and_shape():
-    names = prepare.demo_class_names()
+    names = demo.demo_class_names()
     assert len(names) == len(set(names)) == len(COLOURS) * len(SHAPES) >= 16
     pairs = [tuple(n.split(' ')) for n in names]
     for colour in COLOURS:
@@ -28,7 +28,7 @@ def test_every_zero_shot_class_needs_both_colour_and_shape():
 
 
 def test_written_validation_set_is_balanced_over_the_classes(demo_dir):
-    names = prepare.demo_class_names()
+    names = demo.demo_class_names()
     assert (demo_dir / 'classnames.txt').read_text().split('\n')[:-1] == names
     records = [json.loads(line) for line in (demo_dir / 'val.jsonl').read_text().splitlines()]
     assert len(records) == 60 and all(names[r['label']] == r['label_name'] for r in records)
@@ -39,9 +39,9 @@ def test_written_validation_set_is_balanced_over_the_classes(demo_dir):
 
 
 def test_captions_name_the_colour_and_shape_shown_and_no_other():
-    colour_words = {c: pattern([c, *others]) for c, (_, others) in prepare.DEMO_COLORS.items()}
-    shape_words = {s: pattern([s, *others]) for s, others in prepare.DEMO_SHAPES.items()}
-    specs = [prepare.demo_spec(0, 'train', i) for i in range(400)]
+    colour_words = {c: pattern([c, *others]) for c, (_, others) in demo.DEMO_COLORS.items()}
+    shape_words = {s: pattern([s, *others]) for s, others in demo.DEMO_SHAPES.items()}
+    specs = [demo.demo_spec(0, 'train', i) for i in range(400)]
     assert set(collections.Counter(s['color'] for s in specs).values()) == {400 // len(COLOURS)}
     assert set(collections.Counter(s['shape'] for s in specs).values()) == {400 // len(SHAPES)}
     for s in specs:
@@ -50,12 +50,12 @@ def test_captions_name_the_colour_and_shape_shown_and_no_other():
     # varied phrasings: many templates, the other words used, class names never the whole caption
     assert len({re.sub(r'\w+', 'w', s['caption']) for s in specs}) >= 8
     assert sum(not re.search(rf'\b{s["color"]}\b', s['caption']) for s in specs) > 40
-    assert not {s['caption'] for s in specs} & set(prepare.demo_class_names())
+    assert not {s['caption'] for s in specs} & set(demo.demo_class_names())
 
 
 def test_validation_is_the_same_generator_under_other_seeds():
-    assert prepare.demo_spec(0, 'val', 5) == prepare.demo_spec(0, 'val', 5)
-    train, val = prepare.demo_spec(0, 'train', 5), prepare.demo_spec(0, 'val', 5)
+    assert demo.demo_spec(0, 'val', 5) == demo.demo_spec(0, 'val', 5)
+    train, val = demo.demo_spec(0, 'train', 5), demo.demo_spec(0, 'val', 5)
     assert train['label'] == val['label'] and train['noise'] != val['noise']
 
 
@@ -67,8 +67,8 @@ def test_the_object_is_large_and_its_shape_is_drawn(shape):
     label = COLOURS.index('red') * len(SHAPES) + SHAPES.index(shape)
     fills = []
     for i in range(label, label + 20 * len(COLOURS) * len(SHAPES), len(COLOURS) * len(SHAPES)):
-        spec = prepare.demo_spec(0, 'train', i)
-        img = np.asarray(prepare.demo_image(spec, side)).astype(int)
+        spec = demo.demo_spec(0, 'train', i)
+        img = np.asarray(demo.demo_image(spec, side)).astype(int)
         red = (img[..., 0] > 170) & (img[..., 1] < 90) & (img[..., 2] < 90)
         rows, cols = np.nonzero(red)
         extent = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
@@ -94,7 +94,7 @@ def fake_records():
 
 
 def test_compare_summary_means_sample_stds_and_paired_differences():
-    summary = prepare.compare_summary(fake_records())
+    summary = compare_demo.compare_summary(fake_records())
     assert summary['seeds'] == [0, 1, 2]
     assert summary['declip']['top1'] == {'mean': 62.0, 'std': pytest.approx(2.0), 'n': 3}
     assert summary['clip']['top1']['mean'] == pytest.approx(53.0)
@@ -106,7 +106,7 @@ def test_compare_summary_means_sample_stds_and_paired_differences():
 
 
 def test_compare_table_rows():
-    table = prepare.compare_table(prepare.compare_summary(fake_records()))
+    table = compare_demo.compare_table(compare_demo.compare_summary(fake_records()))
     lines = table.splitlines()
     assert lines[0].startswith('seeds 0, 1, 2: mean ± sample std')
     assert ('| equal steps | DeCLIP (`configs/demo.py`) | 600 ± 0 | 201 ± 1 | 62.00 ± 2.00 | 100.00 ± 0.00 |'
@@ -117,7 +117,7 @@ def test_compare_table_rows():
     assert ("| equal training time | DeCLIP, as many steps as fit in CLIP's time | 299 ± 1 | 101 ± 0 "
             "| 55.33 ± 2.52 | 98.00 ± 0.00 |") in lines
     assert '| equal training time | DeCLIP - CLIP, paired by seed | | | +2.33 ± 2.31 | |' in lines
-    one_seed = prepare.compare_table(prepare.compare_summary([r for r in fake_records() if r['seed'] == 0]))
+    one_seed = compare_demo.compare_table(compare_demo.compare_summary([r for r in fake_records() if r['seed'] == 0]))
     assert '| equal steps | DeCLIP - CLIP, paired by seed | | | +10.00 | |' in one_seed.splitlines()
     assert 'warning' not in table
 
@@ -125,9 +125,9 @@ def test_compare_table_rows():
 def test_compare_table_warns_when_a_run_had_a_busy_machine():
     records = fake_records()
     records[4]['slowdown'], records[0]['slowdown'] = 2.6, 1.2       # seed 1 clip slowed down; seed 0 declip fine
-    summary = prepare.compare_summary(records)
+    summary = compare_demo.compare_summary(records)
     assert summary['busy'] == ['seed 1 clip']
-    assert prepare.compare_table(summary).splitlines()[2].startswith('**warning**: a log window of seed 1 clip took')
+    assert compare_demo.compare_table(summary).splitlines()[2].startswith('**warning**: a log window of seed 1 clip took')
 
 
 def test_compare_demo_gives_declip_the_steps_that_fit_in_clips_time(tmp_path):
@@ -138,7 +138,7 @@ def test_compare_demo_gives_declip_the_steps_that_fit_in_clips_time(tmp_path):
         per_step = {'clip': 0.2 + 0.01 * seed}.get(name, 0.5)        # DeCLIP 2.5x slower per step
         done = steps or 400
         return dict(run=name, seed=seed, steps=done, train_s=done * per_step, top1=50.0 + seed, top5=90.0)
-    table = prepare.compare_demo(tmp_path / 'c', seeds=[0, 1], run=fake_run)
+    table = compare_demo.compare_demo(tmp_path / 'c', seeds=[0, 1], run=fake_run)
     assert calls == [(0, 'declip', 0), (0, 'clip', 400), (0, 'declip_short', 160),
                      (1, 'declip', 0), (1, 'clip', 400), (1, 'declip_short', 168)]
     saved = json.loads((tmp_path / 'c' / 'compare.json').read_text())
@@ -152,7 +152,7 @@ def test_compare_run_trains_evaluates_and_reads_back(tmp_path, demo_dir):
     overrides = [o.removeprefix('--config.') for o in smoke_overrides(
         demo_dir, **{'data.batch_size': 8, 'data.workers': 0, 'optim.warmup_steps': 1})]
     args = dict(steps=2, prompts='prompt1', val_root=demo_dir / 'val', val_meta=demo_dir / 'val.jsonl')
-    record = prepare.compare_run(tmp_path, 3, 'clip', overrides, **args)
+    record = compare_demo.compare_run(tmp_path, 3, 'clip', overrides, **args)
     work = tmp_path / 'seed3' / 'clip'
     assert record['steps'] == 2 and record['seed'] == 3 and 0 < record['train_s'] < record['wall_s']
     assert record['slowdown'] >= 1
@@ -161,6 +161,6 @@ def test_compare_run_trains_evaluates_and_reads_back(tmp_path, demo_dir):
     assert evaluated['images'] == 60 and evaluated['prompts'] == 'prompt1'
     assert '--config.seed=3' in record['command'] and 'configs/demo.py:clip' in record['command']
     assert 'zero-shot top-1' not in (work / 'run.log').read_text().split('evaluate.py')[0]  # not during training
-    assert prepare.compare_run(tmp_path, 3, 'clip', overrides, **args) == record
+    assert compare_demo.compare_run(tmp_path, 3, 'clip', overrides, **args) == record
     with pytest.raises(SystemExit, match='another command'):
-        prepare.compare_run(tmp_path, 3, 'clip', overrides, **{**args, 'steps': 3})
+        compare_demo.compare_run(tmp_path, 3, 'clip', overrides, **{**args, 'steps': 3})

@@ -6,16 +6,19 @@ means and NN queues), so its world-1 twin evaluates the two ranks' forwards sepa
 assembles the DeCLIP objective (mean over ranks of each rank's loss against all ranks'
 features) from the tested component losses, with plain autograd instead of collectives.
 """
-import contextlib
 import json
+import os
+import subprocess
 
+import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import declip
 import losses
+import runtime
 import text
-from helpers import free_port, run, run_distributed, smoke_overrides, tiny_config
+from helpers import ROOT, free_port, run, run_distributed, scalars, smoke_overrides, tiny_config
 
 B, WORLD = 4, 2
 
@@ -191,52 +194,170 @@ def test_sync_batchnorm_uses_the_global_batch():
     run_distributed(_global_bn_rank, 2)
 
 
-def _accum_run(rank, world, k, demo_dir, out, decode='host'):
-    """Three steps of the demo smoke config on the real loader; rank 0 saves its logged losses
-    and the gradients the optimiser saw. decode='device' decodes with Pillow standing in for nvjpeg."""
-    import train
-    import trainstep
-    from configs import demo
-    import data as data_module
-    import images
-    cfg = demo.get_config('smoke')
+ACCUM_JOBS = ((4, 1, 'host'), (2, 2, 'host'), (1, 4, 'device'))   # (processes, accum_steps, decode)
+
+
+def _accum_config(variant, k, demo_dir, decode):
+    from configs import clip_vitb32, demo
+    cfg = (demo if variant == 'declip' else clip_vitb32).get_config('smoke')
     cfg.compile, cfg.accum_steps = 'false', k
     cfg.data.update(train_root=str(demo_dir / 'train'), train_meta=str(demo_dir / 'train.jsonl'), decode=decode)
+    return cfg
+
+
+def _three_steps(cfg, rank, world):
+    """Three steps on the real loader: per step the terms of each of this process's virtual
+    devices, the gradients the optimiser saw and the AdamW state it left. decode='device'
+    decodes with Pillow standing in for nvjpeg."""
+    import accum
+    import train
+    import trainstep
+    import data as data_module
+    import jpeg
     state = trainstep.build_state(cfg, torch.device('cpu'), rank)
     train.wrap_ddp(state, cfg, world)
     batches = iter(data_module.build_train_loader(cfg.data, rank=rank, world=world, start_step=0, max_iter=3,
-                                                  accum=k))
-    seen, real = [], trainstep.optimizer_step
+                                                  accum=cfg.accum_steps))
+    seen = {'terms': [], 'tensors': []}
+    real = trainstep.optimizer_step, accum.second_passes, jpeg.nvjpeg_decoder
 
-    def capture(st, skip):
-        seen.append({n: p.grad.clone() for n, p in st.model.named_parameters() if p.grad is not None})
-        real(st, skip)
-    real_decoder = images.nvjpeg_decoder
-    trainstep.optimizer_step = capture
-    images.nvjpeg_decoder = lambda device: lambda blobs: [images._pillow_decode(b, device) for b in blobs]
+    def step(st, skip):
+        grads = {n: p.grad.clone() for n, p in st.model.named_parameters() if p.grad is not None}
+        real[0](st, skip)
+        kinds = {'grad': grads}
+        for name, p in st.model.named_parameters():
+            for kind, value in st.optimizer.state[p].items():
+                kinds.setdefault(kind, {})[name] = value.clone()
+        seen['tensors'].append(kinds)
+
+    def several(*args, **kwargs):
+        out = real[1](*args, **kwargs)
+        seen['terms'].append(out[1])
+        return out
+    trainstep.optimizer_step, accum.second_passes = step, several
+    jpeg.nvjpeg_decoder = lambda device: lambda blobs: [jpeg._pillow_decode(b, device) for b in blobs]
+    train_step = accum.train_step if cfg.accum_steps > 1 else trainstep.train_step
     try:
-        logged = [trainstep.train_step(state, next(batches), cfg=cfg, autocast=contextlib.nullcontext(), rank=rank,
-                                       world=world)['loss'] for _ in range(3)]
+        for _ in range(3):
+            metrics = train_step(state, next(batches), cfg)
+            if cfg.accum_steps == 1:   # one virtual device: the step's own losses
+                seen['terms'].append([metrics['loss']])
     finally:
-        trainstep.optimizer_step, images.nvjpeg_decoder = real, real_decoder
+        trainstep.optimizer_step, accum.second_passes, jpeg.nvjpeg_decoder = real
+    return seen
+
+
+def _relative_errors(got, want):
+    """{'kind name': |got - want| / |want|} over whole tensors of each kind (gradient, AdamW's
+    exp_avg, ...), with |want| at least 1e-3 of the largest of its kind: the biases before a
+    BatchNorm have a zero gradient but for round-off. 1 where the names differ."""
+    errors = {}
+    for kind in want.keys() | got.keys():
+        a, b = got.get(kind, {}), want.get(kind, {})
+        if a.keys() != b.keys():
+            errors[f'{kind}: names differ, e.g. {sorted(a.keys() ^ b.keys())[:3]}'] = 1.0
+            continue
+        norms = {n: b[n].double().norm() for n in b}
+        floor = 1e-3 * max(norms.values())
+        errors.update({f'{kind} {n}': float((a[n].double() - b[n].double()).norm() / max(norms[n], floor))
+                       for n in b})
+    return errors
+
+
+def _accum_jobs(rank, _, ports, demo_dir, out):
+    """The jobs of ACCUM_JOBS one after another in the same processes (4, then 2, then 1 of them;
+    the process group is rebuilt for each): every process saves its virtual devices' terms,
+    process 0 keeps the 4-process job's gradients and AdamW state and saves how far the others'
+    are from them."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    reference, errors = {}, {}
+    for (world, k, decode), port in zip(ACCUM_JOBS, ports):
+        if rank >= world:
+            break
+        if world > 1:
+            dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+        for variant in ('declip', 'clip'):
+            seen = _three_steps(_accum_config(variant, k, demo_dir, decode), rank, world)
+            torch.save(seen.pop('terms'), out / f'{variant}_{world}x{k}_rank{rank}.pt')
+            for t, tensors in enumerate(seen['tensors']) if rank == 0 else ():
+                if (variant, t) not in reference:
+                    reference[variant, t] = tensors
+                else:
+                    errors[variant, world, k, t] = _relative_errors(tensors, reference[variant, t])
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
     if rank == 0:
-        torch.save({'losses': logged, 'grads': seen, 'queue': state.queue}, out)
+        torch.save(errors, out / 'errors.pt')
 
 
 def test_accumulated_micro_batches_equal_a_job_with_more_devices(tmp_path, demo_dir):
-    """1 process x accum_steps 2 against 2 processes x 1 (same loader streams, NN lookups in two
-    queues): the losses of virtual device 0 and every parameter gradient, over three steps."""
-    run_distributed(_accum_run, 2, 1, demo_dir, tmp_path / 'w2.pt')
-    _accum_run(0, 1, 2, demo_dir, tmp_path / 'w1.pt')
-    _accum_run(0, 1, 2, demo_dir, tmp_path / 'w1_device.pt', decode='device')   # JPEGs decoded in the step
-    wide = torch.load(tmp_path / 'w2.pt')
-    for deep in (torch.load(tmp_path / 'w1.pt'), torch.load(tmp_path / 'w1_device.pt')):
-        for a, b in zip(wide['losses'], deep['losses']):
-            assert a.keys() == b.keys() == {'total', 'clip', 'nn', 'simsiam', 'mlm'}
-            for term in a:
-                torch.testing.assert_close(b[term], a[term], rtol=1e-5, atol=1e-6, msg=term)
-        for step, (a, b) in enumerate(zip(wide['grads'], deep['grads'])):
-            assert a.keys() == b.keys()
-            for name in a:
-                torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=f'step {step}: {name}')
-        assert deep['queue'].shape[0] == 2
+    """2 processes x accum_steps 2 and 1 process x 4 (JPEGs decoded in the step) against 4
+    processes x 1, DeCLIP and the CLIP baseline, over three steps: the loss terms of every virtual
+    device and every parameter gradient and AdamW state tensor, to fp32 round-off. Virtual device
+    r*k+j is micro-batch j of process r: its loader, augmentation and masking streams, its NN
+    queue, its contrastive labels (rows (r*k+j)*B ...; labels without the rank offset r*k*B
+    fail the 2 x 2 job's virtual devices 2 and 3) and its BatchNorm statistics."""
+    ports = [free_port() for _ in ACCUM_JOBS]
+    torch.multiprocessing.start_processes(_accum_jobs, args=(None, ports, demo_dir, tmp_path), nprocs=4, join=True,
+                                          start_method='spawn')
+    errors = torch.load(tmp_path / 'errors.pt')
+    assert sorted(errors) == sorted((v, w, k, t) for v in ('declip', 'clip') for w, k, _ in ACCUM_JOBS[1:]
+                                    for t in range(3))
+    for job, errs in errors.items():
+        assert len(errs) > 4 * 40
+        worst = max(errs, key=errs.get)
+        assert errs[worst] < 5e-5, (job, worst, errs[worst])
+    for variant, names in (('declip', {'total', 'clip', 'nn', 'simsiam', 'mlm'}), ('clip', {'total', 'clip'})):
+        devices = [torch.load(tmp_path / f'{variant}_4x1_rank{r}.pt') for r in range(4)]
+        want = [[d[t][0] for d in devices] for t in range(3)]
+        for world, k, _ in ACCUM_JOBS[1:]:
+            got = [torch.load(tmp_path / f'{variant}_{world}x{k}_rank{r}.pt') for r in range(world)]
+            for t in range(3):
+                per_device = [terms for ranks in got for terms in ranks[t]]
+                assert len(per_device) == 4
+                for v, (a, b) in enumerate(zip(per_device, want[t])):
+                    assert a.keys() == b.keys() == names
+                    for term in a:
+                        torch.testing.assert_close(a[term], b[term], rtol=1e-5, atol=1e-6,
+                                                   msg=f'{variant} {world}x{k} step {t} device {v}: {term}')
+
+
+def test_accumulating_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, demo_dir):
+    """2 processes x accum_steps 2, SIGKILLed during step 3 (after step 2's checkpoint) and run
+    again: it resumes at step 2, and the logged losses of all four steps and the last checkpoint
+    (weights, AdamW state, the four virtual devices' NN queues and their pointer) are those of the
+    uninterrupted run, so every virtual device's loader, augmentation and masking streams resume."""
+    from test_reliability import command, overrides, run_and_kill
+    args = overrides(demo_dir, max_iter=4, accum_steps=2)
+    ref, crashed = tmp_path / 'ref', tmp_path / 'crashed'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    res = subprocess.run(command(ref, args, 2), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_and_kill(crashed, args, 2, at_step=3)
+    res = subprocess.run(command(crashed, args, 2), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'at step 2' in res.stderr
+    want, got = scalars(ref, 'loss/total')[0], scalars(crashed, 'loss/total')[0]
+    assert sorted(want) == sorted(got) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+    a, b = (runtime.safe_load(run / 'checkpoints' / 'last.pt') for run in (crashed, ref))
+    assert a['step'] == b['step'] == 4 and a['queue_ptr'] == b['queue_ptr'] and len(a['queues']) == 4
+    for key in ('model', 'queues'):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-8, msg=key)
+    torch.testing.assert_close(a['optimizer']['state'], b['optimizer']['state'], rtol=1e-6, atol=1e-10)
+
+
+def test_accumulation_with_synchronised_batchnorm_is_refused_in_one_line(tmp_path, demo_dir):
+    """R50 (model.sync_bn=True) with accum_steps=2 on 2 processes: one line naming the setting to
+    change and what it means, no traceback from train.py, no workdir."""
+    work = tmp_path / 'run'
+    res = run(['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()), 'train.py',
+               '--config', 'configs/r50.py:smoke', '--workdir', str(work), *smoke_overrides(demo_dir),
+               '--config.accum_steps=2'], timeout=120)
+    assert res.returncode != 0 and not work.exists()
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if 'config.model.sync_bn' in line]
+    assert len(lines) == 1 and 'Add --config.model.sync_bn=False' in lines[0] and 'own BatchNorm statistics' in lines[0]
+    assert 'train.py", line' not in res.stderr

@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 import images
+import jpeg
 import text
 import trainstep
 from configs import clip_vitb32
@@ -80,7 +81,7 @@ def test_clip_batch_has_no_flip_and_no_colour_op(tmp_path):
     pairs = write_pairs(tmp_path)
     cfg = clip_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'))
     d = cfg.data
-    assert (d.augmentation, tuple(d.crop_scale), d.views) == ('standard_clip', (0.5, 1.0), 1)
+    assert (d.augmentation, tuple(d.crop_scale), d.views) == ('standard_slip', (0.5, 1.0), 1)
     batch = next(iter(data.build_train_loader(d, rank=0, world=1, start_step=0, max_iter=1)))
     items = list(data.IterationSampler(len(pairs), batch_size=d.batch_size, world_size=1, rank=0, max_iter=1,
                                        seed=d.seed))
@@ -113,8 +114,8 @@ def test_clip_device_decode_has_no_flip(tmp_path):
     cfg = clip_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), decode='device')
     batch = next(iter(data.build_train_loader(cfg.data, rank=0, world=1, start_step=0, max_iter=1)))
     assert batch['jpeg_sizes'].gt(0).all() and not batch['flips'].any()
-    views, undecodable = images.decode_views(
-        batch, size=64, device=CPU, decode=lambda blobs: [images._pillow_decode(b, CPU) for b in blobs])
+    views, undecodable = jpeg.decode_views(
+        batch, size=64, device=CPU, decode=lambda blobs: [jpeg._pillow_decode(b, CPU) for b in blobs])
     items = data.IterationSampler(len(pairs), batch_size=6, world_size=1, rank=0, max_iter=1, seed=cfg.data.seed)
     for j, ((_, position), caption) in enumerate(zip(items, captions(batch))):
         want = unflipped(pairs[caption], data.seeded_rng(cfg.data.seed, position), size=64, scale=(0.5, 1.0))
@@ -140,9 +141,39 @@ def test_unknown_augmentation_is_refused_naming_the_key(tmp_path):
     data.check_config(cfg.data)
     cfg.data.augmentation = 'simclr'
     for check in (data.check_config, data.SampleBuilder):
-        with pytest.raises(ValueError, match=r"config\.data\.augmentation: one of moco_v2, standard_clip, got 'simclr'"):
+        with pytest.raises(ValueError, match=r"config\.data\.augmentation: one of moco_v2, standard_slip, got 'simclr'"):
             check(cfg.data)
 
+
+def test_former_augmentation_name_is_the_same_transform_with_a_warning(tmp_path):
+    """'standard_clip' (this project's former name for the reference's STANDARD_SLIP) still means crops
+    only, with a warning naming the new name; a resumed run saved under it is not a config change."""
+    import train
+    write_pairs(tmp_path, n=2)
+    cfg = clip_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), val_meta='')
+    cfg.data.augmentation = 'standard_clip'
+    with pytest.warns(UserWarning, match="now called 'standard_slip'"):
+        data.check_config(cfg.data)
+    assert cfg.data.augmentation == 'standard_slip'
+    with pytest.warns(UserWarning):
+        assert images.moco_views('standard_clip') is False
+    assert images.moco_views('moco_v2') is True
+    saved = cfg.to_dict()
+    saved['data']['augmentation'] = 'standard_clip'
+    train.check_resumed_config(saved, cfg, 'last.pt', allow_change=False)   # no refusal
+    saved['data']['augmentation'] = 'moco_v2'
+    with pytest.raises(ValueError, match="data.augmentation: 'moco_v2' -> 'standard_slip'"):
+        train.check_resumed_config(saved, cfg, 'last.pt', allow_change=False)
+
+
+def test_batchnorm_per_config_as_the_reference():
+    """DeCLIP-R50 synchronises the image tower's BatchNorm; CLIP-R50 keeps it per device
+    (the reference's CLIP-R50 config: use_sync_bn False); ViTs have none to synchronise."""
+    from configs import clip_r50, r50, vitb32
+    assert r50.get_config().model.sync_bn is True
+    assert clip_r50.get_config().model.sync_bn is False
+    assert clip_r50.get_config('smoke').model.sync_bn is False
+    assert vitb32.get_config().model.sync_bn is False and clip_vitb32.get_config().model.sync_bn is False
 
 # ---------------------------------------------------------------- webdataset: replacement, shuffle buffer
 

@@ -1,4 +1,4 @@
-"""`prepare.py imagenet-val`: evaluation JSON Lines from ImageNet's two usual validation layouts.
+"""`tools/imagenet_val.py`: evaluation JSON Lines from ImageNet's two usual validation layouts.
 The devkit's meta.mat is written here by a small MATLAB 5 writer that follows the format's
 specification (tags, 8-byte padding, the 4-byte small-element form, compressed elements, doubles
 stored as uint16 as MATLAB stores them), with the synsets in an order that is not the sorted one."""
@@ -11,8 +11,8 @@ import zlib
 import pytest
 
 import evaluate
-import prepare
 from helpers import ROOT, run, write_jpeg
+from tools import imagenet_val
 
 WNIDS = [f'n{10_000_000 + 7 * i:08d}' for i in range(1000)]      # sorted, as ImageNet's are
 
@@ -62,7 +62,7 @@ def devkit(tmp_path):
 
 def test_flat_folder_labels_follow_the_devkit_ids_through_meta_mat(tmp_path, devkit):
     meta, names, order = devkit
-    assert prepare.devkit_wnids(meta) == {i + 1: w for i, w in enumerate(order)}
+    assert imagenet_val.devkit_wnids(meta) == {i + 1: w for i, w in enumerate(order)}
     ids = [5, 1000, 1, 5, 333, 42]
     (tmp_path / 'gt.txt').write_text(''.join(f'{i}\n' for i in ids))
     val = tmp_path / 'val'
@@ -70,7 +70,7 @@ def test_flat_folder_labels_follow_the_devkit_ids_through_meta_mat(tmp_path, dev
     for n in (1, 2, 3, 4, 6):                                   # image 5 is missing: counted, left out
         write_jpeg(val / f'ILSVRC2012_val_{n:08d}.JPEG')
     out = tmp_path / 'val.jsonl'
-    assert prepare.imagenet_val(val, out, ground_truth=tmp_path / 'gt.txt', devkit_meta=meta, names=names) == (5, 1)
+    assert imagenet_val.imagenet_val(val, out, ground_truth=tmp_path / 'gt.txt', devkit_meta=meta, names=names) == (5, 1)
     records, _ = evaluate.read_eval_meta(out)
     want = [(n, WNIDS.index(order[ids[n - 1] - 1])) for n in (1, 2, 3, 4, 6)]
     assert [(r['filename'], r['label'], r['label_name']) for r in records] == [
@@ -89,14 +89,14 @@ def test_image_folder_tree_labels_are_the_sorted_wnid_index(tmp_path, devkit):
     write_jpeg(val / WNIDS[999] / 'c.jpg')
     (val / WNIDS[999] / 'notes.txt').write_text('not an image')
     out = tmp_path / 'val.jsonl'
-    assert prepare.imagenet_val(val, out, names=names) == (3, 0)
+    assert imagenet_val.imagenet_val(val, out, names=names) == (3, 0)
     records, _ = evaluate.read_eval_meta(out)
     assert [(r['filename'], r['label'], r['label_name']) for r in records] == [
         (f'{WNIDS[7]}/a.JPEG', 7, f'name of {WNIDS[7]}'), (f'{WNIDS[7]}/b.JPEG', 7, f'name of {WNIDS[7]}'),
         (f'{WNIDS[999]}/c.jpg', 999, f'name of {WNIDS[999]}')]
     os.rmdir(val / WNIDS[3])
     with pytest.raises(SystemExit, match='999 class folders'):
-        prepare.imagenet_val(val, out, names=names)
+        imagenet_val.imagenet_val(val, out, names=names)
 
 
 def test_bad_inputs_are_named(tmp_path, devkit):
@@ -105,35 +105,35 @@ def test_bad_inputs_are_named(tmp_path, devkit):
     val.mkdir()
     (tmp_path / 'gt.txt').write_text('1\n7\nabc\n')
     with pytest.raises(SystemExit, match=r'gt.txt: entry 3: expected a class id 1..1000'):
-        prepare.imagenet_val(val, tmp_path / 'o.jsonl', ground_truth=tmp_path / 'gt.txt', devkit_meta=meta, names=names)
+        imagenet_val.imagenet_val(val, tmp_path / 'o.jsonl', ground_truth=tmp_path / 'gt.txt', devkit_meta=meta, names=names)
     with pytest.raises(SystemExit, match='needs --devkit_meta'):
-        prepare.imagenet_val(val, tmp_path / 'o.jsonl', ground_truth=tmp_path / 'gt.txt', names=names)
+        imagenet_val.imagenet_val(val, tmp_path / 'o.jsonl', ground_truth=tmp_path / 'gt.txt', names=names)
     os.mkfifo(tmp_path / 'fifo')
     with pytest.raises(SystemExit, match='cannot read .*fifo'):
-        prepare.devkit_wnids(tmp_path / 'fifo')
+        imagenet_val.devkit_wnids(tmp_path / 'fifo')
     torn = tmp_path / 'torn.mat'
     torn.write_bytes(meta.read_bytes()[:400])
     with pytest.raises(ValueError, match='torn.mat: not the devkit'):
-        prepare.devkit_wnids(torn)
+        imagenet_val.devkit_wnids(torn)
     (tmp_path / 'text.mat').write_text('hello')
     with pytest.raises(ValueError, match='text.mat: not a little-endian MATLAB 5 file'):
-        prepare.devkit_wnids(tmp_path / 'text.mat')
+        imagenet_val.devkit_wnids(tmp_path / 'text.mat')
     short = tmp_path / 'short.mat'
     write_meta_mat(short, [(i + 1, w) for i, w in enumerate(WNIDS[:999])])
     with pytest.raises(ValueError, match='not 1,000 distinct'):
-        prepare.devkit_wnids(short)
+        imagenet_val.devkit_wnids(short)
     with pytest.raises(SystemExit, match='is not a folder'):
-        prepare.imagenet_val(tmp_path / 'nowhere', tmp_path / 'o.jsonl', names=names)
+        imagenet_val.imagenet_val(tmp_path / 'nowhere', tmp_path / 'o.jsonl', names=names)
 
 
 def test_the_command_line_writes_the_file(tmp_path):
-    """The real class-name asset and the flags, through prepare.py's command line."""
+    """The real class-name asset and the flags, through the tool's command line."""
     val = tmp_path / 'val'
     for w in WNIDS:
         (val / w).mkdir(parents=True)
     write_jpeg(val / WNIDS[0] / 'x.JPEG')
     out = tmp_path / 'imagenet_val.jsonl'
-    result = run([str(ROOT / 'prepare.py'), 'imagenet-val', f'--val_root={val}', f'--out={out}'])
+    result = run([str(ROOT / 'tools' / 'imagenet_val.py'), f'--val_root={val}', f'--out={out}'])
     assert result.returncode == 0, result.stderr
     rec = json.loads(out.read_text())
     assert rec == {'filename': f'{WNIDS[0]}/x.JPEG', 'label': 0, 'label_name': 'tench'}

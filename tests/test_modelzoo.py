@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import data
-import prepare
+from tools import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ('train_full_1p', 'train_full_8p', 'train_performance_1p', 'train_performance_8p')
@@ -33,7 +33,7 @@ def repo(tmp_path):
     copy.mkdir()
     for path in ROOT.glob('*.py'):
         shutil.copy2(path, copy)
-    for folder in ('configs', 'assets', 'test'):
+    for folder in ('configs', 'assets', 'test', 'tools'):
         shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns('__pycache__', 'output'))
     (copy / 'data').symlink_to(data.DATA_DIR)
     return copy
@@ -112,9 +112,9 @@ def check_outputs(out, case, *, batch, nproc, windows, acc):
 
 
 def test_performance_run_twice_from_dataset_folder(repo, demo_dir):
-    """`python prepare.py modelzoo-dataset` fills ./dataset; two performance runs in a row (from
+    """`python tools/prepare.py modelzoo-dataset` fills ./dataset; two performance runs in a row (from
     the root, then from test/) each train from step 0 and report a real speed."""
-    subprocess.run([sys.executable, 'prepare.py', 'modelzoo-dataset', '--demo', str(demo_dir)], cwd=repo,
+    subprocess.run([sys.executable, 'tools/prepare.py', 'modelzoo-dataset', '--demo', str(demo_dir)], cwd=repo,
                    check=True, capture_output=True, timeout=120)
     assert (repo / 'dataset' / 'imagenet_val' / 'ILSVRC2012_val_00000001.JPEG').is_file()
     out, case = repo / 'test' / 'output' / '0', 'DeCLIP_for_PyTorch_bs8_1p_perf'

@@ -24,19 +24,21 @@ def overrides(demo_dir, **extra):
     return out + ['--config.data.val_meta=']
 
 
-def command(workdir, args, nproc):
-    launcher = [sys.executable, 'train.py'] if nproc == 1 else [
+def command(workdir, args, nproc, script='train.py'):
+    launcher = [sys.executable, script] if nproc == 1 else [
         sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
-        '--master_port', str(free_port()), 'train.py']
+        '--master_port', str(free_port()), script]
     return launcher + ['--config', 'configs/demo.py:smoke', '--workdir', str(workdir), *args]
 
 
 def run_and_kill(workdir, args, nproc, *, at_step=None, during_write=False):
-    """Start a run and SIGKILL its whole process group at `step k/` or while a .tmp checkpoint exists."""
+    """Start a run and SIGKILL its whole process group at `step k/` or while a .tmp checkpoint exists
+    (each checkpoint write then held by tests/train_faults.py)."""
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     if during_write:
         env['DECLIP_TEST_PAUSE_BEFORE_RENAME'] = '60'
-    proc = subprocess.Popen(command(workdir, args, nproc), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    script = 'tests/train_faults.py' if during_write else 'train.py'
+    proc = subprocess.Popen(command(workdir, args, nproc, script), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     ckpt_dir = workdir / 'checkpoints'
     deadline = time.time() + 300
@@ -184,7 +186,7 @@ def _params(state):
 
 def test_nonfinite_step_changes_nothing_and_is_logged(tmp_path, demo_dir):
     args = overrides(demo_dir, max_iter=6, ckpt_every=1, keep_every=1, keep_copies=0)
-    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path), *args],
+    res = run(['tests/train_faults.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path), *args],
               env={'DECLIP_TEST_NONFINITE_STEPS': '2'})  # 0-based step 2 = the third step
     assert res.returncode == 0, res.stderr[-3000:]
     before = runtime.safe_load(tmp_path / 'checkpoints' / 'step_2.pt')
@@ -205,7 +207,7 @@ def test_nonfinite_step_changes_nothing_and_is_logged(tmp_path, demo_dir):
 
 def test_nonfinite_streak_stops_cleanly_keeping_the_last_good_checkpoint(tmp_path, demo_dir):
     args = overrides(demo_dir, max_iter=8, ckpt_every=2, keep_every=2, keep_copies=0, max_nonfinite=3)
-    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path), *args],
+    res = run(['tests/train_faults.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path), *args],
               env={'DECLIP_TEST_NONFINITE_STEPS': '2,3,4,5,6'})   # 1-based steps 3-7
     assert res.returncode != 0
     assert '3 consecutive non-finite losses at step 5' in res.stderr + res.stdout

@@ -81,10 +81,10 @@ def test_a_second_run_on_a_held_workdir_stops_naming_the_holder(tmp_path, demo_d
 
 # ---------------------------------------------------------------- 3, 4: signals, launcher death
 
-def _start(work, demo_dir, nproc=1, **over):
-    launcher = [sys.executable, 'train.py'] if nproc == 1 else [
+def _start(work, demo_dir, nproc=1, script='train.py', **over):
+    launcher = [sys.executable, script] if nproc == 1 else [
         sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
-        '--master_port', str(free_port()), 'train.py']
+        '--master_port', str(free_port()), script]
     args = smoke_overrides(demo_dir, **{'max_iter': 500, 'ckpt_every': 400, 'data.val_meta': '', **over})
     return subprocess.Popen([*launcher, '--config', 'configs/demo.py:smoke', '--workdir', str(work), *args],
                             cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.PIPE,
@@ -130,10 +130,10 @@ def test_a_signal_finishes_the_step_and_writes_a_checkpoint(tmp_path, demo_dir, 
 
 
 def test_a_second_signal_exits_at_once(tmp_path, demo_dir):
-    """The second SIGTERM arrives while the stop's checkpoint write is held (a test hook)."""
+    """The second SIGTERM arrives while the stop's checkpoint write is held (tests/train_faults.py)."""
     os.environ['DECLIP_TEST_PAUSE_BEFORE_RENAME'] = '60'
     try:
-        proc = _start(tmp_path / 'w', demo_dir)
+        proc = _start(tmp_path / 'w', demo_dir, script='tests/train_faults.py')
     finally:
         del os.environ['DECLIP_TEST_PAUSE_BEFORE_RENAME']
     try:
@@ -189,7 +189,7 @@ def _failing_run(work, demo_dir, fault, workers):
         over.update({'data.train_meta': meta, 'data.bad_window': 10, 'data.max_bad_rate': 0.2})
         expected = 'could not be built'
     elif fault == 'diverged':
-        env['DECLIP_TEST_NONFINITE_STEPS'] = '0'
+        env['DECLIP_TEST_NONFINITE_STEPS'], entry = '0', ['tests/train_faults.py']
         over['max_nonfinite'] = 1
         expected = '1 consecutive non-finite losses at step 1'
     else:

@@ -5,10 +5,39 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = {p.stem: p for p in ROOT.glob('*.py')} | {f'configs.{p.stem}': p for p in (ROOT / 'configs').glob('*.py')}
-# entry points, then the library they share; a module imports only from its own layer or below
-LAYERS = [{m for m in MODULES if m.startswith('configs.')}, {'bench'}, {'train', 'prepare'}, {'trainstep', 'evaluate'},
-          {'data', 'weights'}, {'text', 'images', 'runtime', 'declip', 'losses'}]
+
+
+def _modules(folder, prefix=''):
+    """Import name -> path of the .py files in `folder` (a package's __init__.py is the package)."""
+    return {prefix.rstrip('.') if p.stem == '__init__' else prefix + p.stem: p for p in folder.glob('*.py')}
+
+
+MODULES = _modules(ROOT) | _modules(ROOT / 'configs', 'configs.') | _modules(ROOT / 'tools', 'tools.')
+TOOLS = {m for m in MODULES if m.split('.')[0] == 'tools'}
+# entry points, then the library they share; a module imports only from its own layer or below. The
+# tools (tools/) stand above the library: they import it, it never imports them.
+LAYERS = [{m for m in MODULES if m.startswith('configs.')},
+          {'tools.bench', 'tools.prepare', 'tools.compare_demo', 'tools.imagenet_val'},
+          {'tools.bench_data', 'tools.bench_parts', 'tools.demo', 'tools'},
+          {'train'}, {'accum'}, {'trainstep', 'evaluate', 'checks'}, {'data', 'weights'}, {'jpeg'},
+          {'text', 'images', 'runtime', 'declip', 'losses'}]
+# the research core and the shell that hardens it from outside: calls go shell -> core, never back;
+# CORE_USES_SHELL lists the calls still to be moved out of the core
+CORE = {'declip', 'losses', 'text', 'images', 'data', 'trainstep', 'evaluate'}
+SHELL = {'accum', 'runtime', 'checks', 'jpeg', 'weights'}
+CORE_USES_SHELL = {('trainstep', 'runtime'), ('evaluate', 'runtime'), ('trainstep', 'jpeg'), ('data', 'jpeg'),
+                   ('data', 'runtime'), ('evaluate', 'weights')}
+LINES, FUNCTION_LINES = 400, 40
+# Modules still over LINES lines or with a function over FUNCTION_LINES, held to the former 600 / 60
+# until they shrink (test_oversized_modules_are_still_oversized says when one must leave the list).
+OVERSIZED = {
+    'configs.common': 'base_config: every key in one ConfigDict literal',
+    'data': 'formats, samples, guarded reading, loaders and the checks of the data block in one module',
+    'declip': 'all encoders and heads in one module',
+    'images': 'host crops, device colour ops and the guarded reading (open_regular .. read_bytes, for a guard module)',
+    'runtime': 'devices, precision, checkpoint files, the workdir lock and signals in one module',
+    'train': 'run: checks, resume and the loop in one function',
+}
 
 
 def project_imports(path):
@@ -54,20 +83,51 @@ def test_imports_flow_one_way_without_cycles():
 
 
 def test_no_module_imports_train():
-    """train.py is an entry point; bench.py times trainstep.train_step, the very step its loop runs."""
+    """train.py is an entry point; tools/bench.py times the very steps its loop runs (trainstep's, and
+    accum's with accum_steps > 1)."""
     importers = {m for m, p in MODULES.items() if 'train' in project_imports(p) and m != 'train'}
     assert not importers
-    assert 'trainstep' in project_imports(MODULES['bench']) and 'trainstep' in project_imports(MODULES['train'])
+    for step_module in ('trainstep', 'accum'):
+        assert step_module in project_imports(MODULES['tools.bench']) & project_imports(MODULES['train'])
+
+
+def test_the_core_calls_no_shell_module():
+    for module in CORE:
+        for dep in project_imports(MODULES[module]) & SHELL:
+            assert (module, dep) in CORE_USES_SHELL, f'{module} (core) imports {dep} (shell)'
+    for module, dep in CORE_USES_SHELL:   # a call moved out leaves this list
+        assert dep in project_imports(MODULES[module]), f'{module} no longer imports {dep}: drop the exception'
+
+
+def test_the_library_imports_no_tool():
+    assert {'tools.prepare', 'tools.demo', 'tools.bench', 'tools'} <= TOOLS
+    for module, path in MODULES.items():
+        if module not in TOOLS:
+            assert not project_imports(path) & TOOLS, f'{module} imports {project_imports(path) & TOOLS}'
+
+
+def sizes(module):
+    """(lines of the module, {function: lines})."""
+    source = MODULES[module].read_text()
+    functions = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(ast.parse(source))
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return len(source.splitlines()), functions
 
 
 @pytest.mark.parametrize('module', sorted(MODULES))
 def test_modules_and_functions_are_short(module):
-    source = MODULES[module].read_text()
-    assert len(source.splitlines()) <= 600, f'{module}: {len(source.splitlines())} lines'
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            length = node.end_lineno - node.lineno + 1
-            assert length <= 60, f'{module}.{node.name}: {length} lines'
+    most, most_function = (600, 60) if module in OVERSIZED else (LINES, FUNCTION_LINES)
+    lines, functions = sizes(module)
+    assert lines <= most, f'{module}: {lines} lines'
+    for name, length in functions.items():
+        assert length <= most_function, f'{module}.{name}: {length} lines'
+
+
+@pytest.mark.parametrize('module', sorted(OVERSIZED))
+def test_oversized_modules_are_still_oversized(module):
+    """An exception that is no longer needed leaves OVERSIZED, so that the module keeps its new size."""
+    lines, functions = sizes(module)
+    assert lines > LINES or max(functions.values()) > FUNCTION_LINES, f'{module} fits now: take it off OVERSIZED'
 
 
 def test_no_citations_of_documents_outside_the_repository():
