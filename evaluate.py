@@ -254,7 +254,7 @@ def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, wo
     checked first: a malformed line, or a label outside the classes evaluated, is a ValueError
     naming file:line. Images that cannot be read are skipped and counted by kind ('skipped'); the
     metrics are over the images scored. `tokenizer`: the model's own vocabulary
-    (config.data.bpe_path; default: load_model's bpe_path, else the data folder's)."""
+    (config.data.bpe_path; default: weights.load_model's bpe_path, else the data folder's)."""
     if task not in ('zeroshot', 'retrieval'):
         raise ValueError(f'unknown task {task!r} (zeroshot, retrieval)')
     if task == 'retrieval' and world > 1:

@@ -202,31 +202,33 @@ def _failing_run(work, demo_dir, fault, workers):
     return args, env, expected
 
 
-@pytest.mark.parametrize('workers', [1, 2])
 @pytest.mark.parametrize('fault', ['bad_rate', 'diverged', 'step_error'])
-def test_a_failing_run_with_loader_workers_exits(tmp_path, demo_dir, fault, workers):
+def test_a_failing_run_with_loader_workers_exits(tmp_path, demo_dir, fault):
     """The data-rate stop, the divergence stop and an exception in the step each end the process,
     loader workers included, within seconds of the error (interpreter exit once waited forever on
-    a worker that ignores SIGTERM)."""
-    work = tmp_path / 'w'
-    args, env, expected = _failing_run(work, demo_dir, fault, workers)
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines = []
+    a worker that ignores SIGTERM). Runs with 1 and with 2 workers, side by side."""
+    runs = []
+    for workers in (1, 2):
+        work = tmp_path / f'w{workers}'
+        args, env, expected = _failing_run(work, demo_dir, fault, workers)
+        runs.append((work, subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            text=True, start_new_session=True)))
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if expected in line:
-                break
-        code = proc.wait(timeout=30)
-        left = _processes_mentioning(str(work))
+        for work, proc in runs:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if expected in line:
+                    break
+            assert any(expected in line for line in lines), ''.join(lines[-30:])
+            assert proc.wait(timeout=30) != 0
+            assert not _processes_mentioning(str(work))
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-    assert any(expected in line for line in lines), ''.join(lines[-30:])
-    assert code != 0 and not left
+        for _, proc in runs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
 
 
 HOLDS_A_LOADER = ('import sys\n'
