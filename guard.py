@@ -22,7 +22,7 @@ class BadSample(Exception):
 MAX_FILE_BYTES = 64 << 20  # default bound on the bytes of one image file (data.max_file_bytes)
 BAD_KINDS = ('missing', 'empty_file', 'not_image', 'truncated', 'too_large', 'empty_caption',
              'bad_json', 'bad_encoding', 'bad_tar', 'unreadable', 'not_regular', 'file_too_large',
-             'outside_root', 'timeout', 'other')
+             'outside_root', 'timeout', 'bad_name', 'other')
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
@@ -135,7 +135,9 @@ def confined_path(root, filename):
     are its owner's and are followed (a root that is a symlink, or a folder of links to images
     elsewhere, as tools/bench.py builds, keeps working); what they point at must still be a regular file
     of bounded size (read_file). An empty root confines nothing: filenames are then paths
-    as given."""
+    as given. A NUL character, which no file name can hold, is 'bad_name'."""
+    if '\0' in filename:
+        raise BadSample('bad_name', f'{filename!r}: a file name cannot hold a NUL character')
     if root and '..' in filename.split('/'):
         raise BadSample('outside_root', f'{filename!r} under {root}')
     return join_path(root, filename)

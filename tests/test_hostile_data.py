@@ -253,7 +253,8 @@ def test_paths_outside_the_root_are_refused(tmp_path):
     cases = [('good.jpg', None), ('/good.jpg', None), ('linked.jpg', None), ('zero.jpg', 'not_regular'),
              ('../elsewhere.jpg', 'outside_root'), ('/../elsewhere.jpg', 'outside_root'),
              ('sub/../../elsewhere.jpg', 'outside_root'), ('sub/../good.jpg', 'outside_root'),
-             (str(tmp_path / 'elsewhere.jpg'), 'missing'), ('../root2/x.jpg', 'outside_root')]
+             (str(tmp_path / 'elsewhere.jpg'), 'missing'), ('../root2/x.jpg', 'outside_root'),
+             ('good.jpg\0.png', 'bad_name')]   # its own kind, not 'other'
     write_meta(tmp_path / 'meta.jsonl', [{'filename': f, 'caption': 'a cat'} for f, _ in cases])
     for r in (root, tmp_path / 'alias'):
         ds = data.PairDataset(data_config(train_root=str(r), train_meta=str(tmp_path / 'meta.jsonl'), bad_window=1000))
