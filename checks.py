@@ -143,12 +143,12 @@ def check_config(cfg):
     if cfg.accum_steps > 1 and cfg.data.format != 'jsonl':
         raise ValueError('config.accum_steps > 1 needs data.format=jsonl (shards go to ranks and loader workers, '
                          'not to the virtual devices of a larger job)')
-    if cfg.accum_steps > 1 and cfg.model.sync_bn:   # one line from each machine's first process
-        raise SystemExit(1 if runtime.dist_env()[2] else (
+    if cfg.accum_steps > 1 and cfg.model.sync_bn:
+        raise ValueError(
             f'config.accum_steps={cfg.accum_steps} with config.model.sync_bn=True: BatchNorm cannot be synchronised '
             f'across micro-batches. Add --config.model.sync_bn=False (each micro-batch of data.batch_size='
             f'{cfg.data.batch_size} images then has its own BatchNorm statistics, as each device of the larger job '
-            f'without synchronised BatchNorm: what the reference\'s public code ran), or use accum_steps=1'))
+            f'without synchronised BatchNorm: what the reference\'s public code ran), or use accum_steps=1')
     if cfg.model.declip and (cfg.data.views != 2 or not cfg.data.mask):
         raise ValueError('config.model.declip needs data.views=2 and data.mask=True')
     for key, name in (('precision', cfg.precision), ('eval.precision', cfg.eval.precision)):

@@ -302,8 +302,10 @@ def main(argv):
         return
     try:
         train(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over, allow_config_change=FLAGS.allow_config_change)
-    except checks.ConfigError as e:   # one message per machine, no traceback
-        raise SystemExit(f'config error: {e}' if runtime.dist_env()[2] == 0 else 1) from None
+    except checks.ConfigError as e:
+        # one message per machine, no traceback: its first process prints it and fails the launch; the
+        # others leave quietly (had they failed first, the launcher could stop the first before it printed)
+        raise SystemExit(f'config error: {e}' if runtime.dist_env()[2] == 0 else 0) from None
 
 
 if __name__ == '__main__':
