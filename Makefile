@@ -12,7 +12,7 @@ setup: install
 	$(PYTHON) tools/prepare.py setup
 
 test: setup
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=15 tests
 
 data/demo/train.jsonl: tools/demo.py
 	$(PYTHON) tools/prepare.py make-demo --out data/demo

@@ -66,7 +66,7 @@ def assert_checkpoints_readable(workdir):
         assert state['step'] > 0
 
 
-@pytest.mark.parametrize('nproc, kills', [(1, 5), (2, 2)])
+@pytest.mark.parametrize('nproc, kills', [(1, 3), (2, 1)])   # 2 processes killed at a step: test_distributed
 def test_kill9_anywhere_then_resume_gives_the_same_losses(tmp_path, demo_dir, nproc, kills):
     args = overrides(demo_dir)
     ref, crashed = tmp_path / 'ref', tmp_path / 'crashed'
