@@ -170,6 +170,15 @@ def _need(key, path, kind='file'):
         raise ValueError(f'config.data.{key}: {kind} not found: {path!r}')
 
 
+def check_device(cfg, device_type):
+    """What the config asks of the device this process got: device JPEG decode only on CUDA (and
+    CPU, for testing the path), bf16 only where the device has it."""
+    if cfg.data.decode == 'device' and device_type not in ('cuda', 'cpu'):
+        raise ValueError(f'config.data.decode=device needs CUDA (nvJPEG); on {device_type} torchvision would '
+                         f'decode on the CPU inside the training process: use data.decode=host')
+    runtime.check_precisions(device_type, {'config.precision': cfg.precision, 'config.eval.precision': cfg.eval.precision})
+
+
 def check_data(cfg):
     """Every file and folder the data block names exists, the format, augmentation and decode are
     known, and a training meta file is not empty."""

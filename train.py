@@ -160,10 +160,8 @@ def train(cfg, workdir, *, start_over=False, allow_config_change=False):
         checks.check_config(cfg)
     lifecycle.exit_with_parent()
     device, device_type = runtime.setup_device(runtime.dist_env()[2], cfg.device)
-    if cfg.data.decode == 'device' and device_type not in ('cuda', 'cpu'):
-        raise ValueError(f'config.data.decode=device needs CUDA (nvJPEG); on {device_type} torchvision would '
-                         f'decode on the CPU inside the training process: use data.decode=host')
-    runtime.check_precisions(device_type, {'config.precision': cfg.precision, 'config.eval.precision': cfg.eval.precision})
+    with checks.config_errors():
+        checks.check_device(cfg, device_type)
     jit, static = runtime.configure_shapes(device_type, jit_compile=cfg.npu_jit_compile,
                                            static_shapes=cfg.static_shapes)
     workdir, first = Path(workdir), runtime.dist_env()[0] == 0
