@@ -35,7 +35,7 @@ bench-gpu:
 	mkdir -p $(OUT)
 	-$(LIMIT) 110 $(STEP) --config=configs/vitb32.py --compile --out=$(OUT)/step_vitb32_256.json
 	-$(LIMIT) 150 $(STEP) --config=configs/r50.py --compile --out=$(OUT)/step_r50_256.json
-	-$(LIMIT) 100 $(STEP) --config=configs/vitb32.py --compile --set="compile='towers'" \
+	-$(LIMIT) 100 $(STEP) --config=configs/vitb32.py --compile --set="runtime.compile='towers'" \
 		--out=$(OUT)/step_vitb32_256_towers.json
 	-$(LIMIT) 50 $(STEP) --config=configs/vitb32.py --out=$(OUT)/step_vitb32_256_eager.json
 	-$(LIMIT) 60 $(BENCH) memory --config=configs/vitb32.py --batch=256 --accum=4 --out=$(OUT)/memory_vitb32.json

@@ -99,14 +99,14 @@ def check_values(tree, rules):
     return values
 
 
-POSITIVE = ('max_iter', 'accum_steps', 'log_every', 'ckpt_every', 'keep_every', 'eval_every', 'max_nonfinite',
-            'dist_timeout_s', 'mlm_bucket', 'data.batch_size', 'data.prefetch', 'data.bad_window',
-            'data.max_pixels', 'loss.queue_size', 'eval.batch_size', 'optim.eps')
-NON_NEGATIVE = ('seed', 'stop_at', 'data.shuffle_buffer', 'keep_copies', 'tb_images', 'peak_tflops', 'data.workers', 'eval.workers',
+POSITIVE = ('max_iter', 'accum_steps', 'log_every', 'ckpt_every', 'keep_every', 'eval_every', 'runtime.max_nonfinite',
+            'runtime.dist_timeout_s', 'runtime.mlm_bucket', 'data.batch_size', 'data.prefetch', 'data.limits.bad_window',
+            'data.limits.max_pixels', 'loss.queue_size', 'eval.batch_size', 'optim.eps')
+NON_NEGATIVE = ('seed', 'stop_at', 'data.shuffle_buffer', 'keep_copies', 'runtime.tb_images', 'runtime.peak_tflops', 'data.workers', 'eval.workers',
                 'optim.base_lr', 'optim.warmup_lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
                 *(f'loss.{k}' for k in trainstep.LOSS_TERMS))
 BELOW_ONE = ('optim.beta1', 'optim.beta2')
-RATES = ('data.max_bad_rate',)   # 1.0: never stop for bad samples
+RATES = ('data.limits.max_bad_rate',)   # 1.0: never stop for bad samples
 
 
 def check_numbers(cfg):
@@ -151,13 +151,13 @@ def check_config(cfg):
             f'without synchronised BatchNorm: what the reference\'s public code ran), or use accum_steps=1')
     if cfg.model.declip and (cfg.data.views != 2 or not cfg.data.mask):
         raise ValueError('config.model.declip needs data.views=2 and data.mask=True')
-    for key, name in (('precision', cfg.precision), ('eval.precision', cfg.eval.precision)):
+    for key, name in (('runtime.precision', cfg.runtime.precision), ('eval.precision', cfg.eval.precision)):
         try:
             runtime.precision(name, 'cpu')
         except ValueError as e:
             raise ValueError(f'config.{key}: {e}') from None
-    runtime.shape_modes('cpu', jit_compile=cfg.npu_jit_compile, static_shapes=cfg.static_shapes)
-    trainstep.compile_scope(cfg.compile, 'cpu')
+    runtime.shape_modes('cpu', jit_compile=cfg.runtime.npu_jit_compile, static_shapes=cfg.runtime.static_shapes)
+    trainstep.compile_scope(cfg.runtime.compile, 'cpu')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def check_device(cfg, device_type):
     if cfg.data.decode == 'device' and device_type not in ('cuda', 'cpu'):
         raise ValueError(f'config.data.decode=device needs CUDA (nvJPEG); on {device_type} torchvision would '
                          f'decode on the CPU inside the training process: use data.decode=host')
-    runtime.check_precisions(device_type, {'config.precision': cfg.precision, 'config.eval.precision': cfg.eval.precision})
+    runtime.check_precisions(device_type, {'config.runtime.precision': cfg.runtime.precision, 'config.eval.precision': cfg.eval.precision})
 
 
 def check_data(cfg):

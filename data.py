@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get('DECLIP_DATA', ROOT / 'data'))
 BPE_PATH = DATA_DIR / 'bpe_simple_vocab_16e6.txt.gz'
 SYNONYMS_PATH = DATA_DIR / 'wordnet_synonyms.tsv.gz'
-SAMPLE_TIMEOUT_S = 60.0                 # default of data.sample_timeout_s
+SAMPLE_TIMEOUT_S = 60.0                 # default of data.limits.sample_timeout_s
 
 
 class Tokenizer(text.Tokenizer):
@@ -162,12 +162,12 @@ class SampleBuilder:
         self.flip = images.moco_views(cfg.augmentation)
         self.tokenizer = get_tokenizer(cfg.bpe_path)
         self.eda = text.EDA(cfg.synonyms_path, use_synonyms=cfg.eda_synonyms) if cfg.eda else None
-        self.monitor = guard.FailureMonitor(cfg.bad_window, cfg.max_bad_rate)
+        self.monitor = guard.FailureMonitor(cfg.limits.bad_window, cfg.limits.max_bad_rate)
 
     def __call__(self, caption, image, rng):
         caption = self.tokenizer.head(first_caption(caption), self.cfg.context_length)
-        raw = guard.read_bytes(image, max_bytes=self.cfg.max_file_bytes)
-        img = guard.open_image(raw, self.cfg.max_pixels)
+        raw = guard.read_bytes(image, max_bytes=self.cfg.limits.max_file_bytes)
+        img = guard.open_image(raw, self.cfg.limits.max_pixels)
         crops = dict(views=self.cfg.views, scale=tuple(self.cfg.crop_scale), flip=self.flip)
         if self.cfg.decode == 'device' and jpeg.device_decodable(raw, img):
             out = jpeg.jpeg_sample(raw, img.width, img.height, rng, **crops)
@@ -182,7 +182,7 @@ class SampleBuilder:
     def attempt(self, build, where):
         """(sample, None) of build() (guarded, timed), or (None, kind) of a failure, which the
         monitor records with `where` (meta file:line or shard key)."""
-        sample, kind, detail = guard.guarded(build, self.cfg.sample_timeout_s)
+        sample, kind, detail = guard.guarded(build, self.cfg.limits.sample_timeout_s)
         self.monitor.record(None if kind is None else f'{where}: {detail}'[:300])
         return sample, kind
 

@@ -341,6 +341,7 @@ def main(argv):
         model, _ = weights.load_model(ckpt, act=FLAGS.act or None)
         run_config = model.run_config
         run_data = run_config.get('data', {})
+        limits = run_data.get('limits', {})   # the run's bounds on one image's bytes and time
         val_root = FLAGS.val_root or run_data.get('val_root', '')
         val_meta = FLAGS.val_meta or run_data.get('val_meta', '')
         prompts = FLAGS.prompts or run_config.get('eval', {}).get('prompts') or 'prompt80'
@@ -360,8 +361,8 @@ def main(argv):
         metrics = evaluate(model.to(device), val_root=val_root, val_meta=val_meta, task=FLAGS.task, prompts=prompts,
                            class_names=names, batch=FLAGS.batch_size, workers=FLAGS.workers, device=device,
                            autocast=autocast, rank=rank, world=world,
-                           max_file_bytes=run_data.get('max_file_bytes', guard.MAX_FILE_BYTES),
-                           sample_timeout_s=run_data.get('sample_timeout_s', data.SAMPLE_TIMEOUT_S))
+                           max_file_bytes=limits.get('max_file_bytes', guard.MAX_FILE_BYTES),
+                           sample_timeout_s=limits.get('sample_timeout_s', data.SAMPLE_TIMEOUT_S))
         if rank == 0:
             report({'checkpoint': str(ckpt), 'kind': model.kind, 'task': FLAGS.task,
                     'prompts': prompts if FLAGS.task == 'zeroshot' else None, **metrics}, out, FLAGS.task)

@@ -19,7 +19,7 @@ class BadSample(Exception):
         self.kind = kind
 
 
-MAX_FILE_BYTES = 64 << 20  # default bound on the bytes of one image file (data.max_file_bytes)
+MAX_FILE_BYTES = 64 << 20  # default bound on the bytes of one image file (data.limits.max_file_bytes)
 BAD_KINDS = ('missing', 'empty_file', 'not_image', 'truncated', 'too_large', 'empty_caption',
              'bad_json', 'bad_encoding', 'bad_tar', 'unreadable', 'not_regular', 'file_too_large',
              'outside_root', 'timeout', 'bad_name', 'other')
@@ -53,7 +53,7 @@ def read_file(path, *, max_bytes):
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size > max_bytes:
-            raise BadSample('file_too_large', f'{path}: {size:,} bytes > {max_bytes:,} (data.max_file_bytes)')
+            raise BadSample('file_too_large', f'{path}: {size:,} bytes > {max_bytes:,} (data.limits.max_file_bytes)')
         try:
             raw = f.read(size + 1)
             if len(raw) > size:  # grew, or a size of 0 that means "unknown"
@@ -61,7 +61,7 @@ def read_file(path, *, max_bytes):
         except (OSError, TypeError) as e:  # TypeError: a non-blocking read that had no data
             raise BadSample('unreadable', f'{path}: {e}') from e
     if len(raw) > max_bytes:
-        raise BadSample('file_too_large', f'{path}: more than {max_bytes:,} bytes (data.max_file_bytes)')
+        raise BadSample('file_too_large', f'{path}: more than {max_bytes:,} bytes (data.limits.max_file_bytes)')
     return raw
 
 
@@ -80,7 +80,7 @@ def time_limit(seconds):
         return
 
     def expire(signum, frame):
-        raise BadSample('timeout', f'over {seconds:g} s (data.sample_timeout_s)')
+        raise BadSample('timeout', f'over {seconds:g} s (data.limits.sample_timeout_s)')
     previous = signal.signal(signal.SIGALRM, expire)
     try:
         signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -164,7 +164,7 @@ class FailureMonitor:
             if len(self.recent) == self.window and rate > self.max_rate:
                 raise DataError(
                     f'{rate:.0%} of the last {self.window} samples could not be built (limit '
-                    f'{self.max_rate:.0%}, data.max_bad_rate); examples:\n  ' + '\n  '.join(self.examples))
+                    f'{self.max_rate:.0%}, data.limits.max_bad_rate); examples:\n  ' + '\n  '.join(self.examples))
 
 
 def guarded(build, timeout_s):

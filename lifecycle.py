@@ -192,13 +192,13 @@ def save(state, cfg, ckpt_dir):
 
 
 def stop_if_diverged(state, cfg, ckpt_dir):
-    """A clean stop after config.max_nonfinite consecutive skipped steps (checked at log steps)."""
+    """A clean stop after config.runtime.max_nonfinite consecutive skipped steps (checked at log steps)."""
     run_len = int(state.nonfinite_run)
     if run_len:
         logging.warning('step %d: non-finite loss, step skipped (%d in a row)', state.step, run_len)
-    if run_len >= cfg.max_nonfinite:
+    if run_len >= cfg.runtime.max_nonfinite:
         raise SystemExit(f'stopping: {run_len} consecutive non-finite losses at step {state.step} (config.'
-                         f'max_nonfinite={cfg.max_nonfinite}); the last checkpoint in {ckpt_dir} is intact')
+                         f'max_nonfinite={cfg.runtime.max_nonfinite}); the last checkpoint in {ckpt_dir} is intact')
 
 
 # ----------------------------------------------------------------------------------------------

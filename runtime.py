@@ -63,9 +63,9 @@ def check_versions(torch_version, npu_version=None):
 
 def setup_device(local_rank, requested='auto'):
     """(device, device type): the accelerator torch sees (Ascend NPU with torch_npu, CUDA, ...) for
-    'auto', else the one `requested` (config.device), which must then be there."""
+    'auto', else the one `requested` (config.runtime.device), which must then be there."""
     if requested not in DEVICES:
-        raise ValueError(f'config.device: one of {", ".join(DEVICES)}, got {requested!r}')
+        raise ValueError(f'config.runtime.device: one of {", ".join(DEVICES)}, got {requested!r}')
     npu = import_torch_npu()
     check_versions(torch.__version__, getattr(npu, '__version__', None))
     available = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else 'cpu'
@@ -73,8 +73,8 @@ def setup_device(local_rank, requested='auto'):
     if device_type == 'cpu':
         return torch.device('cpu'), 'cpu'
     if device_type != available:
-        raise RuntimeError(f'config.device={requested!r}, but this process sees {available!r} '
-                           f'(set --config.device=auto or cpu)')
+        raise RuntimeError(f'config.runtime.device={requested!r}, but this process sees {available!r} '
+                           f'(set --config.runtime.device=auto or cpu)')
     torch.accelerator.set_device_index(local_rank)
     if device_type == 'npu':
         npu_settings()
@@ -96,14 +96,14 @@ SETTINGS = ('auto', 'true', 'false')
 
 
 def shape_modes(device_type, *, jit_compile='auto', static_shapes='auto', jit_default=True):
-    """(jit_compile or None off NPU, static_shapes) for config.npu_jit_compile / static_shapes.
+    """(jit_compile or None off NPU, static_shapes) for config.runtime.npu_jit_compile / static_shapes.
 
     Online operator compilation (jit) compiles each operator once per new input shape: shapes
     that change every step (colour-op sample counts, the number of masked tokens) then compile
     every step, so static shapes follow jit. 'auto' keeps torch_npu's own compile mode
     (`jit_default`: its default for the chip and CANN release, read from torch_npu) rather than
     guessing it. Off NPU, 'auto' means dynamic shapes."""
-    for key, value in (('npu_jit_compile', jit_compile), ('static_shapes', static_shapes)):
+    for key, value in (('runtime.npu_jit_compile', jit_compile), ('runtime.static_shapes', static_shapes)):
         if str(value).lower() not in SETTINGS:
             raise ValueError(f'config.{key}: auto, true or false, got {value!r}')
     jit_compile, static_shapes = str(jit_compile).lower(), str(static_shapes).lower()
@@ -205,7 +205,7 @@ def bf16_supported(device_type):
 
 
 def precision(name, device_type):
-    """(dtype, autocast context, use a loss scaler) of config.precision on this device."""
+    """(dtype, autocast context, use a loss scaler) of config.runtime.precision on this device."""
     dtype = PRECISIONS[choose_precision(name, device_type, bf16_supported(device_type))]
     ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
     return dtype, ctx, dtype == torch.float16

@@ -53,7 +53,7 @@ def iter_tar(path, max_bytes=MAX_FILE_BYTES):
                 key = k
                 if member.size > max_bytes:
                     group['__error__'] = BadSample('file_too_large', f'{name}: {member.size:,} bytes > '
-                                                   f'{max_bytes:,} (data.max_file_bytes)')
+                                                   f'{max_bytes:,} (data.limits.max_file_bytes)')
                 else:
                     group[ext.lower()] = tar.extractfile(member).read()
     except (BadSample, tarfile.TarError, OSError, EOFError) as e:
@@ -90,7 +90,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             by_shard = len(self.shards) >= total
             found, i = False, 0
             for s in order[g::total] if by_shard else order:
-                for key, group in iter_tar(self.shards[s], self.cfg.max_file_bytes):
+                for key, group in iter_tar(self.shards[s], self.cfg.limits.max_file_bytes):
                     if by_shard or i % total == g:
                         found = True
                         yield p, key, group

@@ -53,8 +53,8 @@ def zero_shot(state, cfg, rank, world):
             model, val_root=cfg.data.val_root, val_meta=cfg.data.val_meta, task='zeroshot',
             prompts=cfg.eval.prompts, class_names=None, batch=cfg.eval.batch_size, workers=cfg.eval.workers,
             device=state.device, autocast=autocast, rank=rank, world=world,
-            tokenizer=data.get_tokenizer(cfg.data.bpe_path), max_file_bytes=cfg.data.max_file_bytes,
-            sample_timeout_s=cfg.data.sample_timeout_s)
+            tokenizer=data.get_tokenizer(cfg.data.bpe_path), max_file_bytes=cfg.data.limits.max_file_bytes,
+            sample_timeout_s=cfg.data.limits.sample_timeout_s)
     finally:
         model.train()
 
@@ -81,18 +81,18 @@ class RunLog:
         return batch
 
     def flop_counter(self):
-        """Counts the FLOPs of the first step when an MFU figure is wanted (config.peak_tflops)."""
-        if not self.cfg.peak_tflops or self.flops_per_step is not None:
+        """Counts the FLOPs of the first step when an MFU figure is wanted (config.runtime.peak_tflops)."""
+        if not self.cfg.runtime.peak_tflops or self.flops_per_step is not None:
             return None
         return runtime.flop_counter()
 
     def wants_views(self):
-        return self.writer is not None and self.cfg.tb_images > 0
+        return self.writer is not None and self.cfg.runtime.tb_images > 0
 
     def views(self, views, step):
         """A step's augmented views [B, V, 3, S, S], as images."""
         for v in range(views.shape[1]):
-            shown = images.denormalize_images(views[:self.cfg.tb_images, v].float()).cpu()
+            shown = images.denormalize_images(views[:self.cfg.runtime.tb_images, v].float()).cpu()
             self.writer.add_images(f'views/{v}', shown, step)
 
     def add(self, metrics):
@@ -120,8 +120,8 @@ class RunLog:
                 'perf/img_per_s': img_s, 'perf/img_per_s_per_device': img_s / self.world,
                 'perf/step_ms': step_s * 1000, 'perf/data_wait_frac': self.t_data / elapsed,
                 'mem/peak_gib': runtime.peak_memory_gib(state.device.type)})
-            if self.cfg.peak_tflops and self.flops_per_step:
-                scalars['perf/mfu'] = self.flops_per_step / step_s / (self.cfg.peak_tflops * 1e12)
+            if self.cfg.runtime.peak_tflops and self.flops_per_step:
+                scalars['perf/mfu'] = self.flops_per_step / step_s / (self.cfg.runtime.peak_tflops * 1e12)
             scalars['samples/bad_total'] = int(bad.sum())   # each kind once it occurs (after losses in the list)
             scalars.update({f'samples/{kind}': n for kind, n in zip(guard.BAD_KINDS, bad.tolist()) if n})
             for k, v in scalars.items():
@@ -159,18 +159,18 @@ def train(cfg, workdir, *, start_over=False, allow_config_change=False):
     with checks.config_errors():
         checks.check_config(cfg)
     lifecycle.exit_with_parent()
-    device, device_type = runtime.setup_device(runtime.dist_env()[2], cfg.device)
+    device, device_type = runtime.setup_device(runtime.dist_env()[2], cfg.runtime.device)
     with checks.config_errors():
         checks.check_device(cfg, device_type)
-    jit, static = runtime.configure_shapes(device_type, jit_compile=cfg.npu_jit_compile,
-                                           static_shapes=cfg.static_shapes)
+    jit, static = runtime.configure_shapes(device_type, jit_compile=cfg.runtime.npu_jit_compile,
+                                           static_shapes=cfg.runtime.static_shapes)
     workdir, first = Path(workdir), runtime.dist_env()[0] == 0
     if first:
         (workdir / 'checkpoints').mkdir(parents=True, exist_ok=True)
     with (lifecycle.workdir_lock(workdir) if first else contextlib.nullcontext()), \
-            runtime.processes(device_type, cfg.dist_timeout_s) as (rank, world):
+            runtime.processes(device_type, cfg.runtime.dist_timeout_s) as (rank, world):
         if rank == 0:
-            dtype = runtime.precision(cfg.precision, device_type)[0]
+            dtype = runtime.precision(cfg.runtime.precision, device_type)[0]
             backend = dist.get_backend() if dist.is_initialized() else 'none (one process)'
             npu = f' | jit compile {jit}' if jit is not None else ''
             print(f'device {device} | backend {backend} | precision {dtype} | world size {world} | '

@@ -56,27 +56,27 @@ def lr_at(t, optim, max_iter):
     return optim.min_lr + (optim.warmup_lr - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# config.compile -> what torch.compile compiles: the two towers, or the model's whole training
+# config.runtime.compile -> what torch.compile compiles: the two towers, or the model's whole training
 # forward (towers, SimSiam heads, the MLM head on the masked positions; 1.04x the towers' speed
 # for ViT-B/32 on an H200, BENCHMARKS.md); 'true' and 'auto' (on CUDA) take the whole forward
 COMPILE_SCOPES = {'false': None, 'towers': 'towers', 'model': 'model', 'true': 'model', 'auto': 'model'}
 
 
 def compile_scope(setting, device_type):
-    """What config.compile compiles on `device_type` (None: nothing); an unknown setting is an error."""
+    """What config.runtime.compile compiles on `device_type` (None: nothing); an unknown setting is an error."""
     setting = str(setting).lower()
     if setting not in COMPILE_SCOPES:
-        raise ValueError(f'config.compile: one of {", ".join(COMPILE_SCOPES)}, got {setting!r}')
+        raise ValueError(f'config.runtime.compile: one of {", ".join(COMPILE_SCOPES)}, got {setting!r}')
     return None if setting == 'auto' and device_type != 'cuda' else COMPILE_SCOPES[setting]
 
 
 def build_model(cfg, device):
     """cfg.model on `device` as the step runs it: channels-last ResNet on CUDA, compiled as
-    config.compile says (in place: state-dict names unchanged)."""
+    config.runtime.compile says (in place: state-dict names unchanged)."""
     model = declip.build_model(cfg.model).to(device)
     if cfg.model.vision == 'resnet' and device.type == 'cuda':  # NHWC is slow on NPU
         model = model.to(memory_format=torch.channels_last)
-    scope = compile_scope(cfg.compile, device.type)
+    scope = compile_scope(cfg.runtime.compile, device.type)
     if scope == 'model':
         model.compile()
     elif scope == 'towers':
@@ -109,7 +109,7 @@ class TrainState:
     `queue_ptr` their common FIFO write position; `bad_totals` counts
     this rank's bad samples by kind (rank 0 also carries the restored sum of a resumed run);
     `static_shapes`: the step keeps every tensor shape fixed (runtime.shape_modes); `autocast`:
-    config.precision's context for the forwards; `stop_requested`: set by the loop when a
+    config.runtime.precision's context for the forwards; `stop_requested`: set by the loop when a
     signal arrived here (the step tells every rank)."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -174,7 +174,7 @@ def build_state(cfg, device, rank=0):
     virtual device v = rank * accum_steps + j (seeded by v, as rank v of the larger job)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
-    _, autocast, use_scaler = runtime.precision(cfg.precision, device.type)
+    _, autocast, use_scaler = runtime.precision(cfg.runtime.precision, device.type)
     queue, k = None, cfg.accum_steps
     if cfg.model.declip and cfg.loss.nn > 0:
         queue = torch.stack([losses.init_queue(cfg.loss.queue_size, cfg.model.embed_dim, device=device,
@@ -213,7 +213,7 @@ def step_inputs(state, batch, *, cfg, rank, world):
     host = {k: batch[k] for k in names if k in batch}
     if state.static_shapes and 'mlm_index' in host:
         host['mlm_index'], host['mlm_targets'] = text.pad_positions(host['mlm_index'], host['mlm_targets'],
-                                                                    cfg.mlm_bucket)
+                                                                    cfg.runtime.mlm_bucket)
     out = {k: images.to_device(host[k], state.device) if k in host else None for k in names}
     return dict(out, views=views, undecodable=undecodable)
 

@@ -55,10 +55,13 @@ def as_dict(cfg):
 
 
 def data_config(tmp_path=None, **overrides):
-    """The data block of a DeCLIP config, small and single-process, with overrides."""
+    """The data block of a DeCLIP config, small and single-process, with overrides (a key of
+    data.limits, e.g. bad_window, goes there)."""
     c = common.base_config(common.ViT_B32).data
-    c.update(dict(image_size=32, batch_size=4, workers=0, bad_window=20, max_bad_rate=0.5))
-    c.update(overrides)
+    c.update(dict(image_size=32, batch_size=4, workers=0))
+    c.limits.update(dict(bad_window=20, max_bad_rate=0.5))
+    c.limits.update({k: v for k, v in overrides.items() if k in c.limits})
+    c.update({k: v for k, v in overrides.items() if k not in c.limits})
     return c
 
 

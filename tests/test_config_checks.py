@@ -57,7 +57,7 @@ def test_every_broken_rule_is_named_at_once(tmp_path, demo_dir):
 
 def test_the_command_line_prints_the_config_error_without_a_traceback(tmp_path, demo_dir):
     """(Break caught: train.main letting the ConfigError's traceback through.)"""
-    args = [*smoke_overrides(demo_dir), '--config.compile=false', '--config.model.text_heads=3']
+    args = [*smoke_overrides(demo_dir), '--config.runtime.compile=false', '--config.model.text_heads=3']
     out = subprocess.run([sys.executable, 'train.py', '--config', 'configs/demo.py:smoke', '--workdir',
                           str(tmp_path / 'w'), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1

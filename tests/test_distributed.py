@@ -200,7 +200,7 @@ ACCUM_JOBS = ((4, 1, 'host'), (2, 2, 'host'), (1, 4, 'device'))   # (processes, 
 def _accum_config(variant, k, demo_dir, decode):
     from configs import clip_vitb32, demo
     cfg = (demo if variant == 'declip' else clip_vitb32).get_config('smoke')
-    cfg.compile, cfg.accum_steps = 'false', k
+    cfg.runtime.compile, cfg.accum_steps = 'false', k
     cfg.data.update(train_root=str(demo_dir / 'train'), train_meta=str(demo_dir / 'train.jsonl'), decode=decode)
     return cfg
 

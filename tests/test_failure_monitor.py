@@ -1,4 +1,4 @@
-"""data.bad_window and data.max_bad_rate: the loader stops with a DataError when more than
+"""data.limits.bad_window and data.limits.max_bad_rate: the loader stops with a DataError when more than
 max_bad_rate of the last bad_window samples could not be built: only once that many samples were
 tried, only above the rate (not at it), and over the last window only (old failures leave it)."""
 import pytest

@@ -43,7 +43,8 @@ def image_bytes(img, fmt):
 def clip_config(**data_overrides):
     """The ViT-B/32 CLIP baseline config, smoke-sized, on a test corpus."""
     cfg = clip_vitb32.get_config('smoke')
-    cfg.data.update({'workers': 0, 'batch_size': 6, 'bad_window': 1000, **data_overrides})
+    cfg.data.update({'workers': 0, 'batch_size': 6, **data_overrides})
+    cfg.data.limits.bad_window = 1000
     return cfg
 
 

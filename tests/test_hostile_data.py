@@ -109,7 +109,7 @@ def test_fifo_shard_and_oversized_member_are_counted(tmp_path):
 
 @pytest.mark.parametrize('workers', [0, 2])
 def test_a_sample_that_hangs_is_cut_off_and_counted(tmp_path, monkeypatch, workers):
-    """A read that never ends (here: a 60 s sleep) costs data.sample_timeout_s, in a loader worker
+    """A read that never ends (here: a 60 s sleep) costs data.limits.sample_timeout_s, in a loader worker
     and in the main process alike; the main process's SIGALRM handler and timer are as before."""
     write_jpeg(tmp_path / 'good.jpg')
     write_jpeg(tmp_path / 'slow.jpg')
@@ -234,7 +234,7 @@ def test_a_bad_neighbourhood_takes_a_replacement_from_elsewhere_in_the_shards(tm
     with pytest.raises(guard.DataError, match='no good sample to replace .*first 1,000 of loader worker 0'):
         wds_batches(cfg, 1)
     write_tiny_shard(tmp_path / 'a.tar', 'b' * 11 + 'g', 'binary_caption')
-    cfg.update(dict(bad_window=10, max_bad_rate=0.5))
+    cfg.limits.update(dict(bad_window=10, max_bad_rate=0.5))
     with pytest.raises(guard.DataError, match='of the last 10 samples could not be built'):
         wds_batches(cfg, 2)
 

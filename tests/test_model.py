@@ -203,7 +203,7 @@ def test_first_forward_uses_the_initial_logit_scale_then_it_is_clamped():
     import trainstep
     from configs import demo
     cfg = demo.get_config('smoke')
-    cfg.compile = 'false'
+    cfg.runtime.compile = 'false'
     state = trainstep.build_state(cfg, torch.device('cpu'))
     seen = []
     state.model.register_forward_hook(lambda m, args, out: seen.append(out['logit_scale'].item()))

@@ -1,4 +1,4 @@
-"""config.max_nonfinite counts consecutive skipped steps: a good step resets the count, so skips
+"""config.runtime.max_nonfinite counts consecutive skipped steps: a good step resets the count, so skips
 scattered among good steps never stop a run, and a streak of max_nonfinite does, at its last step.
 Non-finite losses come from a wrapped losses.declip_loss (tiny_step.nonfinite_at); after every
 step the test applies the loop's own stop rule (lifecycle.stop_if_diverged, as at log_every=1), and
@@ -18,7 +18,7 @@ def run_steps(monkeypatch, tmp_path, pattern, max_nonfinite):
     """Steps with a NaN loss where `pattern` is True, each followed by the stop rule; returns
     ([(skipped, consecutive count)] of the steps done, the SystemExit if the rule stopped the run)."""
     cfg, state, batch = tiny_state(batch=4)
-    cfg.max_nonfinite = max_nonfinite
+    cfg.runtime.max_nonfinite = max_nonfinite
     nonfinite_at(monkeypatch, pattern)
     seen = []
     for _ in pattern:
@@ -69,7 +69,8 @@ def test_a_run_with_scattered_skips_trains_to_the_end(monkeypatch, tmp_path, dem
     a good step (the run would stop at step 3)."""
     cfg = demo.get_config('smoke')
     cfg.data.update(dict(train_root=str(demo_dir / 'train'), train_meta=str(demo_dir / 'train.jsonl'), val_meta=''))
-    cfg.update(dict(max_iter=8, log_every=1, ckpt_every=8, keep_every=8, max_nonfinite=2, compile='false', tb_images=0))
+    cfg.update(dict(max_iter=8, log_every=1, ckpt_every=8, keep_every=8))
+    cfg.runtime.update(dict(max_nonfinite=2, compile='false', tb_images=0))
     nonfinite_at(monkeypatch, [True, False] * 4)
     train.train(cfg, tmp_path)
     last = lifecycle.safe_load(tmp_path / 'checkpoints' / 'last.pt')

@@ -144,7 +144,7 @@ def test_bad_corpus_trains_through_and_counts_every_kind(tmp_path):
     res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path / 'run'),
                f'--config.data.train_root={root}', f'--config.data.train_meta={root / "meta.jsonl"}',
                '--config.data.val_meta=', '--config.log_every=1', '--config.max_iter=12',
-               '--config.data.bad_window=1000'])
+               '--config.data.limits.bad_window=1000'])
     assert res.returncode == 0, res.stderr[-3000:]
     for kind in kinds:
         counts, _ = scalars(tmp_path / 'run', f'samples/{kind}')
@@ -164,7 +164,7 @@ def test_broken_shards_train_through(tmp_path, demo_dir):
                 out.addfile(member, src.extractfile(member))
     res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path / 'run'),
                '--config.data.format=wds', f'--config.data.shards={shards}/*.tar', '--config.data.val_meta=',
-               '--config.log_every=1', '--config.data.bad_window=1000'])
+               '--config.log_every=1', '--config.data.limits.bad_window=1000'])
     assert res.returncode == 0, res.stderr[-3000:]
     counts, _ = scalars(tmp_path / 'run', 'samples/bad_tar')
     assert max(counts.values()) > 0
@@ -174,7 +174,7 @@ def test_mostly_bad_corpus_stops_with_a_clear_message(tmp_path):
     write_half_missing_corpus(tmp_path)
     res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path / 'run'),
                f'--config.data.train_root={tmp_path}', f'--config.data.train_meta={tmp_path / "meta.jsonl"}',
-               '--config.data.val_meta=', '--config.data.bad_window=20', '--config.data.max_bad_rate=0.2'])
+               '--config.data.val_meta=', '--config.data.limits.bad_window=20', '--config.data.limits.max_bad_rate=0.2'])
     assert res.returncode != 0
     assert 'could not be built' in res.stderr and 'missing:' in res.stderr and '.jpg' in res.stderr
 
@@ -206,7 +206,7 @@ def test_nonfinite_step_changes_nothing_and_is_logged(tmp_path, demo_dir):
 
 
 def test_nonfinite_streak_stops_cleanly_keeping_the_last_good_checkpoint(tmp_path, demo_dir):
-    args = overrides(demo_dir, max_iter=8, ckpt_every=2, keep_every=2, keep_copies=0, max_nonfinite=3)
+    args = overrides(demo_dir, max_iter=8, ckpt_every=2, keep_every=2, keep_copies=0, **{'runtime.max_nonfinite': 3})
     res = run(['tests/train_faults.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path), *args],
               env={'DECLIP_TEST_NONFINITE_STEPS': '2,3,4,5,6'})   # 1-based steps 3-7
     assert res.returncode != 0
@@ -221,7 +221,7 @@ def test_nonfinite_streak_stops_cleanly_keeping_the_last_good_checkpoint(tmp_pat
 def test_a_dead_rank_does_not_hang_the_other(tmp_path, demo_dir):
     port = free_port()
     procs = []
-    args = overrides(demo_dir, max_iter=400, dist_timeout_s=30)
+    args = overrides(demo_dir, max_iter=400, **{'runtime.dist_timeout_s': 30})
     for rank in range(2):
         env = {**os.environ, 'OMP_NUM_THREADS': '1', 'RANK': str(rank), 'LOCAL_RANK': str(rank), 'WORLD_SIZE': '2',
                'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)}

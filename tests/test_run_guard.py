@@ -23,7 +23,7 @@ from helpers import ROOT, free_port, run, smoke_overrides
 def smoke(demo_dir, **over):
     """The demo smoke config on the test corpus, one process, no compile; `over`: dotted keys."""
     cfg = demo.get_config('smoke')
-    cfg.compile = 'false'
+    cfg.runtime.compile = 'false'
     for arg in smoke_overrides(demo_dir, **over):
         key, value = arg[len('--config.'):].split('=', 1)
         *parents, leaf = key.split('.')
@@ -187,12 +187,12 @@ def _failing_run(work, demo_dir, fault, workers):
     if fault == 'bad_rate':       # every image missing: the rate monitor stops the first batch
         meta = work.parent / 'missing.jsonl'
         meta.write_text(''.join(f'{{"filename": "gone{i}.jpg", "caption": "a cat"}}\n' for i in range(40)))
-        over.update({'data.train_meta': meta, 'data.bad_window': 10, 'data.max_bad_rate': 0.2})
+        over.update({'data.train_meta': meta, 'data.limits.bad_window': 10, 'data.limits.max_bad_rate': 0.2})
         expected = 'could not be built'
     elif fault == 'diverged':
         env['DECLIP_TEST_NONFINITE_STEPS'] = '0'   # read by tests/train_faults.py, not by train.py
         entry = ['tests/train_faults.py']
-        over['max_nonfinite'] = 1
+        over['runtime.max_nonfinite'] = 1
         expected = '1 consecutive non-finite losses at step 1'
     else:
         entry = ['-c', STEP_FAILS, 'train.py']
@@ -290,7 +290,7 @@ def test_a_failing_evaluation_loses_no_steps_and_runs_again_on_resume(tmp_path, 
     ('loss.nn', float('inf'), 'config.loss.nn: must be a finite number'),
     ('eval.prompts', 'prompt7', "config.eval.prompts: prompt set 'prompt7' not found"),
     ('data.val_root', '/nonexistent', 'config.data.val_root: folder not found'),
-    ('data.max_bad_rate', 1.01, 'config.data.max_bad_rate: must be in [0, 1]'),
+    ('data.limits.max_bad_rate', 1.01, 'config.data.limits.max_bad_rate: must be in [0, 1]'),
     ('model.act', 'relu', "config.model.act: one of quick_gelu, gelu, got 'relu'"),
 ])
 def test_bad_values_fail_before_the_workdir_exists(tmp_path, demo_dir, key, value, message):
@@ -306,9 +306,9 @@ def test_bad_values_fail_before_the_workdir_exists(tmp_path, demo_dir, key, valu
 def test_bad_rate_limits_of_zero_and_one_are_accepted(demo_dir, rate):
     """max_bad_rate=1.0 never stops a run for bad samples (every attempt may fail: 100 % is not
     above 1.0); 0.0 stops it at the first full window with a failure."""
-    cfg = smoke(demo_dir, **{'data.max_bad_rate': rate})
+    cfg = smoke(demo_dir, **{'data.limits.max_bad_rate': rate})
     checks.check_numbers(cfg)
-    monitor = guard.FailureMonitor(4, cfg.data.max_bad_rate)
+    monitor = guard.FailureMonitor(4, cfg.data.limits.max_bad_rate)
     for i in range(3):
         monitor.record(f'bad {i}')
     if rate == 1.0:

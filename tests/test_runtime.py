@@ -40,9 +40,9 @@ def test_explicit_bf16_without_bf16_is_refused_naming_the_key(monkeypatch, devic
     with pytest.raises(ValueError, match=f'this {device_type} has no bf16'):
         runtime.choose_precision('bf16', device_type, False)
     monkeypatch.setattr(runtime, 'bf16_supported', lambda device_type: False)
-    runtime.check_precisions(device_type, {'config.precision': 'auto', 'config.eval.precision': 'fp32'})
+    runtime.check_precisions(device_type, {'config.runtime.precision': 'auto', 'config.eval.precision': 'fp32'})
     with pytest.raises(ValueError, match=r'^config\.eval\.precision=bf16: this .* has no bf16[^\n]*$'):
-        runtime.check_precisions(device_type, {'config.precision': 'fp16', 'config.eval.precision': 'bf16'})
+        runtime.check_precisions(device_type, {'config.runtime.precision': 'fp16', 'config.eval.precision': 'bf16'})
 
 
 def test_fp16_uses_a_loss_scaler_and_others_do_not():
@@ -72,9 +72,9 @@ def test_an_explicit_device_must_exist():
     assert runtime.setup_device(0, 'cpu') == (torch.device('cpu'), 'cpu')
     seen = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else 'cpu'
     missing = next(d for d in ('npu', 'cuda') if d != seen)
-    with pytest.raises(RuntimeError, match=f"config.device='{missing}'"):
+    with pytest.raises(RuntimeError, match=f"config.runtime.device='{missing}'"):
         runtime.setup_device(0, missing)
-    with pytest.raises(ValueError, match='config.device'):
+    with pytest.raises(ValueError, match='config.runtime.device'):
         runtime.setup_device(0, 'gpu')
 
 
@@ -82,8 +82,8 @@ def test_missing_device_fails_before_any_work(tmp_path, demo_dir):
     seen = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else 'cpu'
     missing = next(d for d in ('npu', 'cuda') if d != seen)
     res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path / 'w'),
-               *smoke_overrides(demo_dir, device=missing)])
-    assert res.returncode != 0 and f"config.device='{missing}'" in res.stderr
+               *smoke_overrides(demo_dir, **{'runtime.device': missing})])
+    assert res.returncode != 0 and f"config.runtime.device='{missing}'" in res.stderr
     assert not (tmp_path / 'w').exists()
 
 
@@ -111,7 +111,7 @@ def test_a_training_step_creates_no_float64_tensor():
     from configs import demo
 
     cfg = demo.get_config('smoke')
-    cfg.compile = 'false'
+    cfg.runtime.compile = 'false'
     state = trainstep.build_state(cfg, torch.device('cpu'))
     batch = bench._synthetic_batch(cfg, 8, torch.device('cpu'))
     with DtypeRecorder() as mode:
@@ -154,7 +154,7 @@ def test_npu_compile_mode_is_read_for_auto_and_set_otherwise(monkeypatch, settin
 
 
 def test_shape_mode_typo_names_the_key():
-    with pytest.raises(ValueError, match='config.static_shapes'):
+    with pytest.raises(ValueError, match='config.runtime.static_shapes'):
         runtime.shape_modes('npu', static_shapes='yes')
 
 
@@ -183,7 +183,7 @@ def test_a_static_shape_step_equals_the_dynamic_one():
     import trainstep
     from configs import demo
     cfg = demo.get_config('smoke')
-    cfg.compile, cfg.mlm_bucket = 'false', 64
+    cfg.runtime.compile, cfg.runtime.mlm_bucket = 'false', 64
     batch = bench._synthetic_batch(cfg, 8, torch.device('cpu'))
     assert len(batch['mlm_index']) % 64   # padding has something to do
     out = []
@@ -252,7 +252,7 @@ def test_counting_flops_keeps_compiled_code_in_use():
 
 
 def test_compile_setting_picks_what_is_compiled():
-    """config.compile: 'model' (and 'true', and 'auto' on CUDA only) compiles the whole training
+    """config.runtime.compile: 'model' (and 'true', and 'auto' on CUDA only) compiles the whole training
     forward (heads included), 'towers' the two towers, 'false' nothing; a typo is an error naming
     the key. (Breaks caught: 'auto' compiling on CPU, 'model' compiling only the towers.)"""
     import trainstep
@@ -262,14 +262,14 @@ def test_compile_setting_picks_what_is_compiled():
                                        ('auto', 'cpu', None), ('auto', 'cuda', 'model'), ('false', 'cuda', None)):
         assert trainstep.compile_scope(setting, device_type) == want, (setting, device_type)
     for setting, want in (('model', 'model'), ('towers', 'towers'), ('auto', None)):
-        cfg.compile = setting
+        cfg.runtime.compile = setting
         model = trainstep.build_model(cfg, torch.device('cpu'))
         got = 'model' if model._compiled_call_impl is not None else (
             'towers' if model.visual._compiled_call_impl is not None and model.encode_text._compiled_call_impl is not None
             else None)
         assert got == want, setting
         assert all(not k.startswith('_orig_mod') for k in model.state_dict())
-    with pytest.raises(ValueError, match=r"config\.compile: one of .*got 'yes'"):
+    with pytest.raises(ValueError, match=r"config\.runtime\.compile: one of .*got 'yes'"):
         trainstep.compile_scope('yes', 'cpu')
 
 
@@ -325,14 +325,14 @@ def test_npu_settings_come_before_the_model_is_built(monkeypatch, tmp_path):
     monkeypatch.setattr(declip, 'build_model', build_model)
     monkeypatch.setattr(checks, 'check_config', lambda cfg: None)   # the demo data need not exist
     cfg = demo.get_config('smoke')
-    cfg.precision = 'fp32'    # no npu autocast on this CPU
+    cfg.runtime.precision = 'fp32'    # no npu autocast on this CPU
     with pytest.raises(Built):
         train.train(cfg, tmp_path / 'w')
     assert events == ['config.allow_internal_format=False', 'matmul.allow_hf32=False', 'conv.allow_hf32=False',
                       'build_model']   # torch_npu's compile mode (off here) left alone
 
 
-@pytest.mark.parametrize('key', ['precision', 'eval.precision'])
+@pytest.mark.parametrize('key', ['runtime.precision', 'eval.precision'])
 def test_training_refuses_bf16_on_an_npu_without_it_before_any_work(monkeypatch, tmp_path, key):
     import train
     from configs import demo

@@ -319,7 +319,7 @@ def test_a_skipped_step_changes_nothing_even_when_the_queue_wraps(monkeypatch):
     (BatchNorm running statistics are updated by the forward, before the loss is known.)"""
     from tools import bench
     cfg = demo.get_config('smoke')
-    cfg.compile, cfg.loss.queue_size = 'false', 20          # batch 8: 8 EDA + 8 caption keys a step
+    cfg.runtime.compile, cfg.loss.queue_size = 'false', 20          # batch 8: 8 EDA + 8 caption keys a step
     cpu = torch.device('cpu')
     state = trainstep.build_state(cfg, cpu)
     batch = bench._synthetic_batch(cfg, cfg.data.batch_size, cpu)

@@ -135,7 +135,7 @@ def bench_step(args):
                               args.matmul_n or (8192 if device_type != 'cpu' else 1024))
     mem, tflops = runtime.peak_memory_gib(device_type), flops / step_s / 1e12
     result = {'config': args.config, 'batch': args.batch, 'device': str(device), 'precision': args.precision,
-              'compile': trainstep.compile_scope(cfg.compile, device_type), 'decode': args.decode, 'img_per_s': args.batch / step_s,
+              'compile': trainstep.compile_scope(cfg.runtime.compile, device_type), 'decode': args.decode, 'img_per_s': args.batch / step_s,
               'step_ms': step_s * 1000, 'tflops': tflops, 'matmul_peak_tflops': peak, 'mfu': tflops / peak,
               'peak_mem_gib': mem, 'flops_per_step': flops, 'host_syncs_in_step': syncs}
     label = f'{args.config} batch {args.batch} {args.precision}' + f' compiled ({result["compile"]})' * bool(result['compile'])
@@ -178,9 +178,9 @@ def _load_config(spec, compile=False, precision=None, overrides=()):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     cfg = module.get_config(arg or None)
-    cfg.compile = str(compile).lower()
+    cfg.runtime.compile = str(compile).lower()
     if precision:
-        cfg.precision = precision
+        cfg.runtime.precision = precision
     for key, _, value in (item.partition('=') for item in overrides):
         parent, _, leaf = key.rpartition('.')
         (cfg[parent] if parent else cfg)[leaf] = ast.literal_eval(value)
@@ -274,7 +274,7 @@ def define_flags():
     flags.DEFINE_string('config', 'configs/vitb32.py', 'step, precision, parts, e2e: config file[:arg]')
     flags.DEFINE_integer('batch', None, 'pairs per step (default 256; precision: 128)')
     flags.DEFINE_string('precision', '', 'auto, bf16, fp16 or fp32 (default auto; precision: bf16, against fp32)')
-    flags.DEFINE_boolean('compile', False, "step, precision: torch.compile (config.compile 'true'; "
+    flags.DEFINE_boolean('compile', False, "step, precision: torch.compile (config.runtime.compile 'true'; "
                          "--set=compile=\"'model'\" picks a scope)")
     flags.DEFINE_integer('warmup', None, 'step, e2e: untimed steps first (default 5; e2e: 2)')
     flags.DEFINE_integer('steps', None, 'step, precision, e2e: timed steps (default 20; precision 50; e2e 10)')
