@@ -35,13 +35,17 @@ IMAGENET_CLASSNAMES = ROOT / 'assets' / 'imagenet_classnames.txt'
 
 @torch.no_grad()
 def zero_shot_classifier(model, class_names, templates, *, tokenizer, context_length, device, batch=1024):
-    """[C, D] class embeddings: normalise(mean(normalise(embedding of each prompt)))."""
+    """[C, D] class embeddings: normalise(mean(normalise(embedding of each prompt))); all alike: an error."""
     rows = []
     for texts in text.class_prompts(class_names, templates):
         emb = torch.cat([model.encode_text(tokenizer(texts[i:i + batch], context_length).to(device)).float()
                          for i in range(0, len(texts), batch)])
         rows.append(F.normalize(F.normalize(emb, dim=-1).mean(dim=0), dim=0))
-    return torch.stack(rows)
+    rows = torch.stack(rows)
+    if len(rows) > 1 and (rows - rows[0]).abs().max() < 1e-6:
+        raise ValueError(f'the {len(rows)} class embeddings are all the same (names cut off at {context_length} '
+                         'tokens?): the scores would be constant')
+    return rows
 
 
 def _all_reduce(t):
@@ -328,8 +332,7 @@ def report(metrics, out, task):
     print(f'wrote {out}')
 
 
-def main(argv):
-    del argv
+def main(_argv):
     ckpt = weights.checkpoint_file(FLAGS.ckpt)
     if FLAGS.export:
         print('wrote', *weights.export_open_clip(weights.load_model(ckpt, act=FLAGS.act or None)[0], FLAGS.export))
@@ -358,11 +361,13 @@ def main(argv):
         if FLAGS.classnames:
             names = [n.strip() for n in Path(FLAGS.classnames).read_text().splitlines() if n.strip()]
         _, autocast, _ = runtime.precision(FLAGS.precision, device_type)
-        metrics = evaluate(model.to(device), val_root=val_root, val_meta=val_meta, task=FLAGS.task, prompts=prompts,
-                           class_names=names, batch=FLAGS.batch_size, workers=FLAGS.workers, device=device,
-                           autocast=autocast, rank=rank, world=world,
-                           max_file_bytes=limits.get('max_file_bytes', guard.MAX_FILE_BYTES),
-                           sample_timeout_s=limits.get('sample_timeout_s', data.SAMPLE_TIMEOUT_S))
+        bounds = dict(max_file_bytes=guard.MAX_FILE_BYTES, sample_timeout_s=data.SAMPLE_TIMEOUT_S)
+        try:   # every rank meets these errors alike (same classifier, all-reduced counts): none waits
+            metrics = evaluate(model.to(device), val_root=val_root, val_meta=val_meta, task=FLAGS.task, prompts=prompts,
+                               class_names=names, batch=FLAGS.batch_size, workers=FLAGS.workers, device=device,
+                               autocast=autocast, rank=rank, world=world, **{k: limits.get(k, v) for k, v in bounds.items()})
+        except (ValueError, guard.DataError) as e:
+            raise SystemExit(f'{ckpt}: nothing scored: {e}') from None
         if rank == 0:
             report({'checkpoint': str(ckpt), 'kind': model.kind, 'task': FLAGS.task,
                     'prompts': prompts if FLAGS.task == 'zeroshot' else None, **metrics}, out, FLAGS.task)

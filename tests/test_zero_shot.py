@@ -95,3 +95,19 @@ def test_in_run_evaluation_uses_config_eval_prompts(tmp_path, monkeypatch):
     metrics = train.zero_shot(state, cfg, 0, 1)
     assert seen == [(['red circle', 'blue cross', 'green square'], ['a sketch of a {0}', 'the {0} again'])]
     assert metrics['images'] == 6 and state.model.training
+
+
+def test_class_embeddings_that_are_all_alike_are_refused(one_thread):  # noqa: F811
+    """Class names beyond the context length: the prompt texts differ, the tokens the model reads do
+    not, so every class embedding is the same and a score would be constant. A model whose text
+    tower tells them apart passes. (Break caught: the check dropped, or comparing texts only.)"""
+    import data
+    cfg, state, _ = tiny_state()
+    model, ctx = state.model.eval(), cfg.model.context_length
+    long = ' '.join(['word'] * ctx)
+    with pytest.raises(ValueError, match=f'3 class embeddings are all the same .* {ctx} tokens'):
+        evaluate.zero_shot_classifier(model, ['cat', 'dog', 'bird'], [long + ' {0}'], tokenizer=data.get_tokenizer(),
+                                      context_length=ctx, device='cpu')
+    rows = evaluate.zero_shot_classifier(model, ['cat', 'dog', 'bird'], ['a photo of a {0}'],
+                                         tokenizer=data.get_tokenizer(), context_length=ctx, device='cpu')
+    assert rows.shape == (3, cfg.model.embed_dim) and (rows[1:] - rows[0]).abs().max() > 1e-3
