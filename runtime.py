@@ -1,4 +1,5 @@
-"""Runtime: devices, process groups, precision, NPU shape modes and memory statistics.
+"""Runtime: devices, process groups, precision, the AdamW kind and its state layout, NPU shape modes and
+memory statistics.
 
 `train.py`, `evaluate.py` and `tools/bench.py` share these; nothing here knows about models or data.
 """
@@ -217,6 +218,86 @@ def grad_scaler(device_type, enabled):
     if device_type == 'npu' and enabled:
         return torch.npu.amp.GradScaler()
     return torch.amp.GradScaler(device_type, enabled=enabled)
+
+
+# ----------------------------------------------------------------------------------------------
+# AdamW: torch's, or torch_npu's fused one on a 910 with fp16; checkpoints in torch's layout
+# ----------------------------------------------------------------------------------------------
+
+ADAMW_HYPER = ('lr', 'betas', 'eps', 'weight_decay', 'amsgrad')  # what a checkpoint's groups carry over
+
+
+def npu_fused_adamw_wanted(device_type, use_scaler, foreach_devices):
+    """Whether AdamW is torch_npu's fused one: on an NPU where torch's would loop over the
+    parameters one at a time (torch_npu lets torch's optimisers use foreach kernels only on a 910B
+    or later; `foreach_devices` is torch's list as torch_npu patches it), and with fp16, whose loss
+    scaler decides the skip on the host (the fused step takes no found_inf)."""
+    return device_type == 'npu' and use_scaler and device_type not in foreach_devices
+
+
+def npu_fused_adamw(device_type, use_scaler):
+    """torch_npu's NpuFusedAdamW class where npu_fused_adamw_wanted says so, else None."""
+    if device_type != 'npu':   # torch_npu's foreach list (set for the chip) asks the NPU its name
+        return None
+    from torch.optim import optimizer
+    foreach = optimizer._get_foreach_kernels_supported_devices()
+    if not npu_fused_adamw_wanted(device_type, use_scaler, foreach):
+        return None
+    from torch_npu.optim import NpuFusedAdamW
+    return NpuFusedAdamW
+
+
+def is_npu_fused(optimizer):
+    """torch_npu's fused optimisers carry this flag (its GradScaler looks for it too)."""
+    return getattr(optimizer, 'is_fused_optimizer', False)
+
+
+def portable_adamw(optimizer):
+    """`optimizer` whose state dict is in torch.optim.AdamW's layout on every device, so that a
+    checkpoint moves between CPU, GPU and NPU runs: torch_npu's fused AdamW converts on save, every
+    AdamW converts on load (adamw_state_for)."""
+    if is_npu_fused(optimizer):
+        optimizer.register_state_dict_post_hook(lambda _, state_dict: torch_adamw_state(state_dict))
+    optimizer.register_load_state_dict_pre_hook(adamw_state_for)
+    return optimizer
+
+
+def torch_adamw_state(state_dict):
+    """torch_npu's fused AdamW state dict in torch.optim.AdamW's layout: each step count a float32
+    tensor (an int there), the moments as host copies (views into its combined buffer there),
+    torch's group keys (it keeps the hyper-parameters only; torch's defaults for the rest)."""
+    defaults = torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).defaults
+    groups = [{**defaults, **{k: g[k] for k in ADAMW_HYPER}, 'params': g['params']}
+              for g in state_dict['param_groups']]
+    state = {i: {k: torch.tensor(float(v), dtype=torch.float32) if k == 'step' else v.detach().to('cpu', copy=True)
+                 for k, v in one.items()} for i, one in state_dict['state'].items()}
+    return {'state': state, 'param_groups': groups}
+
+
+def adamw_state_for(optimizer, state_dict):
+    """A saved AdamW state dict (torch's layout, from any device) as `optimizer` keeps it: the
+    saved moments and hyper-parameters, this optimiser's own implementation keys (fused, foreach,
+    ...: chosen for this device, not carried over) and its kind of step count (torch_npu's fused
+    AdamW: an int; torch's: a float32 tensor)."""
+    fused = is_npu_fused(optimizer)
+    if fused and optimizer.is_states_combined:
+        raise RuntimeError('torch_npu fused AdamW: load its state before its first step (it then steps '
+                           'combined copies of the moments, which a later load does not reach)')
+    saved = state_dict['param_groups']
+    if len(saved) != len(optimizer.param_groups):
+        return None   # torch.optim's own error follows
+    groups = [{**{k: v for k, v in own.items() if k != 'params'}, **{k: g[k] for k in ADAMW_HYPER if k in g},
+               'params': g['params']} for own, g in zip(optimizer.param_groups, saved)]
+    state = {i: {k: (int(v) if fused else torch.as_tensor(v, dtype=torch.float32)) if k == 'step' else v
+                 for k, v in one.items()} for i, one in state_dict['state'].items()}
+    return {**state_dict, 'state': state, 'param_groups': groups}
+
+
+def clear_grads(optimizer):
+    """Gradients cleared for the next step: freed for torch's optimisers, zeroed in place for
+    torch_npu's fused ones, whose .grad are views into the combined buffer they step (their
+    zero_grad refuses set_to_none)."""
+    optimizer.zero_grad(set_to_none=not is_npu_fused(optimizer))
 
 
 def synchronize(device):

@@ -85,12 +85,16 @@ def build_model(cfg, device):
     return model
 
 
-def build_optimizer(model, optim, device_type):
-    """AdamW over the reference's parameter groups; fused where torch has it, so a step can be
-    skipped on the device (found_inf)."""
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.base_lr,
-                             betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                             fused=device_type in ('cuda', 'cpu'))
+def build_optimizer(model, optim, device_type, use_scaler=False):
+    """AdamW over the reference's parameter groups: torch's, fused where torch has it, so a step can
+    be skipped on the device (found_inf); torch_npu's fused one on a 910 with fp16 (`use_scaler`),
+    where torch's would loop over the parameters. Its state dict has torch's layout everywhere."""
+    groups = param_groups(model, optim.weight_decay)
+    hyper = dict(lr=optim.base_lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    npu_fused = runtime.npu_fused_adamw(device_type, use_scaler)
+    optimizer = (npu_fused(groups, **hyper) if npu_fused is not None
+                 else torch.optim.AdamW(groups, **hyper, fused=device_type in ('cuda', 'cpu')))
+    return runtime.portable_adamw(optimizer)
 
 
 def loss_weights(cfg):
@@ -181,7 +185,7 @@ def build_state(cfg, device, rank=0):
                                                generator=torch.Generator().manual_seed(cfg.seed * 1000 + v))
                              for v in range(rank * k, (rank + 1) * k)])
     counter = torch.zeros((), dtype=torch.long, device=device)
-    return TrainState(model=model, optimizer=build_optimizer(model, cfg.optim, device.type),
+    return TrainState(model=model, optimizer=build_optimizer(model, cfg.optim, device.type, use_scaler),
                       scaler=runtime.grad_scaler(device.type, use_scaler), queue=queue, autocast=autocast,
                       nonfinite_run=counter.clone(), nonfinite_total=counter.clone(),
                       bad_totals=torch.zeros(len(guard.BAD_KINDS), dtype=torch.long))
@@ -294,15 +298,16 @@ def flags_anywhere(total, stop, world):
 
 
 def optimizer_step(state, skip):
-    """AdamW step that changes nothing where `skip`: the GradScaler's own inf check (fp16),
-    fused AdamW's found_inf on the device, else a host-side test."""
+    """AdamW step that changes nothing where `skip`: the GradScaler's own inf check (fp16; on the
+    host, the step not called, for torch_npu's fused AdamW), torch's fused AdamW's found_inf on
+    the device, else a host-side test."""
     opt = state.optimizer
     if state.scaler.is_enabled():
         state.scaler.step(opt)
         state.scaler.update()
-    elif opt.defaults['fused']:
+    elif opt.defaults.get('fused'):
         opt.found_inf, opt.grad_scale = skip, None
         opt.step()
     elif not skip.item():
         opt.step()
-    opt.zero_grad(set_to_none=True)
+    runtime.clear_grads(opt)
