@@ -158,8 +158,8 @@ class TrainState:
         rank, _ = losses.world_info()
         self.model.load_state_dict(state['model'])
         self.optimizer.load_state_dict(state['optimizer'])
-        if state['scaler']:
-            self.scaler.load_state_dict(state['scaler'])
+        if state['scaler']:   # torch_npu's scaler also wants 'dynamic', which torch's never writes
+            self.scaler.load_state_dict({'dynamic': True, **state['scaler']})
         self.step, self.queue_ptr = state['step'], state['queue_ptr']
         k = 0 if self.queue is None else len(self.queue)
         if k and (rank + 1) * k <= len(state['queues']):

@@ -288,3 +288,25 @@ def test_a_skipped_step_changes_no_weight_and_no_state_on_the_fused_path(npu_910
     assert all(torch.isfinite(p).all() for p in state.model.parameters())
     assert any(not torch.equal(p, weights[k]) for k, p in state.model.named_parameters())
     assert {s['step'] for s in state.optimizer.state.values()} == {2}
+
+
+
+def test_a_loss_scaler_state_from_torch_loads_into_torch_npus_scaler():
+    """torch_npu's GradScaler.load_state_dict reads a 'dynamic' key that torch's scaler never writes:
+    an fp16 checkpoint from a GPU run resumes on a 910 (dynamic scaling, as both use), and torch's
+    own scaler still loads it. (Break caught: the key not supplied: KeyError on the NPU.)"""
+    from tiny_step import tiny_state
+
+    class NpuScaler:   # what torch_npu's GradScaler.load_state_dict reads first
+        def load_state_dict(self, sd):
+            self.dynamic, self.scale = sd['dynamic'], sd['scale']
+
+    _, state, _ = tiny_state()
+    saved = state.state_dict({})
+    saved['scaler'] = torch.amp.GradScaler('cpu', init_scale=512.0).state_dict()
+    state.scaler = NpuScaler()
+    state.load_state_dict(saved)
+    assert state.scaler.dynamic is True and state.scaler.scale == 512.0
+    state.scaler = torch.amp.GradScaler('cpu')
+    state.load_state_dict(saved)
+    assert state.scaler.get_scale() == 512.0
