@@ -48,15 +48,18 @@ def tokenize(texts, context_length=text.CONTEXT_LENGTH, bpe_path=BPE_PATH):
 # Formats: JSON Lines meta (YFCC15M / ImageNet-val layout), webdataset tar shards
 # ----------------------------------------------------------------------------------------------
 
-def scan_lines(path, chunk=1 << 24):
+def scan_lines(path, chunk=1 << 24, digest=None):
     """(offsets of the lines that hold more than whitespace, offsets of the blank ones) of a file
     as int64 numpy arrays: a 15 M-line meta costs 120 MB, not 15 M parsed dicts. Lines of spaces,
-    tabs or a lone CR (a Windows-edited file) are blank, as is a UTF-8 byte-order mark at the start."""
+    tabs or a lone CR (a Windows-edited file) are blank, as is a UTF-8 byte-order mark at the start.
+    `digest` (a hashlib object), if given, is fed every byte in the same pass."""
     import numpy as np
     found = {True: [], False: []}
     pos, start, content = 0, 0, False  # the line in progress: its offset, whether it has content
     with open(path, 'rb') as f:
         while buf := f.read(chunk):
+            if digest is not None:
+                digest.update(buf)
             arr = np.frombuffer(buf, dtype=np.uint8)
             has = ((arr - np.uint8(9)) > 4) & (arr != 32)  # not \t \n \v \f \r (9..13, uint8 wrap) or space
             if pos == 0 and buf.startswith(codecs.BOM_UTF8):
@@ -84,17 +87,21 @@ def index_lines(path, chunk=1 << 24):
 
 
 class JsonlMeta:
-    """Random access to the records of several (root, meta file) pairs by line offsets."""
+    """Random access to the records of several (root, meta file) pairs by line offsets. `sha256`:
+    of the meta files' bytes, in order (one file: what sha256sum prints), taken while indexing
+    them, so a checkpoint can tell an edited meta without reading it twice."""
 
     def __init__(self, roots, metas):
+        import hashlib
         import numpy as np
         if len(roots) != len(metas):
             raise ValueError(f'{len(roots)} roots for {len(metas)} meta files')
-        self.sources = []
+        self.sources, digest = [], hashlib.sha256()
         for root, meta in zip(roots, metas):
             if not Path(meta).is_file():
                 raise FileNotFoundError(f'meta file not found (or not a regular file): {meta}')
-            self.sources.append((root, meta, *scan_lines(meta)))
+            self.sources.append((root, meta, *scan_lines(meta, digest=digest)))
+        self.sha256 = digest.hexdigest()
         self.cumulative = np.cumsum([len(s[2]) for s in self.sources])
         self.handles = {}
 
@@ -274,11 +281,27 @@ class Collate:
         return out
 
 
-def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=False, accum=1):
+def train_dataset(cfg):
+    """The JSON Lines training set (its meta files indexed), or None for shards (ShardStream is
+    built per rank by the loader)."""
+    return PairDataset(cfg) if cfg.format == 'jsonl' else None
+
+
+def data_identity(cfg, dataset):
+    """What defines the training data, for a checkpoint to compare on resume, cheaply at 15 M
+    records: JSON Lines: the record count and the metas' sha256 (taken while indexing); shards:
+    their count and a sha256 of their sorted names and sizes (no shard is read)."""
+    if dataset is not None:
+        return {'format': 'jsonl', 'records': len(dataset), 'sha256': dataset.meta.sha256}
+    return shards.shard_identity(shards.shard_paths(cfg.shards))
+
+
+def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=False, accum=1, dataset=None):
     """Loader of uint8 view batches [B, V, 3, S, S] with (masked) tokens, MLM positions/targets,
     EDA tokens and bad-sample counts, starting at `start_step`. With `accum` = k a batch holds
     the k micro-batches of virtual ranks rank*k .. rank*k+k-1 of a k*world job (JSON Lines: the
-    same stream positions, since (t*W + r)*kB = (t*kW + rk)*B; each micro-batch masked alone)."""
+    same stream positions, since (t*W + r)*kB = (t*kW + rk)*B; each micro-batch masked alone).
+    `dataset`: train_dataset(cfg) if already built."""
     collate = Collate(mask=cfg.mask, seed=cfg.seed, micro=cfg.batch_size)
     kwargs = dict(batch_size=cfg.batch_size * accum, num_workers=cfg.workers, collate_fn=collate,
                   pin_memory=pin_memory, worker_init_fn=lifecycle.loader_worker_init)
@@ -289,7 +312,7 @@ def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=Fal
         return torch.utils.data.DataLoader(stream, **kwargs)
     if cfg.format != 'jsonl':
         raise ValueError(f'data.format must be "jsonl" or "wds", got {cfg.format!r}')
-    dataset = PairDataset(cfg)
+    dataset = dataset if dataset is not None else PairDataset(cfg)
     sampler = IterationSampler(len(dataset), batch_size=cfg.batch_size * accum, world_size=world, rank=rank,
                                max_iter=max_iter, seed=cfg.seed, start_step=start_step)
     return torch.utils.data.DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
