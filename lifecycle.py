@@ -7,6 +7,7 @@ loader starts its workers with `loader_worker_init`.
 
 import contextlib
 import ctypes
+import math
 import os
 import re
 import signal
@@ -129,23 +130,68 @@ def config_changes(saved, current, defining):
                                   if matches(k, defining) and k in old and k in new]
 
 
-RUN_DEFINING = ('model.', 'loss.', 'optim.', 'seed', 'accum_steps', 'data.seed', 'data.batch_size', 'data.format',
+RUN_DEFINING = ('model.', 'loss.', 'optim.', 'seed', 'data.seed', 'data.batch_size', 'data.format',
                 'data.train_root', 'data.train_meta', 'data.shards', 'data.views', 'data.image_size',
                 'data.crop_scale', 'data.eda', 'data.eda_synonyms', 'data.mask', 'data.context_length',
-                'data.augmentation', 'data.shuffle_buffer')
+                'data.augmentation', 'data.shuffle_buffer')   # accum_steps: through the global batch
 
 
-def check_resumed_config(saved, cfg, path, allow_change):
+class ResumeRefused(ValueError):
+    """A resume that would change what the run computes; the command line prints it without a traceback."""
+
+
+def run_identity(cfg, world, training_data):
+    """What a checkpoint records of the run beyond its config, for a resume to compare: the global
+    batch's factors (processes x accum_steps x data.batch_size: the config alone does not fix it)
+    and the training data's identity (data.data_identity)."""
+    return {'batch_factors': [world, cfg.accum_steps, cfg.data.batch_size], 'training_data': training_data}
+
+
+def _batch(factors):
+    world, accum, batch = factors
+    return f'{world * accum * batch} ({world} processes x {accum} micro-batches x {batch})'
+
+
+def _data(identity):
+    what = (f'{identity["records"]:,} records, meta' if identity['format'] == 'jsonl'
+            else f'{identity["shards"]:,} shards, names and sizes')
+    return f'{identity["format"]}: {what} sha256 {identity["sha256"][:16]}'
+
+
+def input_changes(saved, identity, path):
+    """Lines '  what: before -> after' where the checkpoint's global batch or training data differ
+    from this run's (`identity`: run_identity). A checkpoint written before they were recorded has
+    its global batch from its world size and config; its data cannot be checked (a warning)."""
+    if not identity:
+        return []
+    config, lines = saved['config'], []
+    before = saved.get('batch_factors') or [saved['world_size'], config.get('accum_steps', 1),
+                                            config['data']['batch_size']]
+    if math.prod(before) != math.prod(identity['batch_factors']):
+        lines.append(f'  global batch: {_batch(before)} -> {_batch(identity["batch_factors"])}')
+    data = saved.get('training_data')
+    if data is None:
+        logging.warning('%s records no identity of its training data (written by an older version): '
+                        'the data are not checked', path)
+    elif data != identity['training_data']:
+        lines.append(f'  training data: {_data(data)} -> {_data(identity["training_data"])}')
+    return lines
+
+
+def check_resumed_config(saved, cfg, path, allow_change, inputs=()):
     """Refuse (unless allowed) a resume whose config changes what the run computes: model,
     losses, optimiser, batch size, data sources and order; warn for the rest (max_iter too:
-    extending a run is deliberate, though it reshapes the rest of the cosine schedule)."""
+    extending a run is deliberate, though it reshapes the rest of the cosine schedule). `inputs`:
+    input_changes' lines (global batch, training data), refused alike."""
     saved_data = saved.get('data', {})
     if saved_data.get('augmentation') in images.RENAMED:   # a run from before the rename: the same views
         saved = {**saved, 'data': {**saved_data, 'augmentation': images.RENAMED[saved_data['augmentation']]}}
     lines, refused = config_changes(saved, cfg.to_dict(), RUN_DEFINING)
+    refused, lines = refused + list(inputs), lines + list(inputs)
     if refused and not allow_change:
-        raise ValueError(f'{path} belongs to a run with another config; resuming would change it:\n'
-                         + '\n'.join(refused) + '\nuse the same config, another --workdir, or --allow_config_change')
+        raise ResumeRefused(f'{path} belongs to a run with another config; resuming would change it:\n'
+                            + '\n'.join(refused) + '\nuse the same config, number of processes and data, another '
+                            '--workdir, or --allow_config_change')
     if lines:
         logging.warning('resuming %s with a changed config:\n%s', path, '\n'.join(lines))
 
@@ -153,7 +199,8 @@ def check_resumed_config(saved, cfg, path, allow_change):
 def resume(state, cfg, ckpt_dir, world, *, start_over=False, allow_change=False):
     """Continue from the newest readable checkpoint of the workdir, if there is one. Checkpoints
     that exist but none of which can be read stop the run (unless `start_over`: they are then
-    renamed *.unreadable and the run starts from step 0)."""
+    renamed *.unreadable and the run starts from step 0). state.inputs (run_identity) is compared
+    with what the checkpoint recorded."""
     path, saved, unreadable = find_checkpoint(ckpt_dir, warn=logging.warning)
     rank = losses.world_info()[0]
     if saved is None and unreadable and not start_over:
@@ -165,13 +212,28 @@ def resume(state, cfg, ckpt_dir, world, *, start_over=False, allow_change=False)
         for bad, _ in unreadable if rank == 0 else ():
             bad.rename(bad.with_name(bad.name + '.unreadable'))
         return
-    check_resumed_config(saved['config'], cfg, path, allow_change)
+    check_resumed_config(saved['config'], cfg, path, allow_change, input_changes(saved, state.inputs, path))
     state.load_state_dict(saved)
     if rank == 0:
         logging.info('resumed from %s at step %d', path, state.step)
-    if saved['world_size'] != world:
-        logging.warning('resuming a %d-process run with %d processes: data order and NN queues of '
-                        'ranks >= %d change', saved['world_size'], world, saved['world_size'])
+        note_regrouping(saved, cfg.accum_steps, world)
+
+
+def note_regrouping(saved, accum, world):
+    """How a run resumed with other processes or accum_steps goes on: the same virtual devices
+    (processes x accum_steps) exactly; others with another data order, NN queues fresh or dropped."""
+    was_world, was_accum = saved['world_size'], saved['config'].get('accum_steps', 1)
+    before, after = was_world * was_accum, world * accum
+    if (was_world, was_accum) == (world, accum):
+        return
+    head = (f'resuming a {was_world}-process run with {world} processes' if was_world != world
+            else f'resuming with accum_steps {was_accum} -> {accum}')
+    if before == after:
+        logging.info('%s x %d micro-batches: the same %d virtual devices, data order and NN queues', head, accum, after)
+    else:
+        logging.warning('%s: %d virtual devices (processes x micro-batches) become %d: the data order changes '
+                        'and the NN queues of virtual devices >= %d %s', head, before, after, min(before, after),
+                        'start fresh' if after > before else 'are dropped')
 
 
 def save(state, cfg, ckpt_dir):

@@ -177,13 +177,15 @@ def train(cfg, workdir, *, start_over=False, allow_config_change=False):
                   f'static shapes {static}{npu}', flush=True)
         state = trainstep.build_state(cfg, device, rank)
         state.static_shapes = static
+        dataset = data.train_dataset(cfg.data)   # indexed once, before resuming: its identity is compared
+        state.inputs = lifecycle.run_identity(cfg, world, data.data_identity(cfg.data, dataset))
         lifecycle.resume(state, cfg, workdir / 'checkpoints', world, start_over=start_over, allow_change=allow_config_change)
         start = f'resumed at step {state.step}' if state.step else init_weights(state, cfg)
         wrap_ddp(state, cfg, world)
         if rank == 0:
             (workdir / 'config.json').write_text(cfg.to_json_best_effort(indent=2))
             print(summary(state, cfg, world, start), flush=True)
-        return run(state, cfg, workdir, rank, world)
+        return run(state, cfg, workdir, rank, world, dataset)
 
 
 def init_weights(state, cfg):
@@ -223,10 +225,11 @@ def eval_due(step, cfg):
     return bool(cfg.data.val_meta) and step > 0 and (due(step, cfg.eval_every) or step == cfg.max_iter)
 
 
-def run(state, cfg, workdir, rank, world):
+def run(state, cfg, workdir, rank, world, dataset=None):
     """The loop: a step, then logging, checkpoint and evaluation when due. A signal stops it after
     the step all ranks agree on, with a checkpoint; an evaluation that a crash interrupted runs
-    again first on resume (the checkpoint before it was written first)."""
+    again first on resume (the checkpoint before it was written first). `dataset`:
+    data.train_dataset's, if built."""
     ckpt_dir = workdir / 'checkpoints'
     if rank == 0:
         for stale in ckpt_dir.glob('*.tmp'):  # a write interrupted by a crash (the lock says it is no one's)
@@ -239,7 +242,7 @@ def run(state, cfg, workdir, rank, world):
         return state.model
     batches = iter(data.build_train_loader(cfg.data, rank=rank, world=world, start_step=start,
                                            max_iter=cfg.max_iter, pin_memory=state.device.type != 'cpu',
-                                           accum=cfg.accum_steps))
+                                           accum=cfg.accum_steps, dataset=dataset))
     log = RunLog(cfg, workdir, rank=rank, world=world, start=start)
     try:
         stopping, received = loop(state, cfg, batches, log, ckpt_dir, rank, world)
@@ -300,7 +303,7 @@ def main(argv):
         return
     try:
         train(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over, allow_config_change=FLAGS.allow_config_change)
-    except checks.ConfigError as e:
+    except (checks.ConfigError, lifecycle.ResumeRefused) as e:
         # one message per machine, no traceback: its first process prints it and fails the launch; the
         # others leave quietly (had they failed first, the launcher could stop the first before it printed)
         raise SystemExit(f'config error: {e}' if runtime.dist_env()[2] == 0 else 0) from None

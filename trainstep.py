@@ -114,7 +114,8 @@ class TrainState:
     this rank's bad samples by kind (rank 0 also carries the restored sum of a resumed run);
     `static_shapes`: the step keeps every tensor shape fixed (runtime.shape_modes); `autocast`:
     config.runtime.precision's context for the forwards; `stop_requested`: set by the loop when a
-    signal arrived here (the step tells every rank)."""
+    signal arrived here (the step tells every rank); `inputs`: what the checkpoint records of the
+    global batch and the training data (lifecycle.run_identity), for a resume to compare."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -128,6 +129,7 @@ class TrainState:
     static_shapes: bool = False
     autocast: contextlib.AbstractContextManager = dataclasses.field(default_factory=contextlib.nullcontext)
     stop_requested: bool = False
+    inputs: dict = dataclasses.field(default_factory=dict)
 
     @property
     def device(self):
@@ -152,7 +154,7 @@ class TrainState:
                 'queues': [q.cpu() for qs in queues for q in qs],
                 'queue_ptr': self.queue_ptr, 'rng': torch.get_rng_state(), 'config': config,
                 'world_size': world, 'nonfinite_total': int(self.nonfinite_total),
-                'bad_totals': dict(zip(guard.BAD_KINDS, bad.tolist()))}
+                'bad_totals': dict(zip(guard.BAD_KINDS, bad.tolist())), **self.inputs}
 
     def load_state_dict(self, state):
         rank, _ = losses.world_info()
