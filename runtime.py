@@ -164,12 +164,22 @@ def all_reduce_sum(counts, device):
     return counts.cpu()
 
 
-def gather_to_first(tensor, world):
-    """[every rank's tensor] on rank 0 (None elsewhere)."""
-    if world == 1:
-        return [tensor]
-    out = [torch.empty_like(tensor) for _ in range(world)] if dist.get_rank() == 0 else None
-    dist.gather(tensor, out, dst=0)
+def rows_to_first(rows, world):
+    """Every rank's rows (a [k, ...] tensor, the same shape on every rank) on rank 0 as host
+    tensors in rank order, [] elsewhere. One row at a time, broadcast from each rank in turn:
+    HCCL has no gather (torch_npu's stands in an all_gather that holds world x k rows on every
+    device at once: 4 GiB of NN queues at 8 cards x accum 4), and broadcast needs no extra
+    point-to-point communicators; a device holds one extra row at most."""
+    rank = dist.get_rank() if world > 1 else 0
+    buffer = torch.empty_like(rows[0]) if world > 1 else None
+    # copies, on CPU too: the buffer is reused and the rows change in the next step
+    out = [row.to('cpu', copy=True) for row in rows] if rank == 0 else []
+    for src in range(1, world):
+        for row in rows:
+            one = row if rank == src else buffer
+            dist.broadcast(one, src=src)
+            if rank == 0:
+                out.append(one.to('cpu', copy=True))
     return out
 
 

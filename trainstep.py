@@ -142,16 +142,15 @@ class TrainState:
 
     def state_dict(self, config):
         """The checkpoint dict on rank 0, None on the others. A collective: every rank calls it
-        (bad-sample counts are summed over ranks, every rank's queues go to rank 0: `queues` has
-        one [Q, D] entry per virtual device, in virtual-rank order)."""
+        (bad-sample counts are summed over ranks, every rank's queues go to rank 0 one at a time:
+        `queues` has one [Q, D] entry per virtual device, in virtual-rank order)."""
         rank, world = losses.world_info()
         bad = runtime.all_reduce_sum(self.bad_totals, self.device)
-        queues = runtime.gather_to_first(self.queue, world) if self.queue is not None else []
+        queues = runtime.rows_to_first(self.queue, world) if self.queue is not None else []
         if rank != 0:
             return None
         return {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                'scaler': self.scaler.state_dict(), 'step': self.step,
-                'queues': [q.cpu() for qs in queues for q in qs],
+                'scaler': self.scaler.state_dict(), 'step': self.step, 'queues': queues,
                 'queue_ptr': self.queue_ptr, 'rng': torch.get_rng_state(), 'config': config,
                 'world_size': world, 'nonfinite_total': int(self.nonfinite_total),
                 'bad_totals': dict(zip(guard.BAD_KINDS, bad.tolist())), **self.inputs}

@@ -143,7 +143,8 @@ def test_two_process_training_and_evaluation_follow_hccl_rules(tmp_path, demo_di
         '--config', 'configs/demo.py:smoke', '--workdir', str(work), *smoke_overrides(demo_dir, log_every=2)])
     assert res.returncode == 0, res.stderr[-3000:]
     seq = _same_sequence(tmp_path / 'train')
-    assert any(c.startswith('gather torch.float32') for c in seq)        # NN queues to rank 0
+    assert 'broadcast torch.float32 [4096, 128]' in seq                   # NN queues to rank 0, one at a time
+    assert not [c for c in seq if c.startswith('gather ')]                # no gather: HCCL has none
     assert any(c.startswith('all_reduce torch.int64') for c in seq)      # bad-sample and eval counts
     assert 'zero-shot top-1' in res.stdout
     res = _under_hccl_rules(tmp_path / 'eval', 'evaluate.py', [
