@@ -204,16 +204,20 @@ def init_weights(state, cfg):
 
 
 def summary(state, cfg, world, start):
-    """The run in two lines: parallelism, batch, parameters, where it starts."""
+    """The run in two lines: parallelism, batch, parameters, where it starts (and a warning when one
+    step's global batch is more than the whole training set)."""
     params = {}
     for name, p in state.model.named_parameters():
         part = name.split('.')[0]
         params[part] = params.get(part, 0) + p.numel()
     counts = ', '.join(f'{k} {v / 1e6:.2f}M' for k, v in params.items())
     batch = cfg.data.batch_size * cfg.accum_steps * world
+    records = state.inputs['training_data'].get('records', batch)   # shards: not counted
+    warn = (f'\nwarning: the global batch ({batch}) is larger than the training set ({records} records): every '
+            f'step holds some samples twice' if batch > records else '')
     return (f'global batch {batch} = {world} processes x {cfg.accum_steps} micro-batches x {cfg.data.batch_size} | '
             f'{cfg.max_iter} steps | {cfg.data.format} data\nparameters {sum(params.values()) / 1e6:.2f}M '
-            f'({counts}) | {start}')
+            f'({counts}) | {start}{warn}')
 
 
 def end_step(cfg):

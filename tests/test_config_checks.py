@@ -76,3 +76,17 @@ def test_a_vit_given_a_resnets_stage_depths_is_refused():
     cfg.model = ml_collections.ConfigDict({**cfg.model.to_dict(), 'vision_layers': (3, 4, 6, 3)})
     with pytest.raises(ValueError, match=r"config\.model\.vision_layers: a ViT takes one block count, got \(3, 4, 6, 3\)"):
         checks.check_model(cfg)
+
+
+@pytest.mark.parametrize('records, warned', [(16, False), (15, True)])
+def test_a_global_batch_larger_than_the_training_set_is_a_warning(records, warned):
+    """Training can go on (samples repeat within a step), so the run summary warns instead of
+    refusing: 2 processes x 2 micro-batches x 4 = 16 against 16 and 15 records."""
+    import train
+    from tiny_step import tiny_state
+    cfg, state, _ = tiny_state(batch=4, accum_steps=2)
+    cfg.data.batch_size = 4
+    state.inputs = {'training_data': {'format': 'jsonl', 'records': records}}
+    text = train.summary(state, cfg, 2, 'fresh weights')
+    assert text.startswith('global batch 16 = 2 processes x 2 micro-batches x 4')
+    assert ('warning: the global batch (16) is larger than the training set (15 records)' in text) == warned
