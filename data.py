@@ -133,8 +133,9 @@ class JsonlMeta:
             rec = json.loads(line)
         except ValueError as e:
             raise BadSample('bad_json', str(e)) from e
-        if not isinstance(rec, dict) or not isinstance(rec.get('filename'), str):
-            raise BadSample('bad_json', 'not an object with a "filename" string')
+        if not isinstance(rec, dict) or not isinstance(rec.get('filename'), str) or 'caption' not in rec:
+            found = f'keys {sorted(rec)}' if isinstance(rec, dict) else f'a JSON {type(rec).__name__}'
+            raise BadSample('bad_json', f'{found}, expected an object with "filename" (a string) and "caption"')
         return root, rec
 
     def __getstate__(self):
@@ -216,7 +217,7 @@ class PairDataset(torch.utils.data.Dataset):
                 return {**sample, 'position': position, 'bad': guard.bad_counts(failures)}
             failures.append(kind)
             index = rng.randrange(len(self.meta))
-        raise guard.DataError(f'100 consecutive bad samples around position {position}')
+        raise self.builder.monitor.error(f'100 consecutive bad samples around position {position}')
 
 
 class IterationSampler(torch.utils.data.Sampler):

@@ -32,6 +32,9 @@ def shard_paths(spec):
     return sorted(paths)
 
 
+IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')   # a sample's image member; its caption is .txt
+
+
 def iter_tar(path, max_bytes=MAX_FILE_BYTES):
     """('shard:key', {ext: bytes}) groups of consecutive members of a webdataset shard, with the
     standard library. A shard that is not a regular file (open_regular) or whose member or
@@ -121,9 +124,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     def build(self, group, rng):
         if '__error__' in group:
             raise group['__error__']
-        image = next((group[e] for e in ('jpg', 'jpeg', 'png', 'webp') if e in group), None)
+        image = next((group[e] for e in IMAGE_EXTS if e in group), None)
         if image is None or 'txt' not in group:
-            raise BadSample('bad_tar', f'members {sorted(group)}')
+            raise BadSample('bad_tar', f'members {sorted(group)}, expected an image ({", ".join(IMAGE_EXTS)}) and '
+                                       f'a txt caption side by side')
         try:
             caption = group['txt'].decode('utf-8')
         except UnicodeDecodeError as e:
@@ -155,8 +159,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         anywhere = (s for s in itertools.islice(self.samples(*share), 1_000) if s[1] not in failed)
         found = (rng.choice(fresh or known) if known else next(anywhere, None)) if tries <= 100 else None
         if found is None:
-            raise DataError(f'no good sample to replace {key}: {tries} tries failed, none of the samples around it '
-                            f'or of the first 1,000 of loader worker {share[0]}\'s shards can be built')
+            raise self.builder.monitor.error(
+                f'no good sample to replace {key}: {tries} tries failed, none of the samples around it or of the '
+                f'first 1,000 of loader worker {share[0]}\'s shards can be built')
         return found[1:]
 
     def __iter__(self):

@@ -304,6 +304,8 @@ def main(argv):
         # one message per machine, no traceback: its first process prints it and fails the launch; the
         # others leave quietly (had they failed first, the launcher could stop the first before it printed)
         raise SystemExit(f'config error: {e}' if runtime.dist_env()[2] == 0 else 0) from None
+    except guard.DataError as e:   # the corpus, named by its examples; a traceback would bury them
+        raise SystemExit(f'data error: {guard.error_message(e)}') from None
 
 
 if __name__ == '__main__':
