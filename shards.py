@@ -35,6 +35,38 @@ def shard_paths(spec):
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')   # a sample's image member; its caption is .txt
 
 
+def split_member(name):
+    """(key, extension) of a member name: 'a/b.c.jpg' is key 'a/b', extension 'c.jpg' (webdataset's rule)."""
+    base, _, ext = os.path.basename(name).partition('.')
+    return os.path.join(os.path.dirname(name), base), ext.lower()
+
+
+def probe_shard(path, members=20):
+    """What makes `path` no shard at all, from its first `members` members, or None: a folder, a file
+    that tarfile cannot open, or members not grouped by key (no image with its .txt beside it: a shard
+    packed as all images, then all captions). A file that is not regular, or a member broken later,
+    is the loader's to count."""
+    import tarfile
+    if os.path.isdir(path):
+        return f'{path} is a folder, not a tar shard: name the shards in it, e.g. {os.path.join(path, "*.tar")!r}'
+    names = []
+    try:
+        with open_regular(path) as f, tarfile.open(fileobj=f, mode='r:*') as tar:
+            while len(names) < members and (member := tar.next()) is not None:
+                names += [member.name] if member.isfile() else []
+    except BadSample:
+        return None
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if not names:
+            return f'{path} is not a tar file ({e})'
+    groups = [{split_member(n)[1] for n in group} for _, group in itertools.groupby(names, lambda n: split_member(n)[0])]
+    if names and not any('txt' in g and g & set(IMAGE_EXTS) for g in groups):
+        return (f'{path}: none of its first {len(names)} members ({", ".join(names[:3])}, ...) is an image with its '
+                f'.txt caption beside it; expected each sample\'s members together (KEY.jpg, KEY.txt, ...), as a '
+                f'tar of the files sorted by name holds them')
+    return None
+
+
 def iter_tar(path, max_bytes=MAX_FILE_BYTES):
     """('shard:key', {ext: bytes}) groups of consecutive members of a webdataset shard, with the
     standard library. A shard that is not a regular file (open_regular) or whose member or
@@ -48,8 +80,8 @@ def iter_tar(path, max_bytes=MAX_FILE_BYTES):
                 if not member.isfile():
                     continue
                 name = member.name
-                base, _, ext = os.path.basename(name).partition('.')
-                k = f'{path}:{os.path.join(os.path.dirname(name), base)}'
+                base, ext = split_member(name)
+                k = f'{path}:{base}'
                 if k != key and key is not None:
                     yield key, group
                     group = {}
@@ -58,7 +90,7 @@ def iter_tar(path, max_bytes=MAX_FILE_BYTES):
                     group['__error__'] = BadSample('file_too_large', f'{name}: {member.size:,} bytes > '
                                                    f'{max_bytes:,} (data.limits.max_file_bytes)')
                 else:
-                    group[ext.lower()] = tar.extractfile(member).read()
+                    group[ext] = tar.extractfile(member).read()
     except (BadSample, tarfile.TarError, OSError, EOFError) as e:
         if key is not None:
             yield key, group

@@ -1,14 +1,19 @@
-"""During a run, a guard that gives up on bad samples names the first failures with their kind and
-file:line (or shard key) and what was expected, also from a loader worker."""
+"""A corpus given wrong in one of the common ways (a meta file in UTF-16, one JSON array, another
+caption key, a wrong image folder, a shard packed as all images then all captions, data.shards
+naming a folder) is refused before any work, in one line naming file:line and what was expected;
+during a run, a guard that gives up names the first failures with their kind and file:line."""
 import io
 import json
 import tarfile
 
 import pytest
 
+import checks
 import data
 import guard
+import train
 from helpers import data_config, run, smoke_overrides, write_jpeg
+from test_run_guard import smoke
 
 EXPECTED = 'expected an object with "filename" (a string) and "caption"'
 
@@ -29,6 +34,84 @@ def grouped_shard(demo_dir, path, samples=12):
         for member, raw in sorted(members, key=lambda m: (not m[0].name.endswith('.jpg'), m[0].name)):
             out.addfile(member, io.BytesIO(raw))
 
+
+def mistake(name, tmp_path, demo_dir):
+    """(config overrides, the config error's message) of one common mistake."""
+    meta, recs = tmp_path / 'meta.jsonl', records(demo_dir)
+    if name in ('utf16', 'utf32'):
+        meta.write_text(jsonl(recs), encoding=name.replace('utf', 'utf-'))
+        enc = name.upper().replace('UTF', 'UTF-')
+        return {'data.train_meta': meta}, (f'config.data.train_meta: {meta}:1: {enc} text (it starts with a {enc} '
+                                           f'byte-order mark); JSON Lines must be UTF-8: convert it, e.g. iconv -f '
+                                           f'{enc} -t UTF-8')
+    if name == 'utf16_without_bom':
+        meta.write_bytes(jsonl(recs).encode('utf-16-le'))
+        return {'data.train_meta': meta}, (f'config.data.train_meta: {meta}:1: NUL bytes: UTF-16 or UTF-32 text '
+                                           f'without a byte-order mark? JSON Lines is UTF-8 (nor is any of its '
+                                           f'first 20 lines a sample)')
+    if name == 'json_array':
+        meta.write_text('\n' + json.dumps(recs, indent=2))
+        return {'data.train_meta': meta}, (f'config.data.train_meta: {meta}:2: a JSON array, expected JSON Lines (one '
+                                           f'object a line: {{"filename": ..., "caption": ...}}): convert it, e.g. '
+                                           f'jq -c ".[]"')
+    if name == 'caption_key':
+        meta.write_text(jsonl({'filename': r['filename'], 'text': r['caption']} for r in recs))
+        return {'data.train_meta': meta}, (f"config.data.train_meta: {meta}:1: keys ['filename', 'text'], {EXPECTED} "
+                                           f'(nor is any of its first 20 lines a sample)')
+    if name == 'image_root':
+        root = demo_dir / 'val'
+        return {'data.train_root': root}, (f"config.data.train_root: none of the first 20 images of "
+                                           f"{demo_dir / 'train.jsonl'} is a file under '{root}' ("
+                                           f"{demo_dir / 'train.jsonl'}:1: no file {root / 'train_000000.jpg'}); "
+                                           f'check the image folder and the filenames')
+    if name == 'grouped_shard':
+        grouped_shard(demo_dir, tmp_path / 'g-0.tar')
+        return {'data.format': 'wds', 'data.shards': tmp_path / '*.tar'}, (
+            f'config.data.shards: {tmp_path / "g-0.tar"}: none of its first 20 members (000000.jpg, 000001.jpg, '
+            f'000002.jpg, ...) is an image with its .txt caption beside it; expected each sample\'s members '
+            f'together (KEY.jpg, KEY.txt, ...), as a tar of the files sorted by name holds them')
+    folder = demo_dir / 'shards'
+    return {'data.format': 'wds', 'data.shards': folder}, (
+        f"config.data.shards: {folder} is a folder, not a tar shard: name the shards in it, e.g. '{folder}/*.tar'")
+
+
+MISTAKES = ['utf16', 'utf32', 'utf16_without_bom', 'json_array', 'caption_key', 'image_root', 'grouped_shard',
+            'shards_folder']
+
+
+@pytest.mark.parametrize('name', MISTAKES)
+def test_a_common_corpus_mistake_is_named_before_any_work(tmp_path, demo_dir, name):
+    """Each of these once trained into '100 consecutive bad samples around position 0' (or 'no good
+    sample to replace ...') with no file, line or hint. (Break caught: a pre-flight check removed.)"""
+    over, message = mistake(name, tmp_path, demo_dir)
+    with pytest.raises(ValueError) as e:
+        train.train(smoke(demo_dir, **over), tmp_path / 'w')
+    assert str(e.value) == message
+    assert not (tmp_path / 'w').exists()
+
+
+def test_the_command_line_says_it_in_one_line(tmp_path, demo_dir):
+    over, message = mistake('caption_key', tmp_path, demo_dir)
+    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path / 'w'),
+               *smoke_overrides(demo_dir, **over)], timeout=300)
+    assert res.returncode == 1 and res.stdout == ''
+    assert res.stderr.splitlines() == [f'config error: {message}']
+
+
+def test_a_few_bad_first_lines_among_good_ones_still_train(tmp_path, demo_dir):
+    """The pre-flight refuses a corpus whose first lines all fail alike, never one with bad lines
+    among good ones (those are counted by the loader), nor judges a line its read cut short."""
+    recs = records(demo_dir, 3)
+    meta = tmp_path / 'meta.jsonl'
+    meta.write_bytes(b'\xef\xbb\xbf{"filename": 3}\n\n[1]\n\xff\xfe\n' + jsonl([{'filename': 'gone.jpg', 'caption': 'x'},
+                                                                             *recs]).encode())
+    checks.check_config(smoke(demo_dir, **{'data.train_meta': meta, 'data.val_meta': ''}))
+    long = tmp_path / 'long.jsonl'
+    long.write_text(json.dumps({**recs[0], 'caption': 'a red square ' * 100_000}) + '\n' + jsonl(recs))
+    checks.check_config(smoke(demo_dir, **{'data.train_meta': long, 'data.val_meta': ''}))
+
+
+# ---------------------------------------------------------------- in the run: the first failures, named
 
 def test_the_consecutive_failure_guard_names_the_first_failures(tmp_path):
     """100 bad samples in a row (every line of this meta has another caption key) end with the
