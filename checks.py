@@ -107,6 +107,7 @@ POSITIVE = ('max_iter', 'accum_steps', 'log_every', 'ckpt_every', 'keep_every', 
             'runtime.dist_timeout_s', 'runtime.mlm_bucket', 'data.batch_size', 'data.prefetch', 'data.limits.bad_window',
             'data.limits.max_pixels', 'loss.queue_size', 'eval.batch_size', 'optim.eps')
 NON_NEGATIVE = ('seed', 'stop_at', 'data.shuffle_buffer', 'keep_copies', 'runtime.tb_images', 'runtime.peak_tflops', 'data.workers', 'eval.workers',
+                'data.limits.batch_timeout_s',
                 'optim.base_lr', 'optim.warmup_lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
                 *(f'loss.{k}' for k in trainstep.LOSS_TERMS))
 BELOW_ONE = ('optim.beta1', 'optim.beta2')

@@ -283,8 +283,8 @@ def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=Fal
     collate = Collate(mask=cfg.mask, seed=cfg.seed, micro=cfg.batch_size)
     kwargs = dict(batch_size=cfg.batch_size * accum, num_workers=cfg.workers, collate_fn=collate,
                   pin_memory=pin_memory, worker_init_fn=lifecycle.loader_worker_init)
-    if cfg.workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch)
+    if cfg.workers > 0:  # timeout: a worker that stops responding must not hang the run
+        kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch, timeout=cfg.limits.batch_timeout_s)
     if cfg.format == 'wds':
         stream = shards.ShardStream(cfg, rank=rank, world=world, start_step=start_step, make_builder=SampleBuilder)
         return torch.utils.data.DataLoader(stream, **kwargs)

@@ -305,3 +305,43 @@ def exit_with_parent():
         threading.Thread(target=watch, daemon=True).start()
     if os.getppid() != parent:  # the launcher died before the signal was asked for
         os._exit(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loader workers that stall or die
+# ----------------------------------------------------------------------------------------------
+
+class WorkerDeaths:
+    """Loader workers' deaths held for the loop: torch's SIGCHLD handler would raise in whatever the
+    training process runs, a checkpoint write included; here a death is recorded and `check`, between
+    steps, reports it as torch does (a RuntimeError naming the worker)."""
+
+    def __init__(self):
+        self.held, self.previous, self.installed = [], None, False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGCHLD, lambda signum, frame: self.held.append(signum))
+            self.installed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.installed:   # a death after the last step costs nothing: not reported
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL if self.previous is None else self.previous)
+
+    def check(self):
+        if self.held and callable(self.previous):
+            self.held.clear()
+            self.previous(signal.SIGCHLD, None)
+
+
+def loader_fault(error, timeout_s):
+    """What torch's DataLoader error `error` says of its workers, in the run's words, or None when it
+    is another error."""
+    text = str(error)
+    if text.startswith('DataLoader timed out'):
+        return (f'no batch from the loader workers for {timeout_s:g} s (data.limits.batch_timeout_s): a worker '
+                f'stopped responding')
+    if text.startswith('DataLoader worker (pid') and ('exited unexpectedly' in text or 'killed by signal' in text):
+        return f'a loader worker died ({text.splitlines()[0].strip().rstrip(".")})'
+    return None

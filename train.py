@@ -252,6 +252,24 @@ def run(state, cfg, workdir, rank, world):
     return state.model
 
 
+def next_batch(state, cfg, log, batches, deaths, ckpt_dir, world):
+    """The step's batch. A loader worker that died or stopped responding (torch's RuntimeError)
+    stops the run here, between steps, with a checkpoint of the steps trained; with several
+    processes the others cannot join that save, and the last checkpoint stays."""
+    try:
+        deaths.check()
+        return log.next_batch(batches)
+    except RuntimeError as e:
+        cause = lifecycle.loader_fault(e, cfg.data.limits.batch_timeout_s)
+        if cause is None:
+            raise
+    if world > 1:
+        raise SystemExit(f'stopped at step {state.step}: {cause}; the last checkpoint in {ckpt_dir} stays')
+    lifecycle.save(state, cfg, ckpt_dir)
+    raise SystemExit(f'stopped at step {state.step}: {cause}; the checkpoint is written: run the same command to '
+                     f'resume')
+
+
 def loop(state, cfg, batches, log, ckpt_dir, rank, world):
     """Steps from state.step to the end of this invocation; (stopped by a signal, its name)."""
     marker, start, end = ckpt_dir / 'evaluated_step', state.step, end_step(cfg)
@@ -264,10 +282,10 @@ def loop(state, cfg, batches, log, ckpt_dir, rank, world):
 
     if eval_due(start, cfg) and (not marker.is_file() or marker.read_text().strip() != str(start)):
         evaluation()
-    with lifecycle.StopSignals() as signals:
+    with lifecycle.StopSignals() as signals, lifecycle.WorkerDeaths() as deaths:
         stop, stopping = None, False
         while state.step < end and not stopping:
-            batch = log.next_batch(batches)
+            batch = next_batch(state, cfg, log, batches, deaths, ckpt_dir, world)
             log_now = due(state.step + 1, cfg.log_every) or state.step + 1 == end
             counter = log.flop_counter()
             state.stop_requested = signals.received is not None   # every rank learns it from the step
