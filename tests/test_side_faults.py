@@ -1,5 +1,6 @@
 """Faults beside training never cost the steps trained: a loader worker that stops responding or
-dies stops the run between steps with a checkpoint and the cause."""
+dies stops the run between steps with a checkpoint and the cause; TensorBoard on a full disk warns
+once and training goes on."""
 import os
 import signal
 import subprocess
@@ -97,3 +98,28 @@ def test_a_negative_batch_timeout_is_refused(tmp_path, demo_dir):
     with pytest.raises(ValueError) as e:
         train.train(smoke(demo_dir, **{'data.limits.batch_timeout_s': -1.0}), tmp_path / 'w')
     assert str(e.value) == 'config.data.limits.batch_timeout_s: must be >= 0, got -1.0'
+
+
+# ---------------------------------------------------------------- TensorBoard on a full disk
+
+def _full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+
+@pytest.mark.parametrize('where', ['add_scalar', 'writer_thread'])
+def test_tensorboard_on_a_full_disk_warns_once_and_training_goes_on(tmp_path, demo_dir, monkeypatch, capsys, where):
+    """Every scalar write fails (or the writer's thread, whose error torch raises at a later write):
+    one warning, all 6 steps trained, every checkpoint written. Before: OSError after step 3's
+    checkpoint ended the run."""
+    from tensorboard.summary.writer import record_writer
+    from torch.utils.tensorboard import SummaryWriter
+    if where == 'add_scalar':
+        monkeypatch.setattr(SummaryWriter, 'add_scalar', _full)
+    else:
+        monkeypatch.setattr(record_writer.RecordWriter, 'flush', _full)
+    train.train(smoke(demo_dir, **{'data.val_meta': ''}), tmp_path / 'w')
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning: TensorBoard')]
+    assert warnings == [f'warning: TensorBoard logging to {tmp_path / "w" / "tb"} stops here ([Errno 28] No space left '
+                        f'on device); training goes on and checkpoints are still written']
+    assert sorted(p.name for p in (tmp_path / 'w' / 'checkpoints').iterdir()) == ['last.pt', 'step_3.pt', 'step_6.pt']
+    assert step_of(tmp_path / 'w' / 'checkpoints' / 'last.pt') == 6
