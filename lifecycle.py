@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -308,8 +309,38 @@ def exit_with_parent():
 
 
 # ----------------------------------------------------------------------------------------------
-# Loader workers that stall or die
+# Outputs checked before any work; loader workers that stall or die
 # ----------------------------------------------------------------------------------------------
+
+def _no_folder(path):
+    """Why `path`, which exists (maybe as a link), is no folder to write into, or None."""
+    if path.is_symlink() and not path.exists():
+        return f'a symbolic link to {os.readlink(path)}, which does not exist'
+    if not path.is_dir():
+        return 'a file, not a folder'
+    return None
+
+
+def prepare_workdir(workdir, create=True):
+    """Refuse a --workdir (named as given) the run cannot write, before any work: a file, a folder
+    below a file, a dangling `checkpoints` or `tb` link, a folder that cannot be created or
+    written. `create`: make workdir/checkpoints (the first process), and try a write in each."""
+    path = Path(workdir)
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    found = [(existing, _no_folder(existing))]
+    if existing == path:
+        found += [(path / name, _no_folder(path / name)) for name in ('checkpoints', 'tb') if os.path.lexists(path / name)]
+    for where, problem in found:
+        if problem:
+            raise ValueError(f'--workdir {workdir}: ' + ('' if where == path else f'{where}: ') + problem)
+    for where in (path, path / 'checkpoints') if create else ():
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=where):
+                pass
+        except OSError as e:
+            raise ValueError(f'--workdir {workdir}: cannot write {where}: {e.strerror or e}') from None
+
 
 class WorkerDeaths:
     """Loader workers' deaths held for the loop: torch's SIGCHLD handler would raise in whatever the

@@ -178,13 +178,12 @@ def train(cfg, workdir, *, start_over=False, allow_config_change=False):
         checks.check_config(cfg)
     lifecycle.exit_with_parent()
     device, device_type = runtime.setup_device(runtime.dist_env()[2], cfg.runtime.device)
+    workdir, first = Path(workdir), runtime.dist_env()[0] == 0
     with checks.config_errors():
         checks.check_device(cfg, device_type)
+        lifecycle.prepare_workdir(workdir, create=first)   # the first process makes it
     jit, static = runtime.configure_shapes(device_type, jit_compile=cfg.runtime.npu_jit_compile,
                                            static_shapes=cfg.runtime.static_shapes)
-    workdir, first = Path(workdir), runtime.dist_env()[0] == 0
-    if first:
-        (workdir / 'checkpoints').mkdir(parents=True, exist_ok=True)
     with (lifecycle.workdir_lock(workdir) if first else contextlib.nullcontext()), \
             runtime.processes(device_type, cfg.runtime.dist_timeout_s) as (rank, world):
         if rank == 0:

@@ -1,6 +1,7 @@
 """Faults beside training never cost the steps trained: a loader worker that stops responding or
 dies stops the run between steps with a checkpoint and the cause; TensorBoard on a full disk warns
-once and training goes on."""
+once and training goes on; a --workdir the run cannot write is refused before any work, named as
+given."""
 import os
 import signal
 import subprocess
@@ -123,3 +124,56 @@ def test_tensorboard_on_a_full_disk_warns_once_and_training_goes_on(tmp_path, de
                         f'on device); training goes on and checkpoints are still written']
     assert sorted(p.name for p in (tmp_path / 'w' / 'checkpoints').iterdir()) == ['last.pt', 'step_3.pt', 'step_6.pt']
     assert step_of(tmp_path / 'w' / 'checkpoints' / 'last.pt') == 6
+
+
+# ---------------------------------------------------------------- the workdir
+
+def workdir_fault(name, tmp_path):
+    """(--workdir as given, what the message says after it) of one fault."""
+    (tmp_path / 'file').write_text('x')
+    work = tmp_path / 'run'
+    if name == 'a_file':
+        return tmp_path / 'file', 'a file, not a folder'
+    if name == 'below_a_file':
+        return tmp_path / 'file' / 'run', f'{tmp_path / "file"}: a file, not a folder'
+    work.mkdir()
+    if name in ('dangling_checkpoints', 'dangling_tb'):
+        link = work / name.split('_')[1]
+        link.symlink_to(tmp_path / 'gone')
+        return work, f'{link}: a symbolic link to {tmp_path / "gone"}, which does not exist'
+    (work / 'checkpoints').write_text('x')
+    return work, f'{work / "checkpoints"}: a file, not a folder'
+
+
+WORKDIR_FAULTS = ['a_file', 'below_a_file', 'dangling_checkpoints', 'dangling_tb', 'checkpoints_a_file']
+
+
+@pytest.mark.parametrize('name', WORKDIR_FAULTS)
+def test_a_workdir_the_run_cannot_use_is_refused_before_any_work(tmp_path, demo_dir, name):
+    workdir, problem = workdir_fault(name, tmp_path)
+    before = sorted(tmp_path.rglob('*'))
+    with pytest.raises(ValueError) as e:
+        train.train(smoke(demo_dir), str(workdir))
+    assert str(e.value) == f'--workdir {workdir}: {problem}'
+    assert sorted(tmp_path.rglob('*')) == before
+
+
+def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path, demo_dir, monkeypatch):
+    """(As root, folder modes do not stop writes: the refusal of the file system is simulated.)"""
+    import tempfile
+
+    def refused(dir=None, **kwargs):
+        raise PermissionError(13, 'Permission denied', str(dir))
+    monkeypatch.setattr(tempfile, 'TemporaryFile', refused)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as e:
+        train.train(smoke(demo_dir), 'relative/run')
+    assert str(e.value) == '--workdir relative/run: cannot write relative/run: Permission denied'
+
+
+def test_the_command_line_names_the_workdir_as_given(tmp_path, demo_dir):
+    (tmp_path / 'file').write_text('x')
+    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path / 'file'),
+               *smoke_overrides(demo_dir)], timeout=300)
+    assert res.returncode == 1 and res.stdout == ''
+    assert res.stderr.splitlines() == [f'config error: --workdir {tmp_path / "file"}: a file, not a folder']
