@@ -2,12 +2,16 @@
 evaluation set cannot train is refused at start, in one line naming the keys (or file) and the
 rule, instead of failing deep inside the run."""
 
+import codecs
 import contextlib
+import json
 import math
+import os
 from pathlib import Path
 
 import declip
 import evaluate
+import guard
 import images
 import jpeg
 import lifecycle
@@ -103,6 +107,7 @@ POSITIVE = ('max_iter', 'accum_steps', 'log_every', 'ckpt_every', 'keep_every', 
             'runtime.dist_timeout_s', 'runtime.mlm_bucket', 'data.batch_size', 'data.prefetch', 'data.limits.bad_window',
             'data.limits.max_pixels', 'loss.queue_size', 'eval.batch_size', 'optim.eps')
 NON_NEGATIVE = ('seed', 'stop_at', 'data.shuffle_buffer', 'keep_copies', 'runtime.tb_images', 'runtime.peak_tflops', 'data.workers', 'eval.workers',
+                'data.limits.batch_timeout_s',
                 'optim.base_lr', 'optim.warmup_lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
                 *(f'loss.{k}' for k in trainstep.LOSS_TERMS))
 BELOW_ONE = ('optim.beta1', 'optim.beta2')
@@ -194,14 +199,15 @@ def check_data(cfg):
         for meta, root in zip(metas, roots):
             _need('train_meta', meta)
             _need('train_root', root, 'folder')
-            with open(meta, 'rb') as f:
-                if not f.read(1 << 20).strip():
-                    raise ValueError(f'config.data.train_meta: {meta} has no samples')
+            check_images(meta, root, check_meta(meta))
     elif cfg.format == 'wds':
         try:
-            shards.shard_paths(cfg.shards)
+            paths = shards.shard_paths(cfg.shards)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f'config.data.shards: {e}') from e
+        problem = shards.probe_shard(next((p for p in paths if os.path.isdir(p)), paths[0]))
+        if problem:
+            raise ValueError(f'config.data.shards: {problem}')
         if not isinstance(cfg.shuffle_buffer, int) or cfg.shuffle_buffer < 0:
             raise ValueError(f'config.data.shuffle_buffer: a sample count >= 0, got {cfg.shuffle_buffer!r}')
     else:
@@ -214,3 +220,75 @@ def check_data(cfg):
         raise ValueError(f'config.data.decode: "host" or "device", got {cfg.decode!r}')
     if cfg.decode == 'device':
         jpeg.nvjpeg_decoder('cpu')  # torchvision must be importable before any work starts
+
+
+# ----------------------------------------------------------------------------------------------
+# The corpus before any work: the first lines of each training meta file and their images
+# ----------------------------------------------------------------------------------------------
+
+PROBE_LINES, PROBE_BYTES = 20, 1 << 20
+BOMS = ((codecs.BOM_UTF32_LE, 'UTF-32'), (codecs.BOM_UTF32_BE, 'UTF-32'), (codecs.BOM_UTF16_LE, 'UTF-16'),
+        (codecs.BOM_UTF16_BE, 'UTF-16'))   # UTF-32 first: its little-endian mark starts with UTF-16's
+
+
+def _meta_record(raw):
+    """(record, None) of a meta line that can be a training sample, else (None, what is wrong)."""
+    if b'\0' in raw:
+        return None, 'NUL bytes: UTF-16 or UTF-32 text without a byte-order mark? JSON Lines is UTF-8'
+    try:
+        rec = json.loads(raw.decode('utf-8'))
+    except UnicodeDecodeError as e:
+        return None, f'not UTF-8 ({e.reason} at byte {e.start})'
+    except ValueError as e:
+        return None, f'not a JSON object on one line ({e})'
+    if not isinstance(rec, dict) or not isinstance(rec.get('filename'), str) or 'caption' not in rec:
+        found = f'keys {sorted(rec)}' if isinstance(rec, dict) else f'a JSON {type(rec).__name__}'
+        return None, f'{found}, expected an object with "filename" (a string) and "caption"'
+    return rec, None
+
+
+def check_meta(meta):
+    """[(line, record)] of the first lines of a training meta file that can be samples. The ways a
+    corpus is commonly given wrong (UTF-16/32, one JSON array, other keys) fail every sample alike;
+    refused here, before any work, naming file:line and what was expected. A few bad lines among
+    good ones are the loader's to count."""
+    with open(meta, 'rb') as f:
+        head = f.read(PROBE_BYTES)
+    where, cut = f'config.data.train_meta: {meta}', len(head) == PROBE_BYTES
+    for bom, name in BOMS:
+        if head.startswith(bom):
+            raise ValueError(f'{where}:1: {name} text (it starts with a {name} byte-order mark); JSON Lines must be '
+                             f'UTF-8: convert it, e.g. iconv -f {name} -t UTF-8')
+    head = head.removeprefix(codecs.BOM_UTF8)
+    if not head.strip():
+        raise ValueError(f'{where} has no samples')
+    if head.lstrip().startswith(b'['):
+        line = head[:len(head) - len(head.lstrip())].count(b'\n') + 1
+        raise ValueError(f'{where}:{line}: a JSON array, expected JSON Lines (one object a line: '
+                         f'{{"filename": ..., "caption": ...}}): convert it, e.g. jq -c ".[]"')
+    lines = head.split(b'\n')[:-1 if cut else None]   # a line the read cut is not judged
+    lines = [(n, raw) for n, raw in enumerate(lines, 1) if raw.strip()][:PROBE_LINES]
+    checked = [(n, *_meta_record(raw)) for n, raw in lines]
+    records = [(n, rec) for n, rec, _ in checked if rec is not None]
+    if checked and not records:
+        span = 'its only line' if len(checked) == 1 else f'any of its first {len(checked)} lines'
+        raise ValueError(f'{where}:{checked[0][0]}: {checked[0][2]} (nor is {span} a sample)')
+    return records
+
+
+def check_images(meta, root, records):
+    """One of the first images `records` of `meta` name must be a file under `root` (a wrong folder
+    would otherwise show only as every sample bad)."""
+    reasons = []
+    for n, rec in records:
+        try:
+            path = guard.confined_path(root, rec['filename'])
+        except guard.BadSample as e:
+            reasons.append(f'{meta}:{n}: {e}')
+            continue
+        if os.path.isfile(path):
+            return
+        reasons.append(f'{meta}:{n}: no file {path}')
+    if reasons:
+        raise ValueError(f'config.data.train_root: none of the first {len(reasons)} images of {meta} is a file under '
+                         f'{root!r} ({reasons[0]}); check the image folder and the filenames')

@@ -140,8 +140,9 @@ class JsonlMeta:
             rec = json.loads(line)
         except ValueError as e:
             raise BadSample('bad_json', str(e)) from e
-        if not isinstance(rec, dict) or not isinstance(rec.get('filename'), str):
-            raise BadSample('bad_json', 'not an object with a "filename" string')
+        if not isinstance(rec, dict) or not isinstance(rec.get('filename'), str) or 'caption' not in rec:
+            found = f'keys {sorted(rec)}' if isinstance(rec, dict) else f'a JSON {type(rec).__name__}'
+            raise BadSample('bad_json', f'{found}, expected an object with "filename" (a string) and "caption"')
         return root, rec
 
     def __getstate__(self):
@@ -223,7 +224,7 @@ class PairDataset(torch.utils.data.Dataset):
                 return {**sample, 'position': position, 'bad': guard.bad_counts(failures)}
             failures.append(kind)
             index = rng.randrange(len(self.meta))
-        raise guard.DataError(f'100 consecutive bad samples around position {position}')
+        raise self.builder.monitor.error(f'100 consecutive bad samples around position {position}')
 
 
 class IterationSampler(torch.utils.data.Sampler):
@@ -305,8 +306,8 @@ def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=Fal
     collate = Collate(mask=cfg.mask, seed=cfg.seed, micro=cfg.batch_size)
     kwargs = dict(batch_size=cfg.batch_size * accum, num_workers=cfg.workers, collate_fn=collate,
                   pin_memory=pin_memory, worker_init_fn=lifecycle.loader_worker_init)
-    if cfg.workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch)
+    if cfg.workers > 0:  # timeout: a worker that stops responding must not hang the run
+        kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch, timeout=cfg.limits.batch_timeout_s)
     if cfg.format == 'wds':
         stream = shards.ShardStream(cfg, rank=rank, world=world, start_step=start_step, make_builder=SampleBuilder)
         return torch.utils.data.DataLoader(stream, **kwargs)

@@ -149,22 +149,40 @@ class DataError(RuntimeError):
 
 class FailureMonitor:
     """Failure rate over the last `window` attempts of this process; above `max_rate` it raises
-    a DataError naming a few examples."""
+    a DataError naming examples. Failures are 'where: kind: detail' (meta file:line or shard key);
+    the first ones are kept for every message, since a corpus given wrong fails the same way from
+    its first sample and the first failure is the one that says how."""
 
     def __init__(self, window, max_rate):
         self.window, self.max_rate = window, max_rate
         self.recent = collections.deque(maxlen=window)
-        self.examples = collections.deque(maxlen=5)
+        self.first, self.examples = [], collections.deque(maxlen=5)
 
     def record(self, failure=None):
         self.recent.append(failure is not None)
         if failure is not None:
+            if len(self.first) < 3 and failure not in self.first:
+                self.first.append(failure)
             self.examples.append(failure)
             rate = sum(self.recent) / len(self.recent)
             if len(self.recent) == self.window and rate > self.max_rate:
-                raise DataError(
-                    f'{rate:.0%} of the last {self.window} samples could not be built (limit '
-                    f'{self.max_rate:.0%}, data.limits.max_bad_rate); examples:\n  ' + '\n  '.join(self.examples))
+                raise self.error(f'{rate:.0%} of the last {self.window} samples could not be built (limit '
+                                 f'{self.max_rate:.0%}, data.limits.max_bad_rate)')
+
+    def error(self, summary):
+        """A DataError: `summary` and the first failure on one line, then the other first ones and
+        the latest, one a line (any guard that gives up names what the monitor saw)."""
+        shown = self.first + [e for e in self.examples if e not in self.first]
+        if not shown:
+            return DataError(summary)
+        return DataError(f'{summary}; the first: {shown[0]}' + ''.join(f'\n  {e}' for e in shown[1:]))
+
+
+def error_message(error):
+    """A DataError's own message, also when a loader worker raised it (torch raises it again in the
+    training process with the worker's traceback in front)."""
+    text, mark = str(error), f'\n{DataError.__module__}.{DataError.__qualname__}: '
+    return text[text.rfind(mark) + len(mark):].rstrip() if text.startswith('Caught ') and mark in text else text
 
 
 def guarded(build, timeout_s):
@@ -175,7 +193,7 @@ def guarded(build, timeout_s):
     except BadSample as e:
         return None, e.kind, str(e)
     except Exception as e:  # a sample must never stop training or evaluation; the monitor catches patterns
-        return None, 'other', f'{type(e).__name__}: {e}'
+        return None, 'other', f'other: {type(e).__name__}: {e}'
 
 
 def bad_counts(kinds):

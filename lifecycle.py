@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -367,3 +368,73 @@ def exit_with_parent():
         threading.Thread(target=watch, daemon=True).start()
     if os.getppid() != parent:  # the launcher died before the signal was asked for
         os._exit(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs checked before any work; loader workers that stall or die
+# ----------------------------------------------------------------------------------------------
+
+def _no_folder(path):
+    """Why `path`, which exists (maybe as a link), is no folder to write into, or None."""
+    if path.is_symlink() and not path.exists():
+        return f'a symbolic link to {os.readlink(path)}, which does not exist'
+    if not path.is_dir():
+        return 'a file, not a folder'
+    return None
+
+
+def prepare_workdir(workdir, create=True):
+    """Refuse a --workdir (named as given) the run cannot write, before any work: a file, a folder
+    below a file, a dangling `checkpoints` or `tb` link, a folder that cannot be created or
+    written. `create`: make workdir/checkpoints (the first process), and try a write in each."""
+    path = Path(workdir)
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    found = [(existing, _no_folder(existing))]
+    if existing == path:
+        found += [(path / name, _no_folder(path / name)) for name in ('checkpoints', 'tb') if os.path.lexists(path / name)]
+    for where, problem in found:
+        if problem:
+            raise ValueError(f'--workdir {workdir}: ' + ('' if where == path else f'{where}: ') + problem)
+    for where in (path, path / 'checkpoints') if create else ():
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=where):
+                pass
+        except OSError as e:
+            raise ValueError(f'--workdir {workdir}: cannot write {where}: {e.strerror or e}') from None
+
+
+class WorkerDeaths:
+    """Loader workers' deaths held for the loop: torch's SIGCHLD handler would raise in whatever the
+    training process runs, a checkpoint write included; here a death is recorded and `check`, between
+    steps, reports it as torch does (a RuntimeError naming the worker)."""
+
+    def __init__(self):
+        self.held, self.previous, self.installed = [], None, False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGCHLD, lambda signum, frame: self.held.append(signum))
+            self.installed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.installed:   # a death after the last step costs nothing: not reported
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL if self.previous is None else self.previous)
+
+    def check(self):
+        if self.held and callable(self.previous):
+            self.held.clear()
+            self.previous(signal.SIGCHLD, None)
+
+
+def loader_fault(error, timeout_s):
+    """What torch's DataLoader error `error` says of its workers, in the run's words, or None when it
+    is another error."""
+    text = str(error)
+    if text.startswith('DataLoader timed out'):
+        return (f'no batch from the loader workers for {timeout_s:g} s (data.limits.batch_timeout_s): a worker '
+                f'stopped responding')
+    if text.startswith('DataLoader worker (pid') and ('exited unexpectedly' in text or 'killed by signal' in text):
+        return f'a loader worker died ({text.splitlines()[0].strip().rstrip(".")})'
+    return None

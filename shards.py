@@ -41,6 +41,41 @@ def shard_identity(paths):
     return {'format': 'wds', 'shards': len(listing), 'sha256': digest}
 
 
+IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')   # a sample's image member; its caption is .txt
+
+
+def split_member(name):
+    """(key, extension) of a member name: 'a/b.c.jpg' is key 'a/b', extension 'c.jpg' (webdataset's rule)."""
+    base, _, ext = os.path.basename(name).partition('.')
+    return os.path.join(os.path.dirname(name), base), ext.lower()
+
+
+def probe_shard(path, members=20):
+    """What makes `path` no shard at all, from its first `members` members, or None: a folder, a file
+    that tarfile cannot open, or members not grouped by key (no image with its .txt beside it: a shard
+    packed as all images, then all captions). A file that is not regular, or a member broken later,
+    is the loader's to count."""
+    import tarfile
+    if os.path.isdir(path):
+        return f'{path} is a folder, not a tar shard: name the shards in it, e.g. {os.path.join(path, "*.tar")!r}'
+    names = []
+    try:
+        with open_regular(path) as f, tarfile.open(fileobj=f, mode='r:*') as tar:
+            while len(names) < members and (member := tar.next()) is not None:
+                names += [member.name] if member.isfile() else []
+    except BadSample:
+        return None
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if not names:
+            return f'{path} is not a tar file ({e})'
+    groups = [{split_member(n)[1] for n in group} for _, group in itertools.groupby(names, lambda n: split_member(n)[0])]
+    if names and not any('txt' in g and g & set(IMAGE_EXTS) for g in groups):
+        return (f'{path}: none of its first {len(names)} members ({", ".join(names[:3])}, ...) is an image with its '
+                f'.txt caption beside it; expected each sample\'s members together (KEY.jpg, KEY.txt, ...), as a '
+                f'tar of the files sorted by name holds them')
+    return None
+
+
 def iter_tar(path, max_bytes=MAX_FILE_BYTES):
     """('shard:key', {ext: bytes}) groups of consecutive members of a webdataset shard, with the
     standard library. A shard that is not a regular file (open_regular) or whose member or
@@ -54,8 +89,8 @@ def iter_tar(path, max_bytes=MAX_FILE_BYTES):
                 if not member.isfile():
                     continue
                 name = member.name
-                base, _, ext = os.path.basename(name).partition('.')
-                k = f'{path}:{os.path.join(os.path.dirname(name), base)}'
+                base, ext = split_member(name)
+                k = f'{path}:{base}'
                 if k != key and key is not None:
                     yield key, group
                     group = {}
@@ -64,7 +99,7 @@ def iter_tar(path, max_bytes=MAX_FILE_BYTES):
                     group['__error__'] = BadSample('file_too_large', f'{name}: {member.size:,} bytes > '
                                                    f'{max_bytes:,} (data.limits.max_file_bytes)')
                 else:
-                    group[ext.lower()] = tar.extractfile(member).read()
+                    group[ext] = tar.extractfile(member).read()
     except (BadSample, tarfile.TarError, OSError, EOFError) as e:
         if key is not None:
             yield key, group
@@ -130,9 +165,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     def build(self, group, rng):
         if '__error__' in group:
             raise group['__error__']
-        image = next((group[e] for e in ('jpg', 'jpeg', 'png', 'webp') if e in group), None)
+        image = next((group[e] for e in IMAGE_EXTS if e in group), None)
         if image is None or 'txt' not in group:
-            raise BadSample('bad_tar', f'members {sorted(group)}')
+            raise BadSample('bad_tar', f'members {sorted(group)}, expected an image ({", ".join(IMAGE_EXTS)}) and '
+                                       f'a txt caption side by side')
         try:
             caption = group['txt'].decode('utf-8')
         except UnicodeDecodeError as e:
@@ -164,8 +200,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         anywhere = (s for s in itertools.islice(self.samples(*share), 1_000) if s[1] not in failed)
         found = (rng.choice(fresh or known) if known else next(anywhere, None)) if tries <= 100 else None
         if found is None:
-            raise DataError(f'no good sample to replace {key}: {tries} tries failed, none of the samples around it '
-                            f'or of the first 1,000 of loader worker {share[0]}\'s shards can be built')
+            raise self.builder.monitor.error(
+                f'no good sample to replace {key}: {tries} tries failed, none of the samples around it or of the '
+                f'first 1,000 of loader worker {share[0]}\'s shards can be built')
         return found[1:]
 
     def __iter__(self):

@@ -8,6 +8,7 @@ A run resumes by itself from `workdir/checkpoints` (last.pt, else the newest kep
 """
 import contextlib
 import datetime
+import sys
 import time
 from pathlib import Path
 
@@ -64,12 +65,31 @@ class RunLog:
 
     def __init__(self, cfg, workdir, *, rank, world, start):
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.writer = None
+        self.writer, self.tb_dir = None, workdir / 'tb'
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(workdir / 'tb'), purge_step=start + 1)  # steps are 1-based
+            try:
+                self.writer = SummaryWriter(str(self.tb_dir), purge_step=start + 1)  # steps are 1-based
+            except OSError as e:
+                self.tb_failed(e)
         self.flops_per_step = None
         self._reset()
+
+    def tb(self, write):
+        """write(the SummaryWriter) unless TensorBoard is off. A failed write (a full disk) ends
+        TensorBoard logging with one warning: an auxiliary output never stops training."""
+        if self.writer is not None:
+            try:
+                write(self.writer)
+            except OSError as e:
+                writer, self.writer = self.writer, None
+                with contextlib.suppress(Exception):
+                    writer.close()
+                self.tb_failed(e)
+
+    def tb_failed(self, error):
+        print(f'warning: TensorBoard logging to {self.tb_dir} stops here ({error}); training goes on and checkpoints '
+              f'are still written', file=sys.stderr, flush=True)
 
     def _reset(self):
         self.sums, self.good, self.count, self.t_data, self.t_last = {}, 0.0, 0, 0.0, time.perf_counter()
@@ -93,7 +113,7 @@ class RunLog:
         """A step's augmented views [B, V, 3, S, S], as images."""
         for v in range(views.shape[1]):
             shown = images.denormalize_images(views[:self.cfg.runtime.tb_images, v].float()).cpu()
-            self.writer.add_images(f'views/{v}', shown, step)
+            self.tb(lambda w: w.add_images(f'views/{v}', shown, step))
 
     def add(self, metrics):
         """Accumulate a step's losses on the device (a skipped step counts for nothing)."""
@@ -111,7 +131,7 @@ class RunLog:
         elapsed = time.perf_counter() - self.t_last
         step_s = elapsed / self.count
         img_s = self.cfg.data.batch_size * self.cfg.accum_steps * self.world / step_s
-        if self.writer is not None:
+        if self.rank == 0:
             scalars = {f'loss/{k}': v for k, v in values.items()}
             scalars.update({
                 'train/lr': state.optimizer.param_groups[0]['lr'],
@@ -124,25 +144,23 @@ class RunLog:
                 scalars['perf/mfu'] = self.flops_per_step / step_s / (self.cfg.runtime.peak_tflops * 1e12)
             scalars['samples/bad_total'] = int(bad.sum())   # each kind once it occurs (after losses in the list)
             scalars.update({f'samples/{kind}': n for kind, n in zip(guard.BAD_KINDS, bad.tolist()) if n})
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, step)
+            self.tb(lambda w: [w.add_scalar(k, v, step) for k, v in scalars.items()])
             eta = datetime.timedelta(seconds=int(step_s * (end - step)))
             print(f'step {step}/{self.cfg.max_iter} | eta {eta} | {img_s:.1f} img/s | lr {scalars["train/lr"]:.2e} | '
                   + ' '.join(f'{k} {v:.4f}' for k, v in values.items()) + time.strftime(' | %H:%M:%S'), flush=True)
         self._reset()
 
     def evaluation(self, metrics, step):
-        if self.writer is not None:
+        if self.rank == 0:
             skipped = metrics.get('images_skipped', 0)
-            for k in ('zeroshot_top1', 'zeroshot_top5', 'images_skipped'):
-                self.writer.add_scalar(f'eval/{k}', metrics.get(k, 0), step)
+            self.tb(lambda w: [w.add_scalar(f'eval/{k}', metrics.get(k, 0), step)
+                               for k in ('zeroshot_top1', 'zeroshot_top5', 'images_skipped')])
             print(f'step {step}: zero-shot top-1 {metrics["zeroshot_top1"]:.2f} top-5 {metrics["zeroshot_top5"]:.2f} '
                   f'({metrics["images"]} images' + (f', {skipped} unreadable skipped)' if skipped else ')'), flush=True)
         self.t_last = time.perf_counter()
 
     def close(self):
-        if self.writer is not None:
-            self.writer.close()
+        self.tb(lambda w: w.close())
 
 
 def due(step, every):
@@ -160,13 +178,12 @@ def train(cfg, workdir, *, start_over=False, allow_config_change=False):
         checks.check_config(cfg)
     lifecycle.exit_with_parent()
     device, device_type = runtime.setup_device(runtime.dist_env()[2], cfg.runtime.device)
+    workdir, first = Path(workdir), runtime.dist_env()[0] == 0
     with checks.config_errors():
         checks.check_device(cfg, device_type)
+        lifecycle.prepare_workdir(workdir, create=first)   # the first process makes it
     jit, static = runtime.configure_shapes(device_type, jit_compile=cfg.runtime.npu_jit_compile,
                                            static_shapes=cfg.runtime.static_shapes)
-    workdir, first = Path(workdir), runtime.dist_env()[0] == 0
-    if first:
-        (workdir / 'checkpoints').mkdir(parents=True, exist_ok=True)
     with (lifecycle.workdir_lock(workdir) if first else contextlib.nullcontext()), \
             runtime.processes(device_type, cfg.runtime.dist_timeout_s) as (rank, world):
         if rank == 0:
@@ -259,6 +276,24 @@ def run(state, cfg, workdir, rank, world, dataset=None):
     return state.model
 
 
+def next_batch(state, cfg, log, batches, deaths, ckpt_dir, world):
+    """The step's batch. A loader worker that died or stopped responding (torch's RuntimeError)
+    stops the run here, between steps, with a checkpoint of the steps trained; with several
+    processes the others cannot join that save, and the last checkpoint stays."""
+    try:
+        deaths.check()
+        return log.next_batch(batches)
+    except RuntimeError as e:
+        cause = lifecycle.loader_fault(e, cfg.data.limits.batch_timeout_s)
+        if cause is None:
+            raise
+    if world > 1:
+        raise SystemExit(f'stopped at step {state.step}: {cause}; the last checkpoint in {ckpt_dir} stays')
+    lifecycle.save(state, cfg, ckpt_dir)
+    raise SystemExit(f'stopped at step {state.step}: {cause}; the checkpoint is written: run the same command to '
+                     f'resume')
+
+
 def loop(state, cfg, batches, log, ckpt_dir, rank, world):
     """Steps from state.step to the end of this invocation; (stopped by a signal, its name)."""
     marker, start, end = ckpt_dir / 'evaluated_step', state.step, end_step(cfg)
@@ -271,10 +306,10 @@ def loop(state, cfg, batches, log, ckpt_dir, rank, world):
 
     if eval_due(start, cfg) and (not marker.is_file() or marker.read_text().strip() != str(start)):
         evaluation()
-    with lifecycle.StopSignals() as signals:
+    with lifecycle.StopSignals() as signals, lifecycle.WorkerDeaths() as deaths:
         stop, stopping = None, False
         while state.step < end and not stopping:
-            batch = log.next_batch(batches)
+            batch = next_batch(state, cfg, log, batches, deaths, ckpt_dir, world)
             log_now = due(state.step + 1, cfg.log_every) or state.step + 1 == end
             counter = log.flop_counter()
             state.stop_requested = signals.received is not None   # every rank learns it from the step
@@ -311,6 +346,8 @@ def main(argv):
         # one message per machine, no traceback: its first process prints it and fails the launch; the
         # others leave quietly (had they failed first, the launcher could stop the first before it printed)
         raise SystemExit(f'config error: {e}' if runtime.dist_env()[2] == 0 else 0) from None
+    except guard.DataError as e:   # the corpus, named by its examples; a traceback would bury them
+        raise SystemExit(f'data error: {guard.error_message(e)}') from None
 
 
 if __name__ == '__main__':

@@ -77,6 +77,8 @@ def data_config(*, declip, image_size, seed, context_length):
             max_pixels=89_478_485,     # larger images are rejected as decompression bombs
             max_file_bytes=64 << 20,   # larger image files (and tar members) are bad samples
             sample_timeout_s=60.0,     # a sample taking longer is a bad sample (0: no limit)
+            batch_timeout_s=1_800.0,   # no batch from the loader workers this long: the run stops with a
+                                       # checkpoint (a worker stopped responding; 0: wait forever)
             bad_window=1_000, max_bad_rate=0.1))))  # stop when over 10 % of the last 1,000 samples are bad
 
 

@@ -184,9 +184,10 @@ def _failing_run(work, demo_dir, fault, workers):
     """(command, environment, what the output ends with) of a run that fails at its first step."""
     over = {'max_iter': 4, 'data.val_meta': '', 'data.workers': workers}
     env, entry = {**os.environ, 'OMP_NUM_THREADS': '1'}, ['train.py']
-    if fault == 'bad_rate':       # every image missing: the rate monitor stops the first batch
+    if fault == 'bad_rate':       # every image but the first missing: the rate monitor stops the first batch
         meta = work.parent / 'missing.jsonl'
-        meta.write_text(''.join(f'{{"filename": "gone{i}.jpg", "caption": "a cat"}}\n' for i in range(40)))
+        meta.write_text('{"filename": "train_000000.jpg", "caption": "a cat"}\n'
+                        + ''.join(f'{{"filename": "gone{i}.jpg", "caption": "a cat"}}\n' for i in range(39)))
         over.update({'data.train_meta': meta, 'data.limits.bad_window': 10, 'data.limits.max_bad_rate': 0.2})
         expected = 'could not be built'
     elif fault == 'diverged':

@@ -4,6 +4,7 @@ runs train.py as __main__. The faults come from the environment:
 
     DECLIP_TEST_NONFINITE_STEPS=2,5     the loss of those (0-based) steps is NaN (both step variants)
     DECLIP_TEST_PAUSE_BEFORE_RENAME=60  each checkpoint write waits 60 s between its fsync and rename
+    DECLIP_TEST_STALL_AT_BATCH=4        a loader worker never returns its batch 4 (0-based, its own count)
 """
 import os
 import runpy
@@ -44,11 +45,29 @@ def pause_before_rename(seconds):
     os.replace = replace
 
 
+def stall_at_batch(index):
+    """data.Collate, which a loader worker runs on each batch after its samples are built (outside the
+    per-sample time limit), never returns for the worker's batch `index`: a worker that stops responding."""
+    import threading
+
+    import data
+    real, made = data.Collate.__call__, []
+
+    def collate(self, samples):
+        made.append(1)
+        if len(made) == index + 1:
+            threading.Event().wait()
+        return real(self, samples)
+    data.Collate.__call__ = collate
+
+
 if __name__ == '__main__':
     sys.path.insert(0, str(ROOT))
     if os.environ.get('DECLIP_TEST_NONFINITE_STEPS'):
         nonfinite_at({int(s) for s in os.environ['DECLIP_TEST_NONFINITE_STEPS'].split(',')})
     if os.environ.get('DECLIP_TEST_PAUSE_BEFORE_RENAME'):
         pause_before_rename(float(os.environ['DECLIP_TEST_PAUSE_BEFORE_RENAME']))
+    if os.environ.get('DECLIP_TEST_STALL_AT_BATCH'):
+        stall_at_batch(int(os.environ['DECLIP_TEST_STALL_AT_BATCH']))
     sys.argv[0] = str(ROOT / 'train.py')
     runpy.run_path(str(ROOT / 'train.py'), run_name='__main__')
