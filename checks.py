@@ -9,12 +9,12 @@ import math
 import os
 from pathlib import Path
 
+import checkpoints
 import declip
 import evaluate
 import guard
 import images
 import jpeg
-import lifecycle
 import runtime
 import shards
 import text
@@ -91,14 +91,14 @@ def check_model(cfg):
 def check_values(tree, rules):
     """A config's leaves, after checking that every number (also inside lists) is finite and that
     the keys of each rule (exact names, or prefixes ending in '.') obey it: (keys, ok, 'rule')."""
-    values = lifecycle.leaves(tree)
+    values = checkpoints.leaves(tree)
     for key, value in values.items():
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 if not math.isfinite(v):
                     raise ValueError(f'config.{key}: must be a finite number, got {v}')
                 for keys, ok, rule in rules:
-                    if lifecycle.matches(key, keys) and not ok(v):
+                    if checkpoints.matches(key, keys) and not ok(v):
                         raise ValueError(f'config.{key}: must be {rule}, got {value}')
     return values
 

@@ -18,6 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import accum
+import checkpoints
 import checks
 import data
 import evaluate
@@ -195,8 +196,8 @@ def train(cfg, workdir, *, start_over=False, allow_config_change=False):
         state = trainstep.build_state(cfg, device, rank)
         state.static_shapes = static
         dataset = data.train_dataset(cfg.data)   # indexed once, before resuming: its identity is compared
-        state.inputs = lifecycle.run_identity(cfg, world, data.data_identity(cfg.data, dataset))
-        lifecycle.resume(state, cfg, workdir / 'checkpoints', world, start_over=start_over, allow_change=allow_config_change)
+        state.inputs = checkpoints.run_identity(cfg, world, data.data_identity(cfg.data, dataset))
+        checkpoints.resume(state, cfg, workdir / 'checkpoints', world, start_over=start_over, allow_change=allow_config_change)
         start = f'resumed at step {state.step}' if state.step else init_weights(state, cfg)
         wrap_ddp(state, cfg, world)
         if rank == 0:
@@ -289,7 +290,7 @@ def next_batch(state, cfg, log, batches, deaths, ckpt_dir, world):
             raise
     if world > 1:
         raise SystemExit(f'stopped at step {state.step}: {cause}; the last checkpoint in {ckpt_dir} stays')
-    lifecycle.save(state, cfg, ckpt_dir)
+    checkpoints.save(state, cfg, ckpt_dir)
     raise SystemExit(f'stopped at step {state.step}: {cause}; the checkpoint is written: run the same command to '
                      f'resume')
 
@@ -327,7 +328,7 @@ def loop(state, cfg, batches, log, ckpt_dir, rank, world):
             stopping = stop is not None and bool(stop)   # the previous step's flag, the same on every rank
             stop = metrics['stop']
             if due(state.step, cfg.ckpt_every) or state.step == end or eval_due(state.step, cfg) or stopping:
-                lifecycle.save(state, cfg, ckpt_dir)  # skipped steps changed nothing: still the last good state
+                checkpoints.save(state, cfg, ckpt_dir)  # skipped steps changed nothing: still the last good state
             if eval_due(state.step, cfg) and not stopping:
                 evaluation()
     return stopping, signals.received
@@ -342,7 +343,7 @@ def main(argv):
         return
     try:
         train(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over, allow_config_change=FLAGS.allow_config_change)
-    except (checks.ConfigError, lifecycle.ResumeRefused) as e:
+    except (checks.ConfigError, checkpoints.ResumeRefused) as e:
         # one message per machine, no traceback: its first process prints it and fails the launch; the
         # others leave quietly (had they failed first, the launcher could stop the first before it printed)
         raise SystemExit(f'config error: {e}' if runtime.dist_env()[2] == 0 else 0) from None

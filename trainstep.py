@@ -115,7 +115,7 @@ class TrainState:
     `static_shapes`: the step keeps every tensor shape fixed (runtime.shape_modes); `autocast`:
     config.runtime.precision's context for the forwards; `stop_requested`: set by the loop when a
     signal arrived here (the step tells every rank); `inputs`: what the checkpoint records of the
-    global batch and the training data (lifecycle.run_identity), for a resume to compare."""
+    global batch and the training data (checkpoints.run_identity), for a resume to compare."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler

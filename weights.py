@@ -13,10 +13,10 @@ import ml_collections
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import data
 import declip
 import images
-import lifecycle
 import text
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -109,7 +109,7 @@ def export_open_clip(model, out_dir):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd, config = to_open_clip(model)
-    lifecycle.save_checkpoint(out / 'open_clip_pytorch_model.bin', sd)
+    checkpoints.save_checkpoint(out / 'open_clip_pytorch_model.bin', sd)
     (out / 'open_clip_config.json').write_text(json.dumps(config, indent=2))
     return out / 'open_clip_pytorch_model.bin', out / 'open_clip_config.json'
 
@@ -186,7 +186,7 @@ def _read(path, act=None):
     """(state dict in our names, model config, {kind, mean, std, run_config}) of a checkpoint file,
     its tower tensors checked against the config (on the meta device: no memory, no time);
     `act`: the activation the caller expects (_activation)."""
-    obj = lifecycle.safe_load(path)
+    obj = checkpoints.safe_load(path)
     try:
         kind = checkpoint_kind(obj)
     except ValueError as e:
@@ -273,7 +273,7 @@ def checkpoint_file(path):
     if not path.is_dir():
         return path
     folder = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
-    found, _, unreadable = lifecycle.find_checkpoint(folder, warn=lambda message: print(f'warning: {message}'))
+    found, _, unreadable = checkpoints.find_checkpoint(folder, warn=lambda message: print(f'warning: {message}'))
     if found is None:
         raise FileNotFoundError(f'{path}: no readable checkpoint in {folder}'
                                 + ''.join(f'\n  {p}: {e}' for p, e in unreadable))

@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
+import checkpoints
 import data
-import guard
 import declip
 import evaluate
+import guard
 import images
-import lifecycle
 import text
 import trainstep
 from configs import demo
@@ -129,13 +129,13 @@ def test_queues_and_pointer_after_resume_equal_the_uninterrupted_run(full_run, d
     assert 2 * SMOKE.max_iter * n > 2 * QUEUE  # the pointer wraps around (twice) during the run
     res = torchrun(tmp_path, queue_overrides(demo_dir, stop_at=3))
     assert res.returncode == 0, res.stderr[-3000:]
-    mid = lifecycle.safe_load(tmp_path / 'checkpoints' / 'last.pt')
+    mid = checkpoints.safe_load(tmp_path / 'checkpoints' / 'last.pt')
     assert mid['step'] == 3 and mid['queue_ptr'] == fifo_pointer(3, QUEUE, n)
     res = torchrun(tmp_path, queue_overrides(demo_dir))
     assert res.returncode == 0, res.stderr[-3000:]
     assert 'resumed from' in res.stderr
-    resumed = lifecycle.safe_load(tmp_path / 'checkpoints' / 'last.pt')
-    full = lifecycle.safe_load(full_run / 'checkpoints' / 'last.pt')
+    resumed = checkpoints.safe_load(tmp_path / 'checkpoints' / 'last.pt')
+    full = checkpoints.safe_load(full_run / 'checkpoints' / 'last.pt')
     assert full['step'] == resumed['step'] == SMOKE.max_iter
     assert full['queue_ptr'] == resumed['queue_ptr'] == fifo_pointer(SMOKE.max_iter, QUEUE, n)
     assert len(full['queues']) == len(resumed['queues']) == 2
@@ -221,7 +221,7 @@ def test_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monk
     """A save_checkpoint that dies half-way raises and leaves the previous last.pt intact."""
     path = tmp_path / 'last.pt'
     first = {'step': 3, 'weights': torch.arange(12.0).view(3, 4), 'queue_ptr': 8}
-    lifecycle.save_checkpoint(path, first)
+    checkpoints.save_checkpoint(path, first)
     real_save = torch.save
 
     def torn_save(obj, f, *args, **kwargs):
@@ -237,8 +237,8 @@ def test_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monk
 
     monkeypatch.setattr(torch, 'save', torn_save)
     with pytest.raises(OSError, match='No space left'):
-        lifecycle.save_checkpoint(path, {'step': 6, 'weights': torch.zeros(3, 4), 'queue_ptr': 16})
+        checkpoints.save_checkpoint(path, {'step': 6, 'weights': torch.zeros(3, 4), 'queue_ptr': 16})
     monkeypatch.undo()
-    loaded = lifecycle.safe_load(path)
+    loaded = checkpoints.safe_load(path)
     assert loaded.keys() == first.keys() and loaded['step'] == 3 and loaded['queue_ptr'] == 8
     assert torch.equal(loaded['weights'], first['weights'])

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
+import checkpoints
 import data
-import lifecycle
 import shards
 import train
 from configs import demo
@@ -31,7 +31,7 @@ def smoke(demo_dir, **over):
 
 
 def checkpoint(workdir):
-    return lifecycle.safe_load(workdir / 'checkpoints' / 'last.pt')
+    return checkpoints.safe_load(workdir / 'checkpoints' / 'last.pt')
 
 
 def short(path):
@@ -108,7 +108,7 @@ def test_another_global_batch_is_refused_and_the_same_one_resumes_over_other_pro
 
 def test_accum_steps_alone_changes_the_global_batch_and_is_refused(tmp_path, demo_dir):
     train.train(smoke(demo_dir, max_iter=2), tmp_path)
-    with pytest.raises(lifecycle.ResumeRefused, match=r'global batch: 8 \(1 processes x 1 micro-batches x 8\) -> '
+    with pytest.raises(checkpoints.ResumeRefused, match=r'global batch: 8 \(1 processes x 1 micro-batches x 8\) -> '
                                                       r'16 \(1 processes x 2 micro-batches x 8\)'):
         train.train(smoke(demo_dir, max_iter=3, accum_steps=2), tmp_path)
     assert checkpoint(tmp_path)['step'] == 2
@@ -128,7 +128,7 @@ def test_an_edited_meta_file_is_refused_naming_records_and_sha256(tmp_path, demo
                     + ''.join(lines[1:]))
     after, records = short(meta), 239 if edit == 'drop_a_line' else 240
     change = f'training data: jsonl: 240 records, meta sha256 {before} -> jsonl: {records} records, meta sha256 {after}'
-    with pytest.raises(lifecycle.ResumeRefused) as refused:
+    with pytest.raises(checkpoints.ResumeRefused) as refused:
         train.train(smoke(demo_dir, max_iter=3, **over), work)
     assert change in str(refused.value) and '--allow_config_change' in str(refused.value)
     assert checkpoint(work)['step'] == 2
@@ -148,7 +148,7 @@ def test_a_removed_shard_is_refused(tmp_path, demo_dir):
     before = checkpoint(work)['training_data']
     assert before['shards'] == 2
     (folder / 'b.tar').unlink()
-    with pytest.raises(lifecycle.ResumeRefused, match=rf'training data: wds: 2 shards, names and sizes sha256 '
+    with pytest.raises(checkpoints.ResumeRefused, match=rf'training data: wds: 2 shards, names and sizes sha256 '
                                                       rf'{before["sha256"][:16]} -> wds: 1 shards'):
         train.train(smoke(demo_dir, max_iter=3, **over), work)
 
@@ -158,11 +158,11 @@ def test_a_checkpoint_without_the_records_resumes_with_a_warning(tmp_path, demo_
     still known from its world size and config, so a changed one is still refused."""
     ckpt = tmp_path / 'checkpoints' / 'last.pt'
     train.train(smoke(demo_dir, max_iter=2), tmp_path)
-    old = {k: v for k, v in lifecycle.safe_load(ckpt).items() if k not in ('batch_factors', 'training_data')}
-    lifecycle.save_checkpoint(ckpt, {**old, 'world_size': 2})
-    with pytest.raises(lifecycle.ResumeRefused, match=r'global batch: 16 \(2 processes x 1 micro-batches x 8\) -> 8'):
+    old = {k: v for k, v in checkpoints.safe_load(ckpt).items() if k not in ('batch_factors', 'training_data')}
+    checkpoints.save_checkpoint(ckpt, {**old, 'world_size': 2})
+    with pytest.raises(checkpoints.ResumeRefused, match=r'global batch: 16 \(2 processes x 1 micro-batches x 8\) -> 8'):
         train.train(smoke(demo_dir, max_iter=3), tmp_path)
-    lifecycle.save_checkpoint(ckpt, old)
+    checkpoints.save_checkpoint(ckpt, old)
     caplog.clear()
     train.train(smoke(demo_dir, max_iter=3), tmp_path)
     assert 'records no identity of its training data (written by an older version)' in caplog.text

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoints
 import declip
-import lifecycle
 import losses
 import text
 from helpers import ROOT, free_port, run, run_distributed, scalars, smoke_overrides, tiny_config
@@ -344,7 +344,7 @@ def test_accumulating_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_pa
     assert sorted(want) == sorted(got) == [1, 2, 3, 4]
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
-    a, b = (lifecycle.safe_load(run / 'checkpoints' / 'last.pt') for run in (crashed, ref))
+    a, b = (checkpoints.safe_load(run / 'checkpoints' / 'last.pt') for run in (crashed, ref))
     assert a['step'] == b['step'] == 4 and a['queue_ptr'] == b['queue_ptr'] and len(a['queues']) == 4
     for key in ('model', 'queues'):
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-8, msg=key)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import checks
 import data
 import guard
 import images
 import jpeg
-import lifecycle
 import seeds
 import shards
 import text
@@ -165,10 +165,10 @@ def test_former_augmentation_name_is_the_same_transform_with_a_warning(tmp_path)
     assert images.moco_views('moco_v2') is True
     saved = cfg.to_dict()
     saved['data']['augmentation'] = 'standard_clip'
-    lifecycle.check_resumed_config(saved, cfg, 'last.pt', allow_change=False)   # no refusal
+    checkpoints.check_resumed_config(saved, cfg, 'last.pt', allow_change=False)   # no refusal
     saved['data']['augmentation'] = 'moco_v2'
     with pytest.raises(ValueError, match="data.augmentation: 'moco_v2' -> 'standard_slip'"):
-        lifecycle.check_resumed_config(saved, cfg, 'last.pt', allow_change=False)
+        checkpoints.check_resumed_config(saved, cfg, 'last.pt', allow_change=False)
 
 
 def test_batchnorm_per_config_as_the_reference():

@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import data
-import guard
 import evaluate
+import guard
 import images
-import lifecycle
 import text
 import weights
 from helpers import data_config, run, run_distributed, write_jpeg
@@ -485,7 +485,7 @@ def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(RuntimeError, match=rf'{path}: not a checkpoint \(torch.load cannot read it') as e:
         weights.load_model(path)
-    assert not isinstance(e.value, lifecycle.UnsafeCheckpoint) and 'code execution' not in str(e.value)
+    assert not isinstance(e.value, checkpoints.UnsafeCheckpoint) and 'code execution' not in str(e.value)
 
 
 def test_evaluation_set_is_checked_before_any_image_is_scored(tmp_path):

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoints
 import data
 import declip
 import images
-import lifecycle
 import text
 import weights
 from configs import demo, r50
@@ -34,7 +34,7 @@ def _tiny(vision='vit', seed=1, act='quick_gelu'):
 
 
 def _save_ours(model, cfg, path):
-    lifecycle.save_checkpoint(path, {'model': model.state_dict(), 'config': cfg.to_dict(), 'step': 3})
+    checkpoints.save_checkpoint(path, {'model': model.state_dict(), 'config': cfg.to_dict(), 'step': 3})
     return path
 
 
@@ -113,7 +113,7 @@ def test_load_weights_names_a_missing_or_misshapen_tower_tensor(tmp_path):
     del sd['encode_text.ln_final.weight']
     sd['visual.ln_post.bias'] = torch.zeros(3)
     path = tmp_path / 'broken.pt'
-    lifecycle.save_checkpoint(path, {'model': sd, 'config': cfg.to_dict(), 'step': 3})
+    checkpoints.save_checkpoint(path, {'model': sd, 'config': cfg.to_dict(), 'step': 3})
     with pytest.raises(RuntimeError, match=rf"{path}: missing keys \['encode_text.ln_final.weight'\].*"
                                            r"visual.ln_post.bias \(3,\), expected \(128,\)"):
         weights.load_weights(path)

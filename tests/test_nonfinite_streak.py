@@ -5,6 +5,7 @@ step the test applies the loop's own stop rule (lifecycle.stop_if_diverged, as a
 one whole run goes through train.train."""
 import pytest
 
+import checkpoints
 import lifecycle
 import train
 from configs import demo
@@ -73,7 +74,7 @@ def test_a_run_with_scattered_skips_trains_to_the_end(monkeypatch, tmp_path, dem
     cfg.runtime.update(dict(max_nonfinite=2, compile='false', tb_images=0))
     nonfinite_at(monkeypatch, [True, False] * 4)
     train.train(cfg, tmp_path)
-    last = lifecycle.safe_load(tmp_path / 'checkpoints' / 'last.pt')
+    last = checkpoints.safe_load(tmp_path / 'checkpoints' / 'last.pt')
     assert last['step'] == 8 and last['nonfinite_total'] == 4
     counted, _ = scalars(tmp_path, 'train/nonfinite_steps')
     assert counted == {t: float((t + 1) // 2) for t in range(1, 9)}

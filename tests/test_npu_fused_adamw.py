@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.optim import optimizer as torch_optimizer
 
+import checkpoints
 import declip
-import lifecycle
 import runtime
 import trainstep
 from helpers import tiny_config
@@ -231,11 +231,11 @@ def test_a_checkpoint_resumes_on_the_other_device_kind_as_if_uninterrupted(npu_9
     cfg, state, _ = _run(saved_on)
     for t in range(2):
         _fixed_step(state, t)
-    lifecycle.save_checkpoint(tmp_path / 'last.pt', state.state_dict(cfg.to_dict()))
+    checkpoints.save_checkpoint(tmp_path / 'last.pt', state.state_dict(cfg.to_dict()))
     for t in range(2, 4):
         _fixed_step(state, t)
     _, resumed, _ = _run(resumed_on)
-    resumed.load_state_dict(lifecycle.load_checkpoint(tmp_path / 'last.pt'))
+    resumed.load_state_dict(checkpoints.load_checkpoint(tmp_path / 'last.pt'))
     assert resumed.optimizer.param_groups[0].get('fused') is (True if resumed_on == 'cpu' else None)
     loaded = _weights(resumed)
     for t in range(2, 4):

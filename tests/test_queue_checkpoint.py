@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import checkpoints
 import guard
-import lifecycle
 import losses
 import trainstep
 from helpers import as_dict, free_port, run, run_distributed, scalars, smoke_overrides, tiny_config
@@ -91,7 +91,7 @@ def test_two_process_accumulating_run_resumes_exactly_under_hccl_rules(tmp_path,
     assert sorted(want) == sorted(got) == [1, 2, 3, 4]
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
-    a, b = (lifecycle.safe_load(w / 'checkpoints' / 'last.pt') for w in (part, full))
+    a, b = (checkpoints.safe_load(w / 'checkpoints' / 'last.pt') for w in (part, full))
     assert a['queue_ptr'] == b['queue_ptr'] and len(a['queues']) == len(b['queues']) == 4
     assert all(torch.equal(x, y) for x, y in zip(a['queues'], b['queues']))
     for name, saves in (('full', 2), ('first', 1), ('second', 1)):

@@ -1,5 +1,5 @@
 """Fault injection: kill -9 and resume, bad corpora, non-finite losses, rank death, config errors."""
-import lifecycle
+import checkpoints
 import os
 import random
 import signal
@@ -62,7 +62,7 @@ def run_and_kill(workdir, args, nproc, *, at_step=None, during_write=False):
 
 def assert_checkpoints_readable(workdir):
     for path in (workdir / 'checkpoints').glob('*.pt'):
-        state = lifecycle.safe_load(path)
+        state = checkpoints.safe_load(path)
         assert state['step'] > 0
 
 
@@ -125,7 +125,7 @@ def test_kill9_during_evaluation_then_resume_gives_the_same_numbers(tmp_path, de
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
-    assert lifecycle.safe_load(tmp_path / 'crashed' / 'checkpoints' / 'last.pt')['step'] == 1
+    assert checkpoints.safe_load(tmp_path / 'crashed' / 'checkpoints' / 'last.pt')['step'] == 1
     res = subprocess.run([*args, '--workdir', 'crashed'], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -189,8 +189,8 @@ def test_nonfinite_step_changes_nothing_and_is_logged(tmp_path, demo_dir):
     res = run(['tests/train_faults.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path), *args],
               env={'DECLIP_TEST_NONFINITE_STEPS': '2'})  # 0-based step 2 = the third step
     assert res.returncode == 0, res.stderr[-3000:]
-    before = lifecycle.safe_load(tmp_path / 'checkpoints' / 'step_2.pt')
-    after = lifecycle.safe_load(tmp_path / 'checkpoints' / 'step_3.pt')
+    before = checkpoints.safe_load(tmp_path / 'checkpoints' / 'step_2.pt')
+    after = checkpoints.safe_load(tmp_path / 'checkpoints' / 'step_3.pt')
     for name, value in _params(before).items():
         assert torch.equal(value, after['model'][name]), name
     for pid, st in before['optimizer']['state'].items():
@@ -201,7 +201,7 @@ def test_nonfinite_step_changes_nothing_and_is_logged(tmp_path, demo_dir):
     assert nonfinite[2] == 0 and nonfinite[3] == 1 and nonfinite[4] == 1
     losses, _ = scalars(tmp_path, 'loss/total')
     assert 3 not in losses and {1, 2, 4} <= set(losses)
-    final = lifecycle.safe_load(tmp_path / 'checkpoints' / 'step_4.pt')
+    final = checkpoints.safe_load(tmp_path / 'checkpoints' / 'step_4.pt')
     assert any(not torch.equal(v, final['model'][k]) for k, v in _params(after).items())
 
 
@@ -211,8 +211,8 @@ def test_nonfinite_streak_stops_cleanly_keeping_the_last_good_checkpoint(tmp_pat
               env={'DECLIP_TEST_NONFINITE_STEPS': '2,3,4,5,6'})   # 1-based steps 3-7
     assert res.returncode != 0
     assert '3 consecutive non-finite losses at step 5' in res.stderr + res.stdout
-    last = lifecycle.safe_load(tmp_path / 'checkpoints' / 'last.pt')
-    good = lifecycle.safe_load(tmp_path / 'checkpoints' / 'step_2.pt')
+    last = checkpoints.safe_load(tmp_path / 'checkpoints' / 'last.pt')
+    good = checkpoints.safe_load(tmp_path / 'checkpoints' / 'step_2.pt')
     assert last['step'] == 4   # written during the streak: identical weights to the last good step
     for name, value in _params(good).items():
         assert torch.equal(value, last['model'][name]), name

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import checks
 import guard
 import lifecycle
@@ -35,7 +36,7 @@ def smoke(demo_dir, **over):
 
 
 def step_of(path):
-    return lifecycle.safe_load(path)['step']
+    return checkpoints.safe_load(path)['step']
 
 
 # ---------------------------------------------------------------- 1, 15: checkpoint files
@@ -64,7 +65,7 @@ def test_foreign_files_in_checkpoints_are_left_alone(tmp_path, demo_dir):
     assert sorted(p.name for p in ckpts.glob('step_*.pt')) == ['step_2.pt', 'step_best.pt']
     torch.save({'step': 99}, tmp_path / 'other.pt')           # a torch file that is not a checkpoint
     with pytest.raises(RuntimeError, match='other.pt: not a training checkpoint'):
-        lifecycle.load_checkpoint(tmp_path / 'other.pt')
+        checkpoints.load_checkpoint(tmp_path / 'other.pt')
 
 
 # ---------------------------------------------------------------- 2: one run per workdir
@@ -349,7 +350,7 @@ def test_non_finite_weights_are_never_written(tmp_path, demo_dir):
         next(state.model.parameters())[0] = float('nan')
     (tmp_path / 'checkpoints').mkdir()
     with pytest.raises(SystemExit, match='weights are not finite'):
-        lifecycle.save(state, cfg, tmp_path / 'checkpoints')
+        checkpoints.save(state, cfg, tmp_path / 'checkpoints')
     assert not list((tmp_path / 'checkpoints').iterdir())
 
 

@@ -1,5 +1,5 @@
 """Starting from weights, the start summary, the config listing."""
-import lifecycle
+import checkpoints
 import torch
 
 import train
@@ -34,7 +34,7 @@ def test_init_from_starts_with_the_files_weights_and_fresh_heads(tmp_path, demo_
     train.train(smoke(demo_dir, max_iter=1, init_from=source, **{'data.val_meta': ''}), tmp_path / 'b')
     out = capsys.readouterr().out
     assert f'initialised from {source}' in out and 'global batch 8 = 1 processes x 1 micro-batches x 8' in out
-    assert lifecycle.safe_load(tmp_path / 'b' / 'checkpoints' / 'last.pt')['config']['init_from'] == str(source)
+    assert checkpoints.safe_load(tmp_path / 'b' / 'checkpoints' / 'last.pt')['config']['init_from'] == str(source)
     assert (tmp_path / 'b' / 'config.json').is_file()
 
 

@@ -1,6 +1,6 @@
 """Training loop, schedule, parameter groups, config errors, checkpoints/resume, evaluation, loading."""
+import checkpoints
 import json
-import lifecycle
 import math
 import os
 
@@ -103,7 +103,7 @@ def test_two_process_run_logs_checkpoints_and_resumes_exactly(tmp_path, demo_dir
     assert expected <= set(tags['scalars'])
     assert {'views/0', 'views/1'} <= set(tags['images'])
     assert sorted(losses_full) == [1, 2, 3, 4, 5, 6]
-    state = lifecycle.safe_load(full / 'checkpoints' / 'last.pt')
+    state = checkpoints.safe_load(full / 'checkpoints' / 'last.pt')
     assert state['step'] == 6 and len(state['queues']) == 2 and state['world_size'] == 2
     assert not torch.equal(state['queues'][0], state['queues'][1])
     # the same run stopped after 3 steps and resumed: identical per-step losses
@@ -120,7 +120,7 @@ def test_two_process_run_logs_checkpoints_and_resumes_exactly(tmp_path, demo_dir
                *smoke_overrides(demo_dir, max_iter=8)])
     assert res.returncode == 0, res.stderr[-3000:]
     assert 'resuming a 2-process run with 1 processes' in res.stderr
-    assert lifecycle.safe_load(part / 'checkpoints' / 'last.pt')['step'] == 8
+    assert checkpoints.safe_load(part / 'checkpoints' / 'last.pt')['step'] == 8
 
 
 FAKE_TORCHVISION_IO = """# stand-in for torchvision.io.decode_jpeg in tests (Pillow underneath)
@@ -292,7 +292,7 @@ class _Evil:
 
 def test_checkpoint_needing_code_execution_is_refused(tmp_path):
     torch.save({'model': _Evil()}, tmp_path / 'evil.pt')
-    with pytest.raises(lifecycle.UnsafeCheckpoint, match='refused'):
+    with pytest.raises(checkpoints.UnsafeCheckpoint, match='refused'):
         weights.load_model(tmp_path / 'evil.pt')
 
 

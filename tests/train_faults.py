@@ -35,7 +35,7 @@ def nonfinite_at(steps):
 
 
 def pause_before_rename(seconds):
-    """os.replace of a *.tmp file (lifecycle.save_checkpoint's rename after its fsync) sleeps first."""
+    """os.replace of a *.tmp file (checkpoints.save_checkpoint's rename after its fsync) sleeps first."""
     real = os.replace
 
     def replace(src, dst, **kwargs):
