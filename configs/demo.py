@@ -3,7 +3,7 @@
     python tools/prepare.py make-demo             # once: data/demo (10k train / 2k val pairs)
     python train.py --config configs/demo.py --workdir runs/demo
     python train.py --config configs/demo.py:clip --workdir runs/demo_clip   # CLIP-baseline twin
-    python tools/compare_demo.py                  # both, 3 seeds, equal steps and equal training time
+    python tools/compare_demo.py                  # both, 3 seeds, equal steps and time, views swapped
 
 The zero-shot classes are the 20 colour-shape pairs of the corpus ('red circle', ...): colour alone
 scores at most 20 % top-1, so the number says how much shape a model has learned.

@@ -86,10 +86,13 @@ def test_the_object_is_large_and_its_shape_is_drawn(shape):
 
 def fake_records():
     rows = []
-    for seed, (d, c, s) in enumerate([(60.0, 50.0, 55.0), (64.0, 52.0, 53.0), (62.0, 57.0, 58.0)]):
+    for seed, (d, c, s, cd, dc) in enumerate([(60.0, 50.0, 55.0, 40.0, 65.0), (64.0, 52.0, 53.0, 44.0, 66.0),
+                                              (62.0, 57.0, 58.0, 45.0, 70.0)]):
         rows += [dict(run='declip', seed=seed, steps=600, train_s=200.0 + seed, top1=d, top5=100.0),
                  dict(run='clip', seed=seed, steps=600, train_s=100.0 - seed, top1=c, top5=99.0),
-                 dict(run='declip_short', seed=seed, steps=300 - seed, train_s=101.0, top1=s, top5=98.0)]
+                 dict(run='declip_short', seed=seed, steps=300 - seed, train_s=101.0, top1=s, top5=98.0),
+                 dict(run='clip_declip_views', seed=seed, steps=600, train_s=120.0, top1=cd, top5=97.0),
+                 dict(run='declip_clip_views', seed=seed, steps=600, train_s=190.0, top1=dc, top5=100.0)]
     return rows
 
 
@@ -103,6 +106,9 @@ def test_compare_summary_means_sample_stds_and_paired_differences():
     assert summary['delta_equal_steps']['std'] == pytest.approx(np.std([10, 12, 5], ddof=1))
     assert summary['delta_equal_time']['mean'] == pytest.approx(7 / 3)                # 5, 1, 1
     assert summary['declip_short']['steps']['mean'] == pytest.approx(299)
+    assert summary['delta_declip_views']['mean'] == pytest.approx(19.0)               # 20, 20, 17
+    assert summary['delta_clip_views']['mean'] == pytest.approx(14.0)                 # 15, 14, 13
+    assert summary['delta_clip_views']['std'] == pytest.approx(1.0)
 
 
 def test_compare_table_rows():
@@ -117,6 +123,18 @@ def test_compare_table_rows():
     assert ("| equal training time | DeCLIP, as many steps as fit in CLIP's time | 299 ± 1 | 101 ± 0 "
             "| 55.33 ± 2.52 | 98.00 ± 0.00 |") in lines
     assert '| equal training time | DeCLIP - CLIP, paired by seed | | | +2.33 ± 2.31 | |' in lines
+    controls = [line for line in lines if line.startswith('| control')]
+    assert controls == [
+        "| control: both with DeCLIP's views | DeCLIP (`configs/demo.py`) | 600 ± 0 | 201 ± 1 | 62.00 ± 2.00 "
+        "| 100.00 ± 0.00 |",
+        "| control: both with DeCLIP's views | CLIP with DeCLIP's views (MoCo v2: crop 0.2-1, flip, colour ops, blur) "
+        "| 600 ± 0 | 120 ± 0 | 43.00 ± 2.65 | 97.00 ± 0.00 |",
+        "| control: both with DeCLIP's views | DeCLIP - CLIP, paired by seed | | | +19.00 ± 1.73 | |",
+        "| control: both with CLIP's views | DeCLIP with CLIP's views (STANDARD_SLIP: crop 0.5-1 only) | 600 ± 0 "
+        "| 190 ± 0 | 67.00 ± 2.65 | 100.00 ± 0.00 |",
+        "| control: both with CLIP's views | CLIP (`configs/demo.py:clip`) | 600 ± 0 | 99 ± 1 | 53.00 ± 3.61 "
+        "| 99.00 ± 0.00 |",
+        "| control: both with CLIP's views | DeCLIP - CLIP, paired by seed | | | +14.00 ± 1.00 | |"]
     one_seed = compare_demo.compare_table(compare_demo.compare_summary([r for r in fake_records() if r['seed'] == 0]))
     assert '| equal steps | DeCLIP - CLIP, paired by seed | | | +10.00 | |' in one_seed.splitlines()
     assert 'warning' not in table
@@ -124,13 +142,13 @@ def test_compare_table_rows():
 
 def test_compare_table_warns_when_a_run_had_a_busy_machine():
     records = fake_records()
-    records[4]['slowdown'], records[0]['slowdown'] = 2.6, 1.2       # seed 1 clip slowed down; seed 0 declip fine
+    records[6]['slowdown'], records[0]['slowdown'] = 2.6, 1.2       # seed 1 clip slowed down; seed 0 declip fine
     summary = compare_demo.compare_summary(records)
     assert summary['busy'] == ['seed 1 clip']
     assert compare_demo.compare_table(summary).splitlines()[2].startswith('**warning**: a log window of seed 1 clip took')
 
 
-def test_compare_demo_gives_declip_the_steps_that_fit_in_clips_time(tmp_path):
+def test_compare_demo_gives_declip_the_steps_that_fit_in_clips_time_and_the_controls_equal_steps(tmp_path):
     calls = []
 
     def fake_run(out, seed, name, *, steps=0, **kw):
@@ -139,11 +157,34 @@ def test_compare_demo_gives_declip_the_steps_that_fit_in_clips_time(tmp_path):
         done = steps or 400
         return dict(run=name, seed=seed, steps=done, train_s=done * per_step, top1=50.0 + seed, top5=90.0)
     table = compare_demo.compare_demo(tmp_path / 'c', seeds=[0, 1], run=fake_run)
-    assert calls == [(0, 'declip', 0), (0, 'clip', 400), (0, 'declip_short', 160),
-                     (1, 'declip', 0), (1, 'clip', 400), (1, 'declip_short', 168)]
+    assert calls == [(0, 'declip', 0), (0, 'clip', 400), (0, 'declip_short', 160), (0, 'clip_declip_views', 400),
+                     (0, 'declip_clip_views', 400),
+                     (1, 'declip', 0), (1, 'clip', 400), (1, 'declip_short', 168), (1, 'clip_declip_views', 400),
+                     (1, 'declip_clip_views', 400)]
     saved = json.loads((tmp_path / 'c' / 'compare.json').read_text())
-    assert len(saved['runs']) == 6 and saved['summary']['declip_short']['steps']['mean'] == 164
+    assert len(saved['runs']) == 10 and saved['summary']['declip_short']['steps']['mean'] == 164
+    assert "| control: both with CLIP's views | DeCLIP - CLIP, paired by seed |" in table
     assert (tmp_path / 'c' / 'compare.md').read_text() == table + '\n'
+
+
+def test_the_controls_swap_the_views_and_nothing_else():
+    """CLIP with DeCLIP's views is configs/demo.py:clip with DeCLIP's augmentation and crop scale, and
+    the other way round (the overrides are spelled as the config spells them)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    def config(name):
+        path, own = compare_demo.COMPARE_RUNS[name]
+        argv = ['x', f'--config={compare_demo.data.ROOT / path}', *(f'--config.{o}' for o in own)]
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file('config', None, flag_values=values, sys_argv=argv)
+        values(argv)
+        return values.config.to_dict()
+    for control, method, views in (('clip_declip_views', 'clip', 'declip'), ('declip_clip_views', 'declip', 'clip')):
+        expected = config(method)
+        expected['data'].update({k: config(views)['data'][k] for k in ('augmentation', 'crop_scale')})
+        assert config(control) == expected, control
+        assert config(control) != config(method)
 
 
 def test_compare_run_trains_evaluates_and_reads_back(tmp_path, demo_dir):

@@ -1,5 +1,7 @@
 """compare-demo: DeCLIP against its CLIP twin on the demo corpus, at equal steps and at equal
-training time, over seeds; the table goes to runs/compare/compare.md.
+training time, over seeds, with two controls that swap the views (CLIP with DeCLIP's, DeCLIP with
+CLIP's), so that the table separates what the views do from what the rest of the recipe does; it goes
+to runs/compare/compare.md.
 
     python tools/compare_demo.py                       # seeds 0, 1, 2; configs/demo.py's steps
     python tools/compare_demo.py --seeds=0 --steps=200 --set=data.workers=2
@@ -19,7 +21,19 @@ FLAGS = flags.FLAGS
 
 BUSY_SLOWDOWN = 1.5   # a log window slower than this many times the run's median: the machine was busy
 COMPARE_LABELS = {'declip': 'DeCLIP (`configs/demo.py`)', 'clip': 'CLIP (`configs/demo.py:clip`)',
-                  'declip_short': "DeCLIP, as many steps as fit in CLIP's time"}
+                  'declip_short': "DeCLIP, as many steps as fit in CLIP's time",
+                  'clip_declip_views': "CLIP with DeCLIP's views (MoCo v2: crop 0.2-1, flip, colour ops, blur)",
+                  'declip_clip_views': "DeCLIP with CLIP's views (STANDARD_SLIP: crop 0.5-1 only)"}
+DECLIP_VIEWS = ('data.augmentation=moco_v2', 'data.crop_scale=(0.2,1.0)')        # as configs/common.py sets them
+CLIP_VIEWS = ('data.augmentation=standard_slip', 'data.crop_scale=(0.5,1.0)')
+# run -> (config, its own overrides: after those of every run, so that the label stays true)
+COMPARE_RUNS = {'declip': ('configs/demo.py', ()), 'clip': ('configs/demo.py:clip', ()),
+                'declip_short': ('configs/demo.py', ()), 'clip_declip_views': ('configs/demo.py:clip', DECLIP_VIEWS),
+                'declip_clip_views': ('configs/demo.py', CLIP_VIEWS)}
+# (key, run, run it is paired with by seed): the top-1 differences the table shows
+COMPARE_DELTAS = (('delta_equal_steps', 'declip', 'clip'), ('delta_equal_time', 'declip_short', 'clip'),
+                  ('delta_declip_views', 'declip', 'clip_declip_views'),
+                  ('delta_clip_views', 'declip_clip_views', 'clip'))
 
 
 def training_seconds(workdir):
@@ -60,9 +74,9 @@ def compare_run(out, seed, name, overrides=(), *, steps=0, prompts='prompt6', va
     same command is read back, an interrupted one resumes). Training leaves evaluation to
     evaluate.py, so the step times hold training only."""
     import time
-    work, config = Path(out) / f'seed{seed}' / name, 'configs/demo.py:clip' if name == 'clip' else 'configs/demo.py'
+    work, (config, own) = Path(out) / f'seed{seed}' / name, COMPARE_RUNS[name]
     train_cmd = ['train.py', '--config', config, '--workdir', str(work), f'--config.seed={seed}',
-                 *(f'--config.{o}' for o in overrides), '--config.data.val_meta=']
+                 *(f'--config.{o}' for o in (*overrides, *own)), '--config.data.val_meta=']
     train_cmd += [f'--config.max_iter={steps}'] if steps else []
     record_path = work / 'result.json'
     if record_path.is_file():
@@ -87,16 +101,19 @@ def compare_run(out, seed, name, overrides=(), *, steps=0, prompts='prompt6', va
 
 
 def compare_demo(out, *, seeds, run=compare_run, **run_args):
-    """Per seed: DeCLIP (the demo's run), CLIP with as many steps, then DeCLIP with the steps that fit
-    in that CLIP run's training time (each run on its own full schedule, so neither is compared
-    half-way through its LR decay). Writes out/compare.json and out/compare.md; returns the table."""
+    """Per seed: DeCLIP (the demo's run), CLIP with as many steps, DeCLIP with the steps that fit in
+    that CLIP run's training time (each run on its own full schedule, so neither is compared half-way
+    through its LR decay), then the controls with DeCLIP's steps: CLIP with DeCLIP's views and DeCLIP
+    with CLIP's. Writes out/compare.json and out/compare.md; returns the table."""
     records = []
     for seed in seeds:
         declip = run(out, seed, 'declip', **run_args)
-        clip = run(out, seed, 'clip', **{**run_args, 'steps': declip['steps']})
+        equal = {**run_args, 'steps': declip['steps']}
+        clip = run(out, seed, 'clip', **equal)
         short = max(1, round(declip['steps'] * clip['train_s'] / declip['train_s']))
-        records += [declip, clip, run(out, seed, 'declip_short', **{**run_args, 'steps': short})]
-        for r in records[-3:]:
+        records += [declip, clip, run(out, seed, 'declip_short', **{**run_args, 'steps': short}),
+                    run(out, seed, 'clip_declip_views', **equal), run(out, seed, 'declip_clip_views', **equal)]
+        for r in records[-5:]:
             print(f'seed {seed} {r["run"]}: {r["steps"]} steps, {r["train_s"]:.0f} s training (slowest log window '
                   f'{r.get("slowdown", 1):.2f}x the median), top-1 {r["top1"]:.2f}', flush=True)
     summary = compare_summary(records)
@@ -115,17 +132,18 @@ def _stats(values):
 
 def compare_summary(records):
     """Mean and sample standard deviation over seeds of each run's steps, training seconds, top-1 and
-    top-5, and of the per-seed top-1 differences DeCLIP - CLIP (at equal steps: declip - clip; at
-    equal training time: declip_short - clip)."""
+    top-5, and of the per-seed top-1 differences DeCLIP - CLIP of COMPARE_DELTAS (at equal steps:
+    declip - clip; at equal training time: declip_short - clip; both with DeCLIP's views; both with
+    CLIP's views)."""
     by_run = {}
     for r in records:
         by_run.setdefault(r['run'], {})[r['seed']] = r
     summary = {name: {k: _stats([r[k] for r in runs.values()]) for k in ('steps', 'train_s', 'top1', 'top5')}
                for name, runs in by_run.items()}
-    for key, name in (('delta_equal_steps', 'declip'), ('delta_equal_time', 'declip_short')):
-        seeds = sorted(set(by_run.get(name, {})) & set(by_run.get('clip', {})))
+    for key, name, other in COMPARE_DELTAS:
+        seeds = sorted(set(by_run.get(name, {})) & set(by_run.get(other, {})))
         if seeds:
-            summary[key] = _stats([by_run[name][s]['top1'] - by_run['clip'][s]['top1'] for s in seeds])
+            summary[key] = _stats([by_run[name][s]['top1'] - by_run[other][s]['top1'] for s in seeds])
     summary['seeds'] = sorted({r['seed'] for r in records})
     summary['busy'] = [f'seed {r["seed"]} {r["run"]}' for r in records if r.get('slowdown', 1) > BUSY_SLOWDOWN]
     return summary
@@ -143,9 +161,10 @@ def compare_table(summary):
                 'not comparable; run again on a quiet machine', ''] if summary.get('busy') else []),
              '| comparison | run | steps | training time (s) | zero-shot top-1 (%) | top-5 (%) |',
              '|---|---|---|---|---|---|']
-    for title, name, delta in (('equal steps', 'declip', 'delta_equal_steps'),
-                               ('equal training time', 'declip_short', 'delta_equal_time')):
-        for run in (name, 'clip'):
+    for title, (delta, *runs) in (('equal steps', COMPARE_DELTAS[0]), ('equal training time', COMPARE_DELTAS[1]),
+                                  ("control: both with DeCLIP's views", COMPARE_DELTAS[2]),
+                                  ("control: both with CLIP's views", COMPARE_DELTAS[3])):
+        for run in runs:
             if run in summary:
                 s = summary[run]
                 lines.append(f'| {title} | {COMPARE_LABELS[run]} | {cell(s["steps"], 0)} | {cell(s["train_s"], 0)} '
