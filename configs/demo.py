@@ -5,8 +5,9 @@
     python train.py --config configs/demo.py:clip --workdir runs/demo_clip   # CLIP-baseline twin
     python tools/compare_demo.py                  # both, 3 seeds, equal steps and time, views swapped
 
-The zero-shot classes are the 20 colour-shape pairs of the corpus ('red circle', ...): colour alone
-scores at most 20 % top-1, so the number says how much shape a model has learned.
+The zero-shot classes are the 10 shapes of the corpus ('circle', 'star', ...), each image a grid of
+copies of one in any colour: the class survives DeCLIP's crops, flips and colour ops, colour alone
+scores at chance (10 % top-1), so the number says how much shape a model has learned.
 """
 from configs import common
 

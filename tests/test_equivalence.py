@@ -4,7 +4,9 @@ re-recorded when the first forward moved to the reference's logit scale ln(1/0.0
 clamped 3 (with only that change undone, the losses equalled the first recording), and re-recorded
 when the demo corpus changed (large shapes, 80 px, new captions): recorded from the code of the
 previous recording with only prepare.py's new corpus in it, after the same procedure had given the
-previous numbers back with the old corpus."""
+previous numbers back with the old corpus. Re-recorded the same way when the demo corpus became grids
+of mirror-symmetric shapes whose class is the shape: from code that had given the previous numbers
+back (within this test's tolerance) with the old corpus, with only tools/demo.py's new corpus in it."""
 import json
 from pathlib import Path
 
