@@ -50,6 +50,7 @@ def test_bench_step_is_the_training_step(tmp_path, monkeypatch):
     on the same synthetic batch (fp32 on CPU): the benchmark cannot drift from the loop again."""
     cfg = configs.demo.get_config('smoke')
     (tmp_path / 'train.jsonl').write_text(json.dumps({'filename': 'x.jpg', 'caption': 'a cat'}) + '\n')
+    write_jpeg(tmp_path / 'x.jpg')  # the pre-flight check reads the first images
     cfg.data.update(dict(train_meta=str(tmp_path / 'train.jsonl'), train_root=str(tmp_path), val_meta=''))
     cfg.update(dict(log_every=1, max_iter=3))
     cfg.runtime.update(dict(precision='fp32', compile='false'))

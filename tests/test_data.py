@@ -61,7 +61,7 @@ def test_several_sources_and_join_path(tmp_path):
     for k in range(2):
         d = tmp_path / f's{k}'
         d.mkdir()
-        (d / 'm.jsonl').write_text(''.join(json.dumps({'filename': f'/f{k}_{i}'}) + '\n' for i in range(3 + k)))
+        (d / 'm.jsonl').write_text(''.join(json.dumps({'filename': f'/f{k}_{i}', 'caption': 'c'}) + '\n' for i in range(3 + k)))
     meta = data.JsonlMeta([str(tmp_path / 's0'), 's3:'], [str(tmp_path / 's0/m.jsonl'), str(tmp_path / 's1/m.jsonl')])
     assert len(meta) == 7
     root, rec = meta.record(4)

@@ -115,11 +115,11 @@ def test_two_process_run_logs_checkpoints_and_resumes_exactly(tmp_path, demo_dir
     losses_part, _ = scalars(part, 'loss/total')
     for step in range(1, 7):
         assert losses_part[step] == pytest.approx(losses_full[step], rel=1e-6, abs=1e-6), step
-    # continuing the 2-process run with one process works, with a warning
-    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(part),
+    # continuing the 2-process run with one process halves the global batch: allowed only when asked
+    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(part), '--allow_config_change',
                *smoke_overrides(demo_dir, max_iter=8)])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert 'resuming a 2-process run with 1 processes' in res.stderr
+    assert 'global batch: 16 (2 processes x 1 micro-batches x 8) -> 8 (1 processes x 1 micro-batches x 8)' in res.stderr
     assert checkpoints.safe_load(part / 'checkpoints' / 'last.pt')['step'] == 8
 
 
