@@ -19,6 +19,19 @@ def demo_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope='session')
+def two_process_smoke(demo_dir, tmp_path_factory):
+    """The smoke config on 2 processes, run once for every test that reads it: {'full': its 6 steps
+    in one go, 'part': stopped after step 3}. Read only: a test copies a run before resuming it."""
+    from helpers import smoke_overrides, torchrun
+    runs = {}
+    for name, extra in (('full', {}), ('part', {'stop_at': 3})):
+        runs[name] = tmp_path_factory.mktemp(name)
+        res = torchrun(runs[name], smoke_overrides(demo_dir, **extra))
+        assert res.returncode == 0, res.stderr[-3000:]
+    return runs
+
+
 def _parent(proc):
     stat = (proc / 'stat').read_text()
     return int(stat[stat.rindex(')') + 2:].split()[1])
