@@ -1,9 +1,4 @@
 #!/usr/bin/env bash
-# ModelZoo-style full run (the whole schedule, zero-shot top-1; case DeCLIP_for_PyTorch_bs128_1p_acc):
-# DeCLIP ViT-B/32 (configs/vitb32.py), batch 128 per device, 1 device(s).
-# Usage: bash test/train_full_1p.sh [--data_path=DIR] [--start_fresh] [train.py flags...]
-# A relaunch resumes the run in test/output/${ASCEND_DEVICE_ID:-0}/; --start_fresh starts over.
-# Data from ./dataset unless --data_path is given; outputs in test/output/${ASCEND_DEVICE_ID:-0}/,
-# weights in ./checkpoint/ (layout and environment variables: test/env_npu.sh).
-source "$(dirname "${BASH_SOURCE[0]}")/env_npu.sh"
-modelzoo_main 1 acc "$@"
+# The Ascend ModelZoo port's name for modelzoo/train_full_1p.sh (bash test/train_full_1p.sh in the repository
+# root, bash train_full_1p.sh in test/): runs that script with the same arguments.
+exec bash "$(dirname "${BASH_SOURCE[0]}")/../modelzoo/train_full_1p.sh" "$@"

@@ -1,9 +1,4 @@
 #!/usr/bin/env bash
-# ModelZoo-style performance run (at most 1,000 steps; case DeCLIP_for_PyTorch_bs128_8p_perf):
-# DeCLIP ViT-B/32 (configs/vitb32.py), batch 128 per device, 8 device(s).
-# Usage: bash test/train_performance_8p.sh [--data_path=DIR] [train.py flags...]
-# Every launch starts from step 0 in an emptied test/output/${ASCEND_DEVICE_ID:-0}/.
-# Data from ./dataset unless --data_path is given; outputs in test/output/${ASCEND_DEVICE_ID:-0}/,
-# weights in ./checkpoint/ (layout and environment variables: test/env_npu.sh).
-source "$(dirname "${BASH_SOURCE[0]}")/env_npu.sh"
-modelzoo_main 8 perf "$@"
+# The Ascend ModelZoo port's name for modelzoo/train_performance_8p.sh (bash test/train_performance_8p.sh in the repository
+# root, bash train_performance_8p.sh in test/): runs that script with the same arguments.
+exec bash "$(dirname "${BASH_SOURCE[0]}")/../modelzoo/train_performance_8p.sh" "$@"

@@ -32,6 +32,17 @@ def two_process_smoke(demo_dir, tmp_path_factory):
     return runs
 
 
+@pytest.fixture(scope='session')
+def full_run(tmp_path_factory, demo_dir):
+    """The smoke config with QUEUE-row NN queues (helpers.py: the pointer wraps), its 6 steps in one
+    go, 2 processes, LR logged every step."""
+    from helpers import queue_overrides, torchrun
+    workdir = tmp_path_factory.mktemp('full')
+    res = torchrun(workdir, queue_overrides(demo_dir))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return workdir
+
+
 def _parent(proc):
     stat = (proc / 'stat').read_text()
     return int(stat[stat.rindex(')') + 2:].split()[1])

@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny model configs and a 2-process gloo launcher."""
+"""Shared test helpers: tiny models and configs, smoke runs and their logs, small corpora, a gloo launcher."""
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +12,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from configs import common
+import data
+import declip
+import guard
+from configs import common, demo
+
+SMOKE = demo.get_config('smoke')
+QUEUE = 40  # 2 x 8 keys pushed per step: the pointer wraps during steps 3 and 5 of 6
 
 
 def tiny_config(vision='vit', declip=True):
@@ -104,10 +111,36 @@ def scalars(workdir, tag):
 
 
 
+def tiny_model():
+    """The smoke config's model, seed 0, in eval mode."""
+    torch.manual_seed(0)
+    return declip.build_model(SMOKE.model).eval()
+
+
+def queue_overrides(demo_dir, **extra):
+    """smoke_overrides with an NN queue of QUEUE rows."""
+    return smoke_overrides(demo_dir, **{'loss.queue_size': QUEUE, **extra})
+
+
+def bad_totals(batches):
+    """{kind: count} of the bad samples of these batches, kinds that occurred only."""
+    total = sum(b['bad'] for b in batches)
+    return {k: n for k, n in zip(guard.BAD_KINDS, total.tolist()) if n}
+
+
+def write_meta(path, records):
+    """A JSON Lines meta file of these records; its path."""
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    return path
+
+
+def one_pass(cfg, n):
+    """Every sample of the first n positions of a single-rank loader, as batches."""
+    return list(data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=n // cfg.batch_size))
+
 
 def write_half_missing_corpus(folder, n=40):
     """A meta file of n captions whose every other image is missing (a 50 %-bad corpus)."""
-    import json
     lines = []
     for i in range(n):
         if i % 2:

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import train
-from helpers import ROOT, smoke_overrides
+from helpers import ROOT, run, smoke_overrides
 from test_run_guard import smoke
 
 # (overrides, the message's line). What each did before the check: BatchNorm's "Expected more than 1
@@ -90,3 +90,23 @@ def test_a_global_batch_larger_than_the_training_set_is_a_warning(records, warne
     text = train.summary(state, cfg, 2, 'fresh weights')
     assert text.startswith('global batch 16 = 2 processes x 2 micro-batches x 4')
     assert ('warning: the global batch (16) is larger than the training set (15 records)' in text) == warned
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.optim.warmup_lrr=1', 'warmup_lrr'),
+    ('--config.max_iter=abc', 'max_iter'),
+    ('--config.data.train_meta=/nonexistent/meta.jsonl', 'config.data.train_meta: file not found'),
+    ('--config.data.bpe_path=/nonexistent/bpe.txt.gz', 'config.data.bpe_path: file not found'),
+])
+def test_config_errors_fail_before_any_work(tmp_path, demo_dir, override, message):
+    workdir = tmp_path / 'run'
+    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(workdir),
+               *smoke_overrides(demo_dir), override], timeout=120)
+    assert res.returncode != 0 and message in res.stderr
+    assert not workdir.exists()
+
+
+def test_unknown_override_key_names_it(tmp_path):
+    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path),
+               '--config.optim.lrr=3e-4'])
+    assert res.returncode != 0 and 'lrr' in res.stderr

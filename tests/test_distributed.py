@@ -1,4 +1,5 @@
-"""2 processes x batch 4 over gloo against one process x batch 8: loss and every gradient.
+"""Several processes over gloo: 2 x batch 4 against 1 x batch 8 (loss and every gradient), HCCL's rules,
+synchronised BatchNorm, micro-batches as more devices, an accumulating run killed and resumed, a dead rank.
 
 The CLIP loss has no per-rank state, so world 2 must equal world 1 x batch 8 directly. The full
 DeCLIP loss has per-rank state by design (BatchNorm statistics in the SimSiam heads, per-rank MLM
@@ -9,6 +10,8 @@ features) from the tested component losses, with plain autograd instead of colle
 import json
 import os
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ import checkpoints
 import declip
 import losses
 import text
+from fault_runs import command, overrides, run_and_kill
 from helpers import ROOT, free_port, run, run_distributed, scalars, smoke_overrides, tiny_config
 
 B, WORLD = 4, 2
@@ -330,7 +334,6 @@ def test_accumulating_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_pa
     again: it resumes at step 2, and the logged losses of all four steps and the last checkpoint
     (weights, AdamW state, the four virtual devices' NN queues and their pointer) are those of the
     uninterrupted run, so every virtual device's loader, augmentation and masking streams resume."""
-    from test_reliability import command, overrides, run_and_kill
     args = overrides(demo_dir, max_iter=4, accum_steps=2)
     ref, crashed = tmp_path / 'ref', tmp_path / 'crashed'
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -362,3 +365,28 @@ def test_accumulation_with_synchronised_batchnorm_is_refused_in_one_line(tmp_pat
     lines = [line for line in (res.stdout + res.stderr).splitlines() if 'config.model.sync_bn' in line]
     assert len(lines) == 1 and 'Add --config.model.sync_bn=False' in lines[0] and 'own BatchNorm statistics' in lines[0]
     assert 'train.py", line' not in res.stderr
+
+
+def test_a_dead_rank_does_not_hang_the_other(tmp_path, demo_dir):
+    port = free_port()
+    procs = []
+    args = overrides(demo_dir, max_iter=400, **{'runtime.dist_timeout_s': 30})
+    for rank in range(2):
+        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'RANK': str(rank), 'LOCAL_RANK': str(rank), 'WORLD_SIZE': '2',
+               'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)}
+        procs.append(subprocess.Popen([sys.executable, 'train.py', '--config', 'configs/demo.py:smoke',
+                                       '--workdir', str(tmp_path), *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for line in procs[0].stdout:
+        if line.startswith('step 3/'):
+            break
+    procs[1].kill()
+    start = time.time()
+    try:
+        code = procs[0].wait(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+            p.stdout.close()
+    assert code != 0 and time.time() - start < 120

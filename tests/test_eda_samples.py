@@ -1,12 +1,13 @@
 """data.eda and data.eda_synonyms in the samples a loader builds: the EDA caption is one of the
-three operations applied to the caption (synonym replacement only where eda_synonyms is on),
-and without eda a sample has no second caption."""
+three operations applied to the caption (synonym replacement only where eda_synonyms is on, and
+never of a stopword), and without eda a sample has no second caption."""
 import io
 import random
 
 import pytest
 
 import data
+import text
 from helpers import data_config, write_jpeg
 
 CAPTION = 'a small dog runs across the green field near a big old house'
@@ -59,3 +60,19 @@ def test_without_eda_a_sample_has_one_caption(image):
     sample = data.SampleBuilder(data_config(eda=False))(CAPTION, image, random.Random(0))
     assert 'text_eda' not in sample and sample['images'].shape[0] == 2
     assert data.get_tokenizer().decode(sample['text']) == CAPTION
+
+
+def test_synonym_replacement_never_replaces_a_stopword():
+    """EDA synonym replacement keeps every stopword, even stopwords that have WordNet synonyms."""
+    eda = text.EDA(data.SYNONYMS_PATH)
+    words = 'the cat jumped over the wall and ran out up the hill once very fast'.split()
+    stop = [i for i, w in enumerate(words) if w in eda.stopwords]
+    assert {'over', 'out', 'up', 'once', 'very'} <= {words[i] for i in stop}
+    assert all(eda.synonyms(w) for w in ('over', 'out', 'up', 'once', 'very'))   # they could be replaced
+    changed = 0
+    for seed in range(300):
+        out = eda.synonym_replacement(words, random.Random(seed))
+        assert len(out) == len(words)
+        assert [out[i] for i in stop] == [words[i] for i in stop], seed
+        changed += out != words
+    assert changed == 300

@@ -1,3 +1,4 @@
+"""text.mask_tokens: 15 % of ordinary tokens selected (80 % masked, 10 % random, 10 % kept), never a special."""
 import torch
 
 import text

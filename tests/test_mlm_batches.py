@@ -1,6 +1,7 @@
 """MLM masking as batches get it: the random 10 % of selected tokens are uniform over the whole
 vocabulary, special ids included (the reference's quirk), and with accumulation each device's
-micro-batch is masked from its own stream position, as that device would in a larger job."""
+micro-batch is masked from its own stream position, as that device would in a larger job; masks
+differ between rows, batches and ranks and repeat for the same stream position."""
 import torch
 
 import data
@@ -59,3 +60,38 @@ def test_each_micro_batch_is_masked_from_its_own_stream_position():
     # the second micro-batch is the batch a device at stream position 43 masks on its own
     assert torch.equal(out['text'][3:], collate(tokens[3:], positions[3:])['text'])
     assert not torch.equal(collate(tokens, positions)['text'], out['text'])   # one batch of 6 masks otherwise
+
+
+CAPTION = ' '.join(f'a photo of the {c} {s} on a sandy background'
+                   for c in ('red', 'green', 'blue') for s in ('circle', 'cross'))  # 60 BPE tokens
+
+
+def masked_batch(positions):
+    """(masked text, selected positions [B, L]) of Collate for identical captions at these stream positions."""
+    tokens = data.tokenize([CAPTION], 77)[0]
+    samples = [{'text': tokens.clone(), 'bad': torch.zeros(len(guard.BAD_KINDS), dtype=torch.long),
+                'images': torch.zeros(2, 3, 1, 1, dtype=torch.uint8), 'position': p} for p in positions]
+    out = data.Collate(mask=True, seed=0)(samples)
+    selected = torch.zeros(out['text'].numel(), dtype=torch.bool)
+    selected[out['mlm_index']] = True
+    assert torch.equal(out['mlm_targets'], tokens.repeat(len(positions))[out['mlm_index']])
+    return out['text'], selected.view_as(out['text'])
+
+
+def stream_positions(rank, step, batch=4, world=2):
+    sampler = data.IterationSampler(1000, batch_size=batch, world_size=world, rank=rank, max_iter=step + 1,
+                                    seed=0, start_step=step)
+    return [position for _, position in sampler]
+
+
+def test_mlm_masks_differ_across_rows_batches_and_ranks_but_repeat_per_position():
+    """MLM masks differ between batch rows, batches and ranks; the same stream position gives the same mask."""
+    r0s0, r1s0, r0s1 = stream_positions(0, 0), stream_positions(1, 0), stream_positions(0, 1)
+    assert r0s0[0] != r1s0[0] and r0s0[0] != r0s1[0]
+    text, mask = masked_batch(r0s0)
+    assert mask.any(dim=1).all()
+    assert all(not torch.equal(mask[i], mask[j]) for i in range(len(mask)) for j in range(i))   # rows
+    assert (masked_batch(r0s1)[1] != mask).any(dim=1).all()                                     # next batch
+    assert (masked_batch(r1s0)[1] != mask).any(dim=1).all()                                     # other rank
+    again = masked_batch(r0s0)                                                                  # same positions
+    assert torch.equal(again[0], text) and torch.equal(again[1], mask)

@@ -1,12 +1,14 @@
-"""State-dict layout against the reference's key lists, parameter counts, conv1 freeze, features."""
+"""State-dict layout against the reference's key lists, parameter counts, conv1 freeze, features, eot pooling."""
 import math
 
 import pytest
 import torch
 
+import data
 import declip
+import text
 from configs import r50, vitb32
-from helpers import tiny_config
+from helpers import SMOKE, tiny_config, tiny_model
 
 
 def meta_model(cfg):
@@ -242,3 +244,20 @@ def test_gradient_checkpointing_changes_no_gradient_and_no_running_statistic(vis
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
     for k in b0:
         torch.testing.assert_close(b1[k], b0[k], rtol=0, atol=0, msg=k)
+
+
+def test_text_embedding_is_read_at_the_eot_position():
+    """The text embedding is text_projection(ln_final features) at the eot: tokens after it change nothing."""
+    model = tiny_model()
+    tokens = data.tokenize(['a red circle on a grey background', 'look at this cross!'], SMOKE.model.context_length)
+    eot = (tokens == text.EOT_ID).int().argmax(dim=1)
+    assert (eot < tokens.shape[1] - 2).all()
+    before, after = tokens.clone(), tokens.clone()
+    before[:, 2] = 320
+    after[torch.arange(2), eot + 1] = 320
+    with torch.no_grad():
+        emb, feats = model.encode_text(tokens, return_tokens=True)
+        manual = model.encode_text.text_projection(feats[torch.arange(2), eot])
+        torch.testing.assert_close(emb, manual, rtol=0, atol=1e-6)
+        assert ((model.encode_text(before) - emb).abs().amax(dim=1) > 1e-3).all()
+        torch.testing.assert_close(model.encode_text(after), emb, rtol=0, atol=1e-6)

@@ -1,8 +1,8 @@
-"""The ModelZoo launch scripts in test/: the ./dataset layout, a fresh output folder per performance
-run and a resumed one per full-run relaunch, the case log, loss file and weights, --data_path, CANN
-discovery, clear errors. The scripts work in the repository they sit
-in, so every test runs them in a copy of the code: the real dataset/, checkpoint/ and test/output/
-stay untouched."""
+"""The ModelZoo launch scripts in modelzoo/, run by the port's names in test/: the ./dataset layout, a
+fresh output folder per performance run and a resumed one per full-run relaunch, the case log, loss
+file and weights, --data_path, CANN discovery, clear errors; test/ only hands over to modelzoo/. The
+scripts work in the repository they sit in, so every test runs them in a copy of the code: the real
+dataset/, checkpoint/ and test/output/ stay untouched."""
 import json
 import math
 import os
@@ -33,7 +33,7 @@ def repo(tmp_path):
     copy.mkdir()
     for path in ROOT.glob('*.py'):
         shutil.copy2(path, copy)
-    for folder in ('configs', 'assets', 'test', 'tools'):
+    for folder in ('configs', 'assets', 'modelzoo', 'test', 'tools'):
         shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns('__pycache__', 'output'))
     (copy / 'data').symlink_to(data.DATA_DIR)
     return copy
@@ -260,6 +260,41 @@ def _sourced(env_npu, command, **env):
         'TASK_QUEUE_ENABLE')}
     return subprocess.run(['bash', '-c', f'source {env_npu}; {command}'], capture_output=True, text=True,
                           env={**clean, **env}, check=True).stdout.strip('\n')
+
+
+def test_the_port_names_in_test_only_hand_over_to_modelzoo():
+    """test/ holds the port's five names and nothing else (but the ignored output/); each is one
+    command running (env_npu.sh: sourcing) the modelzoo/ script of the same name with the same arguments."""
+    names = (*SCRIPTS, 'env_npu')
+    assert sorted(p.name for p in (ROOT / 'test').iterdir() if p.name != 'output') == sorted(f'{n}.sh' for n in names)
+    for name in names:
+        code = [line for line in (ROOT / 'test' / f'{name}.sh').read_text().splitlines()
+                if line.strip() and not line.startswith('#')]
+        command = 'source' if name == 'env_npu' else 'exec bash'
+        arguments = '' if name == 'env_npu' else ' "$@"'
+        assert code == [f'{command} "$(dirname "${{BASH_SOURCE[0]}}")/../modelzoo/{name}.sh"{arguments}'], name
+        assert 'modelzoo_main' in (ROOT / 'modelzoo' / f'{name}.sh').read_text(), name
+
+
+def test_a_modelzoo_script_run_directly_equals_its_port_name(repo, dataset, fake_cann):
+    """modelzoo/train_performance_1p.sh, run from the root and from modelzoo/, does what
+    test/train_performance_1p.sh does: the same torchrun command in the root, the same files in
+    test/output/0/, the same case log but for its wall time, the weights in ./checkpoint/."""
+    out, case = repo / 'test' / 'output' / '0', 'DeCLIP_for_PyTorch_bs16_1p_perf'
+    seen = []
+    for cwd, path in ((repo, 'test/train_performance_1p.sh'), (repo, 'modelzoo/train_performance_1p.sh'),
+                      (repo / 'modelzoo', 'train_performance_1p.sh')):
+        done = script(cwd, path, f'--data_path={dataset}', '--config.seed=5', CANN_ENV=str(fake_cann))
+        assert done.returncode == 0, done.stdout + done.stderr
+        launch = re.findall(r'^(?:ARGS|VISIBLE) .*$', done.stdout, re.M)
+        values, keys = case_log(out / f'{case}.log')
+        del values['E2ETrainingTime']
+        seen.append((launch, sorted(p.name for p in out.iterdir()), keys, values))
+        assert (repo / 'checkpoint' / f'{case}.pt').read_text().startswith('weights of launch')
+        (repo / 'checkpoint' / f'{case}.pt').unlink()
+    assert seen[0] == seen[1] == seen[2]
+    assert f'--workdir {out / "workdir"} ' in seen[0][0][0] and seen[0][0][0].endswith(' --config.seed=5')
+    assert seen[0][3]['ActualFPS'] == '300.00'
 
 
 def test_cann_environment(tmp_path, fake_cann):

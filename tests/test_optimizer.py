@@ -1,12 +1,13 @@
 """The optimiser a run builds from config.optim: two AdamW steps of every parameter against the
 closed form with the configured lr, betas, eps and weight decay, decay applied (decoupled) to
 all but the reference's exempt parameters. Values unlike torch's defaults and the reference's, so
-a key that is ignored shows."""
+a key that is ignored shows. The parameter groups of the full models against the reference's rule."""
 import pytest
 import torch
 
 import declip
 import trainstep
+from configs import r50, vitb32
 from helpers import tiny_config
 from tiny_step import one_thread  # noqa: F401  (a fixture)
 
@@ -75,3 +76,30 @@ def test_adamw_closed_form_is_torchs():
         opt.step()
     want = adamw(p, grads, lr=0.05, wd=0.3, beta1=0.5, beta2=0.7, eps=1e-3)
     torch.testing.assert_close(param.detach(), want, rtol=1e-12, atol=1e-15)
+
+
+def spec_no_decay(name):
+    """The reference's param_group_all, by name: biases of Linear/Conv/BN/LN, BN and LN weights, logit_scale."""
+    if name == 'logit_scale':
+        return True
+    if name.endswith('.bias') and not name.endswith('in_proj_bias'):
+        return True
+    leaf = name.split('.')[-2]
+    return name.endswith('.weight') and (leaf.startswith(('ln', 'bn')) or leaf in ('1',) and 'downsample' in name)
+
+
+@pytest.mark.parametrize('config', [vitb32, r50])
+def test_parameter_groups_follow_the_spec(config):
+    with torch.device('meta'):
+        model = declip.build_model(config.get_config().model)
+    decay, no_decay = trainstep.param_groups(model, 0.1)
+    assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)]: False for p in decay['params']} | {names[id(p)]: True for p in no_decay['params']}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(got) == trainable
+    for name, flag in got.items():
+        assert flag == spec_no_decay(name), name
+    for name in ('encode_text.token_embedding.weight', 'encode_text.positional_embedding',
+                 'encode_text.transformer.resblocks.0.attn.in_proj_bias'):
+        assert got[name] is False

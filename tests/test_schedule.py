@@ -1,12 +1,14 @@
-"""The learning-rate schedule with a non-zero floor (optim.min_lr) and every parameter group
-following it. The reference configs use min_lr 0, so test_train's schedule test cannot see a
-schedule that ignores the floor."""
+"""The learning-rate schedule: the reference's numbers, a non-zero floor (optim.min_lr), every parameter
+group following it, and the logged train/lr. The reference configs use min_lr 0, so test_lr_schedule
+cannot see a schedule that ignores the floor."""
 import math
 
 import ml_collections
 import pytest
 
 import trainstep
+from configs import vitb32
+from helpers import SMOKE, scalars
 from tiny_step import one_thread, step, tiny_state  # noqa: F401  (one_thread: a fixture)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -15,9 +17,10 @@ OPTIM = ml_collections.ConfigDict(dict(base_lr=1e-4, warmup_lr=1e-3, min_lr=2.5e
 MAX_ITER = 111
 
 
-def spec_lr(t, base, peak, floor, warmup, max_iter):
+def spec_lr(t, base=1e-4, peak=1e-3, floor=0, warmup=2500, max_iter=128001):
     """The reference's CosineLRScheduler with eta_min = floor: linear warm-up from base
-    to peak over t = 1 .. warmup - 1, then cosine from peak at t = warmup to floor at max_iter."""
+    to peak over t = 1 .. warmup - 1, then cosine from peak at t = warmup to floor at max_iter.
+    The defaults are the reference's own numbers: 1e-4 -> 1e-3 over 2,500 steps, cosine to 0 at 128,001."""
     if t < warmup:
         return base + (peak - base) * (t - 1) / (warmup - 1)
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (max_iter - warmup)))
@@ -65,3 +68,21 @@ def test_every_parameter_group_gets_the_scheduled_lr():
     want = [trainstep.lr_at(t, cfg.optim, cfg.max_iter) for t in range(1, 5)]
     assert len(set(want)) == 4 and want[0] == cfg.optim.base_lr
     assert seen == [[w, w] for w in want]
+
+
+@pytest.mark.parametrize('t', [1, 2, 1250, 2499, 2500, 2501, 10_000, 64_000, 128_000, 128_001])
+def test_lr_schedule(t):
+    cfg = vitb32.get_config()
+    assert trainstep.lr_at(t, cfg.optim, cfg.max_iter) == pytest.approx(spec_lr(t), rel=1e-12, abs=1e-15)
+
+
+def test_logged_lr_is_the_schedule(full_run):
+    """train/lr of step t is lr_at(t): the first and the last step of the smoke run (and all between)."""
+    cfg = SMOKE
+    first, last = trainstep.lr_at(1, cfg.optim, cfg.max_iter), trainstep.lr_at(cfg.max_iter, cfg.optim, cfg.max_iter)
+    assert len({first, last, cfg.optim.warmup_lr}) == 3
+    lrs, _ = scalars(full_run, 'train/lr')
+    assert sorted(lrs) == list(range(1, cfg.max_iter + 1))
+    assert lrs[1] == pytest.approx(first, rel=1e-6) and lrs[cfg.max_iter] == pytest.approx(last, rel=1e-6, abs=1e-12)
+    for step, value in lrs.items():
+        assert value == pytest.approx(trainstep.lr_at(step, cfg.optim, cfg.max_iter), rel=1e-6, abs=1e-12), step

@@ -1,3 +1,4 @@
+"""The BPE tokenizer: known vectors, specials never from caption text, batches and truncation, decoding, its file."""
 import pytest
 import torch
 

@@ -1,14 +1,16 @@
 """Zero-shot evaluation: top-1 / top-5 against a brute-force ranking over more than five classes,
-the prompt sets of the reference's table, and the in-run evaluation using config.eval.prompts."""
+classifier rows (normalised prompt means, row k for label k), the prompt sets of the reference's
+table, and the in-run evaluation using config.eval.prompts."""
 import json
 
 import pytest
 import torch
 
+import data
 import evaluate
 import text
 import train
-from helpers import write_jpeg
+from helpers import SMOKE, tiny_model, write_jpeg
 from tiny_step import one_thread, tiny_state  # noqa: F401  (one_thread: a fixture)
 
 CLASSES, DIM = 12, 8
@@ -111,3 +113,38 @@ def test_class_embeddings_that_are_all_alike_are_refused(one_thread):  # noqa: F
     rows = evaluate.zero_shot_classifier(model, ['cat', 'dog', 'bird'], ['a photo of a {0}'],
                                          tokenizer=data.get_tokenizer(), context_length=ctx, device='cpu')
     assert rows.shape == (3, cfg.model.embed_dim) and (rows[1:] - rows[0]).abs().max() > 1e-3
+
+
+def test_zero_shot_rows_are_normalised_means_of_normalised_prompt_embeddings():
+    """Classifier row = normalise(mean(normalise(prompt embeddings))), unit norm."""
+    model = tiny_model()
+    names = ['red circle', 'blue square', 'green cross']
+    templates = ['a photo of a {0}', 'a drawing of the {0}', '{0}', 'a big {0} on a grey background']
+    got = evaluate.zero_shot_classifier(model, names, templates, tokenizer=data.get_tokenizer(),
+                                        context_length=SMOKE.model.context_length, device='cpu')
+    rows = []
+    with torch.no_grad():
+        for name in names:
+            emb = model.encode_text(data.tokenize([t.replace('{0}', name) for t in templates],
+                                                  SMOKE.model.context_length))
+            mean = (emb / emb.norm(dim=-1, keepdim=True)).mean(dim=0)
+            rows.append(mean / mean.norm())
+    torch.testing.assert_close(got, torch.stack(rows), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(names)), rtol=0, atol=1e-6)
+
+
+def test_zero_shot_eval_maps_rows_to_labels():
+    """Classifier row k is label_ids[k]: non-contiguous labels are scored correctly."""
+    class Fixed(torch.nn.Module):
+        def encode_image(self, images):
+            return images.float().mean(dim=(2, 3))        # the colour of each (constant) image
+
+    classifier = torch.nn.functional.normalize(torch.eye(3), dim=-1)   # rows: red, green, blue
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    for i, c in enumerate([0, 1, 2, 0]):
+        images[i, c] = 255
+    labels = torch.tensor([7, 3, 9, 3])       # red=7, green=3, blue=9; the last one is wrong
+    loader = [(images, labels, torch.arange(4))]
+    m = evaluate.zero_shot_eval(Fixed(), loader, classifier, label_ids=[7, 3, 9], device='cpu',
+                                mean=(0, 0, 0), std=(1, 1, 1), autocast=torch.autocast('cpu', enabled=False))
+    assert m['zeroshot_top1'] == 75.0 and m['zeroshot_top5'] == 100.0 and m['images'] == 4

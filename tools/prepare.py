@@ -3,7 +3,7 @@ generated demo corpus and its ModelZoo layout.
 
     python tools/prepare.py setup             # data/bpe_simple_vocab_16e6.txt.gz, data/wordnet_synonyms.tsv.gz
     python tools/prepare.py make-demo         # data/demo: 10k train / 2k val pairs, shards, class names
-    python tools/prepare.py modelzoo-dataset  # dataset/: data/demo in the layout of the ModelZoo scripts in test/
+    python tools/prepare.py modelzoo-dataset  # dataset/: data/demo in the layout of the ModelZoo scripts in modelzoo/
 
 DeCLIP against CLIP on the demo: tools/compare_demo.py; ImageNet validation meta: tools/imagenet_val.py.
 """
@@ -121,7 +121,7 @@ def setup(data_dir=data.DATA_DIR):
 
 
 # ----------------------------------------------------------------------------------------------
-# The demo corpus in the ./dataset layout of the ModelZoo scripts in test/
+# The demo corpus in the ./dataset layout of the ModelZoo scripts in modelzoo/
 # ----------------------------------------------------------------------------------------------
 
 def _link_or_copy(src, dst):
@@ -133,7 +133,7 @@ def _link_or_copy(src, dst):
 
 
 def modelzoo_dataset(out, *, demo=data.DATA_DIR / 'demo', bpe=data.BPE_PATH):
-    """Lay out the demo corpus as the ModelZoo scripts in test/ expect their dataset folder:
+    """Lay out the demo corpus as the ModelZoo scripts in modelzoo/ expect their dataset folder:
     yfcc15m_clean_open_data.json + yfcc15m_clean_open_data/ (training), val_official.json +
     imagenet_val/ILSVRC2012_val_%08d.JPEG (validation, renamed in meta order, from 1) and the
     vocabulary. Refuses a non-empty `out`, which may hold a real dataset."""

@@ -1,8 +1,7 @@
-"""Every kind of bad input is counted and replaced, never a crash; a mostly-bad corpus stops clearly."""
+"""Bad samples of a meta-file corpus are counted by kind and replaced, in a run too; a mostly-bad one stops clearly."""
 import io
 import json
 import struct
-import tarfile
 import zlib
 
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 import data
 import guard
 import text
-from helpers import data_config, write_half_missing_corpus, write_jpeg
+from helpers import data_config, run, scalars, write_half_missing_corpus, write_jpeg
 
 
 def png_with_declared_size(width, height):
@@ -98,26 +97,6 @@ def test_loader_sums_counts_per_batch(tmp_path):
     assert counted['other'] == 0
 
 
-def test_webdataset_missing_text_and_corrupt_member(tmp_path):
-    buf = io.BytesIO()
-    write_jpeg(buf)
-    jpeg = buf.getvalue()
-    with tarfile.open(tmp_path / 'a.tar', 'w') as tar:
-        for name, payload in [('000.jpg', jpeg), ('000.txt', b'good one'), ('001.jpg', jpeg),
-                              ('002.jpg', jpeg), ('002.txt', b'good two')]:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    raw = (tmp_path / 'a.tar').read_bytes()
-    (tmp_path / 'b.tar').write_bytes(raw[:512 * 3 + 100])  # cut inside the second member
-    cfg = data_config(format='wds', shards=str(tmp_path / '*.tar'), eda=False, mask=False, batch_size=2,
-                      bad_window=1000)
-    batches = [b for _, b in zip(range(4), data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=4))]
-    total = dict(zip(guard.BAD_KINDS, sum(b['bad'] for b in batches).tolist()))
-    assert total['bad_tar'] >= 2 and sum(total.values()) == total['bad_tar']
-    assert all(b['images'].shape == (2, 2, 3, 32, 32) for b in batches)
-
-
 def test_mostly_bad_corpus_stops_with_examples(tmp_path):
     write_half_missing_corpus(tmp_path)
     cfg = data_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), bad_window=20,
@@ -125,3 +104,28 @@ def test_mostly_bad_corpus_stops_with_examples(tmp_path):
     with pytest.raises(guard.DataError, match=r'(?s)could not be built.*missing: .*\.jpg'):
         for _ in data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=50):
             pass
+
+
+def test_bad_corpus_trains_through_and_counts_every_kind(tmp_path):
+    root = tmp_path / 'corpus'
+    root.mkdir()
+    kinds = {k for k in build_bad_corpus(root) if k}
+    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path / 'run'),
+               f'--config.data.train_root={root}', f'--config.data.train_meta={root / "meta.jsonl"}',
+               '--config.data.val_meta=', '--config.log_every=1', '--config.max_iter=12',
+               '--config.data.limits.bad_window=1000'])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for kind in kinds:
+        counts, _ = scalars(tmp_path / 'run', f'samples/{kind}')
+        assert counts[12] > 0, kind
+    _, tags = scalars(tmp_path / 'run', 'samples/bad_total')
+    assert 'samples/other' not in tags['scalars']   # a kind is logged once it occurs
+
+
+def test_mostly_bad_corpus_stops_with_a_clear_message(tmp_path):
+    write_half_missing_corpus(tmp_path)
+    res = run(['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path / 'run'),
+               f'--config.data.train_root={tmp_path}', f'--config.data.train_meta={tmp_path / "meta.jsonl"}',
+               '--config.data.val_meta=', '--config.data.limits.bad_window=20', '--config.data.limits.max_bad_rate=0.2'])
+    assert res.returncode != 0
+    assert 'could not be built' in res.stderr and 'missing:' in res.stderr and '.jpg' in res.stderr
