@@ -53,3 +53,4 @@ def run_and_kill(workdir, args, nproc, *, at_step=None, during_write=False):
         proc.wait()
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL or proc.returncode != 0
+

@@ -1,4 +1,5 @@
 """Shared test helpers: tiny models and configs, smoke runs and their logs, small corpora, a gloo launcher."""
+import contextlib
 import json
 import os
 import socket
@@ -97,6 +98,21 @@ def smoke_overrides(demo_dir, **extra):
     return [f'--config.{k}={v}' for k, v in o.items()]
 
 
+def smoke_config(demo_dir, **over):
+    """The demo smoke config on the test corpus, for train.train in this process: no compile;
+    `over`: dotted keys as smoke_overrides takes them."""
+    cfg = demo.get_config('smoke')
+    cfg.runtime.compile = 'false'
+    for arg in smoke_overrides(demo_dir, **over):
+        key, value = arg[len('--config.'):].split('=', 1)
+        *parents, leaf = key.split('.')
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = value if node[leaf] is None or isinstance(node[leaf], str) else type(node[leaf])(value)
+    return cfg
+
+
 def torchrun(workdir, overrides, nproc=2, env=None):
     return run(['-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(free_port()),
                 'train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(workdir), *overrides], env=env)
@@ -162,3 +178,24 @@ class DtypeRecorder(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.seen.setdefault(t.dtype, str(func))
         return out
+
+
+@contextlib.contextmanager
+def beside(cmd, log, **popen):
+    """Run `cmd` (output to the file `log`) while the block runs, and wait for it at the block's end: a
+    one-process reference run takes the core a one-process run under test leaves idle. Yields the
+    process (its returncode is set after the block); killed if the block fails."""
+    with open(log, 'w') as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **popen)
+        try:
+            yield proc
+            proc.wait(timeout=600)
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def step_of(path):
+    """The step a checkpoint file holds."""
+    import checkpoints
+    return checkpoints.safe_load(path)['step']

@@ -11,23 +11,12 @@ import checkpoints
 import data
 import shards
 import train
-from configs import demo
-from helpers import run, scalars, smoke_overrides
+from helpers import run, scalars, smoke_config, smoke_overrides
 
 
 def smoke(demo_dir, **over):
     """The demo smoke config on the test corpus, one process, no compile, no evaluation; `over`: dotted keys."""
-    cfg = demo.get_config('smoke')
-    cfg.runtime.compile = 'false'
-    for arg in smoke_overrides(demo_dir, **over):
-        key, value = arg[len('--config.'):].split('=', 1)
-        *parents, leaf = key.split('.')
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
-    cfg.data.val_meta = ''
-    return cfg
+    return smoke_config(demo_dir, **{**over, 'data.val_meta': ''})
 
 
 def checkpoint(workdir):

@@ -6,8 +6,7 @@ import sys
 import pytest
 
 import train
-from helpers import ROOT, run, smoke_overrides
-from test_run_guard import smoke
+from helpers import ROOT, run, smoke_config, smoke_overrides
 
 # (overrides, the message's line). What each did before the check: BatchNorm's "Expected more than 1
 # value per channel", einops' "Shape mismatch", "'int' object has no attribute 'backward'", a
@@ -37,7 +36,7 @@ def _set(cfg, key, value):
 @pytest.mark.parametrize('over,message', BAD, ids=[m.split(':')[0] + '-' + ','.join(o) for o, m in BAD])
 def test_a_config_that_cannot_train_is_refused_at_start(tmp_path, demo_dir, over, message):
     """(Break caught: each rule of checks.check_model removed or inverted.)"""
-    cfg = smoke(demo_dir)
+    cfg = smoke_config(demo_dir)
     for key, value in over.items():
         _set(cfg, key, value)
     with pytest.raises(ValueError) as e:
@@ -47,7 +46,7 @@ def test_a_config_that_cannot_train_is_refused_at_start(tmp_path, demo_dir, over
 
 
 def test_every_broken_rule_is_named_at_once(tmp_path, demo_dir):
-    cfg = smoke(demo_dir)
+    cfg = smoke_config(demo_dir)
     _set(cfg, 'model.vision_heads', 3)
     _set(cfg, 'model.text_heads', 3)
     with pytest.raises(ValueError) as e:

@@ -12,8 +12,7 @@ import checks
 import data
 import guard
 import train
-from helpers import data_config, run, smoke_overrides, write_jpeg
-from test_run_guard import smoke
+from helpers import data_config, run, smoke_config, smoke_overrides, write_jpeg
 
 EXPECTED = 'expected an object with "filename" (a string) and "caption"'
 
@@ -85,7 +84,7 @@ def test_a_common_corpus_mistake_is_named_before_any_work(tmp_path, demo_dir, na
     sample to replace ...') with no file, line or hint. (Break caught: a pre-flight check removed.)"""
     over, message = mistake(name, tmp_path, demo_dir)
     with pytest.raises(ValueError) as e:
-        train.train(smoke(demo_dir, **over), tmp_path / 'w')
+        train.train(smoke_config(demo_dir, **over), tmp_path / 'w')
     assert str(e.value) == message
     assert not (tmp_path / 'w').exists()
 
@@ -105,10 +104,10 @@ def test_a_few_bad_first_lines_among_good_ones_still_train(tmp_path, demo_dir):
     meta = tmp_path / 'meta.jsonl'
     meta.write_bytes(b'\xef\xbb\xbf{"filename": 3}\n\n[1]\n\xff\xfe\n' + jsonl([{'filename': 'gone.jpg', 'caption': 'x'},
                                                                              *recs]).encode())
-    checks.check_config(smoke(demo_dir, **{'data.train_meta': meta, 'data.val_meta': ''}))
+    checks.check_config(smoke_config(demo_dir, **{'data.train_meta': meta, 'data.val_meta': ''}))
     long = tmp_path / 'long.jsonl'
     long.write_text(json.dumps({**recs[0], 'caption': 'a red square ' * 100_000}) + '\n' + jsonl(recs))
-    checks.check_config(smoke(demo_dir, **{'data.train_meta': long, 'data.val_meta': ''}))
+    checks.check_config(smoke_config(demo_dir, **{'data.train_meta': long, 'data.val_meta': ''}))
 
 
 # ---------------------------------------------------------------- in the run: the first failures, named

@@ -1,5 +1,7 @@
 """evaluate.py on the command line: a smoke run's numbers, 2 processes scoring each image once, clear errors."""
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 import data
 import text
 import weights
-from helpers import free_port, run, smoke_overrides
+from helpers import ROOT, beside, free_port, run, smoke_overrides
 
 
 def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, demo_dir):
@@ -46,15 +48,17 @@ def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, demo_dir):
             f = model.encode_image(preprocess(Image.open(demo_dir / 'val' / r['filename']))[None])[0]
             correct += int(classes[int((cls @ (f / f.norm())).argmax())][0] == r['label'])
     assert metrics['zeroshot_top1'] == pytest.approx(100 * correct / len(records), abs=1e-6)
-    res = run(['evaluate.py', '--ckpt', str(ckpt), '--task', 'retrieval', '--workers', '0'])
-    assert res.returncode == 0, res.stderr[-3000:]
+    retrieval = [sys.executable, 'evaluate.py', '--ckpt', str(ckpt), '--task', 'retrieval', '--workers', '0']
+    with beside(retrieval, tmp_path / 'retrieval.log', cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}) as proc:
+        (tmp_path / 'empty').mkdir()                # a wrong image folder: an error before any image is scored
+        wrong = run(['evaluate.py', '--ckpt', str(ckpt), '--val_root', str(tmp_path / 'empty'),
+                     '--out', str(tmp_path / 'x')])
+        res = run(['evaluate.py', '--ckpt', str(ckpt), '--out', str(tmp_path / 'missing' / 'r.json')])  # refused first
+    assert proc.returncode == 0, (tmp_path / 'retrieval.log').read_text()[-3000:]
     r = json.loads((tmp_path / 'checkpoints' / 'last.retrieval.json').read_text())
     assert r['pairs'] == 60 and 0 <= r['i2t_R@1'] <= r['i2t_R@5'] <= r['i2t_R@10'] <= 100
-    (tmp_path / 'empty').mkdir()                # a wrong image folder: an error before any image is scored
-    res = run(['evaluate.py', '--ckpt', str(ckpt), '--val_root', str(tmp_path / 'empty'), '--out', str(tmp_path / 'x')])
-    assert res.returncode != 0 and not (tmp_path / 'x').exists()
-    assert f"none of the first 60 images of {demo_dir / 'val.jsonl'} is a file under '{tmp_path / 'empty'}'" in res.stderr
-    res = run(['evaluate.py', '--ckpt', str(ckpt), '--out', str(tmp_path / 'missing' / 'r.json')])  # refused first
+    assert wrong.returncode != 0 and not (tmp_path / 'x').exists()
+    assert f"none of the first 60 images of {demo_dir / 'val.jsonl'} is a file under '{tmp_path / 'empty'}'" in wrong.stderr
     assert res.returncode != 0 and 'Traceback' not in res.stderr
     assert f"--out '{tmp_path / 'missing' / 'r.json'}': {tmp_path / 'missing' / 'r.json'} cannot be written" in res.stderr
 

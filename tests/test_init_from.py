@@ -5,8 +5,7 @@ import torch
 import train
 import trainstep
 import weights
-from helpers import run, smoke_overrides
-from test_run_guard import smoke
+from helpers import run, smoke_config, smoke_overrides
 
 
 def _features(model, g):
@@ -21,7 +20,7 @@ def test_init_from_starts_with_the_files_weights_and_fresh_heads(tmp_path, demo_
                *smoke_overrides(demo_dir, max_iter=2, **{'data.val_meta': ''})])
     assert res.returncode == 0, res.stderr[-2000:]
     source = tmp_path / 'a' / 'checkpoints' / 'last.pt'
-    cfg = smoke(demo_dir, init_from=source)
+    cfg = smoke_config(demo_dir, init_from=source)
     state = trainstep.build_state(cfg, torch.device('cpu'))
     start = train.init_weights(state, cfg)
     reference, _ = weights.load_model(source)
@@ -31,7 +30,7 @@ def test_init_from_starts_with_the_files_weights_and_fresh_heads(tmp_path, demo_
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert start.startswith(f'initialised from {source}') and 'fresh' not in start
     # a run started from it records where it came from, and its first loss is not a fresh model's
-    train.train(smoke(demo_dir, max_iter=1, init_from=source, **{'data.val_meta': ''}), tmp_path / 'b')
+    train.train(smoke_config(demo_dir, max_iter=1, init_from=source, **{'data.val_meta': ''}), tmp_path / 'b')
     out = capsys.readouterr().out
     assert f'initialised from {source}' in out and 'global batch 8 = 1 processes x 1 micro-batches x 8' in out
     assert checkpoints.safe_load(tmp_path / 'b' / 'checkpoints' / 'last.pt')['config']['init_from'] == str(source)
@@ -39,8 +38,8 @@ def test_init_from_starts_with_the_files_weights_and_fresh_heads(tmp_path, demo_
 
 
 def test_init_from_a_file_of_another_shape_names_the_key(tmp_path, demo_dir):
-    train.train(smoke(demo_dir, max_iter=1, **{'data.val_meta': ''}), tmp_path / 'a')
-    cfg = smoke(demo_dir, init_from=tmp_path / 'a' / 'checkpoints' / 'last.pt', **{'model.embed_dim': 64})
+    train.train(smoke_config(demo_dir, max_iter=1, **{'data.val_meta': ''}), tmp_path / 'a')
+    cfg = smoke_config(demo_dir, init_from=tmp_path / 'a' / 'checkpoints' / 'last.pt', **{'model.embed_dim': 64})
     state = trainstep.build_state(cfg, torch.device('cpu'))
     try:
         train.init_weights(state, cfg)

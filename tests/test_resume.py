@@ -11,7 +11,7 @@ import torch
 
 import checkpoints
 from fault_runs import STEPS, command, overrides, run_and_kill
-from helpers import QUEUE, ROOT, SMOKE, queue_overrides, run, scalars, smoke_overrides, torchrun
+from helpers import QUEUE, ROOT, SMOKE, beside, queue_overrides, run, scalars, smoke_overrides, torchrun
 
 
 def assert_checkpoints_readable(workdir):
@@ -24,18 +24,18 @@ def assert_checkpoints_readable(workdir):
 def test_kill9_anywhere_then_resume_gives_the_same_losses(tmp_path, demo_dir, nproc, kills):
     args = overrides(demo_dir)
     ref, crashed = tmp_path / 'ref', tmp_path / 'crashed'
-    res = subprocess.run(command(ref, args, nproc), cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     rng = random.Random(nproc)
     steps = sorted(rng.sample(range(2, STEPS), kills - 1))
     plan = [('step', s) for s in steps]
     plan.insert(1, ('write', None))  # one kill while a checkpoint is half written
-    for kind, step in plan:
-        run_and_kill(crashed, args, nproc, at_step=step, during_write=kind == 'write')
-        assert_checkpoints_readable(crashed)
-    res = subprocess.run(command(crashed, args, nproc), cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=600)
+    with beside(command(ref, args, nproc), tmp_path / 'ref.log', cwd=ROOT, env=env) as reference:
+        for kind, step in plan:
+            run_and_kill(crashed, args, nproc, at_step=step, during_write=kind == 'write')
+            assert_checkpoints_readable(crashed)
+        res = subprocess.run(command(crashed, args, nproc), cwd=ROOT, capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert reference.returncode == 0, (tmp_path / 'ref.log').read_text()[-3000:]
     assert res.returncode == 0, res.stderr[-3000:]
     want, _ = scalars(ref, 'loss/total')
     got, _ = scalars(crashed, 'loss/total')
@@ -69,19 +69,19 @@ def test_kill9_during_evaluation_then_resume_gives_the_same_numbers(tmp_path, de
             *[f'--config.data.{k}=corpus/{v}' for k, v in (('train_root', 'train'), ('train_meta', 'train.jsonl'),
                                                           ('val_root', 'val'), ('val_meta', 'val.jsonl'))]]
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
-    res = subprocess.run([*args, '--workdir', 'ref'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    proc = subprocess.Popen([*args, '--workdir', 'crashed'], cwd=tmp_path, env={**env, 'PAUSE_IN_EVALUATION': '1'},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        assert any(line.startswith('evaluating') for line in proc.stdout)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-    assert checkpoints.safe_load(tmp_path / 'crashed' / 'checkpoints' / 'last.pt')['step'] == 1
-    res = subprocess.run([*args, '--workdir', 'crashed'], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=600)
+    with beside([*args, '--workdir', 'ref'], tmp_path / 'ref.log', cwd=tmp_path, env=env) as reference:
+        proc = subprocess.Popen([*args, '--workdir', 'crashed'], cwd=tmp_path, env={**env, 'PAUSE_IN_EVALUATION': '1'},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            assert any(line.startswith('evaluating') for line in proc.stdout)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
+        assert checkpoints.safe_load(tmp_path / 'crashed' / 'checkpoints' / 'last.pt')['step'] == 1
+        res = subprocess.run([*args, '--workdir', 'crashed'], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert reference.returncode == 0, (tmp_path / 'ref.log').read_text()[-3000:]
     assert res.returncode == 0, res.stderr[-3000:]
     assert 'resumed from' in res.stderr and 'step 1: zero-shot top-1' in res.stdout
     for tag in ('eval/zeroshot_top1', 'eval/zeroshot_top5', 'eval/images_skipped'):

@@ -17,42 +17,23 @@ import guard
 import lifecycle
 import train
 import trainstep
-from configs import demo
-from helpers import ROOT, free_port, run, smoke_overrides
-
-
-def smoke(demo_dir, **over):
-    """The demo smoke config on the test corpus, one process, no compile; `over`: dotted keys."""
-    cfg = demo.get_config('smoke')
-    cfg.runtime.compile = 'false'
-    for arg in smoke_overrides(demo_dir, **over):
-        key, value = arg[len('--config.'):].split('=', 1)
-        *parents, leaf = key.split('.')
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], str) else value
-    return cfg
-
-
-def step_of(path):
-    return checkpoints.safe_load(path)['step']
+from helpers import ROOT, free_port, run, smoke_config, smoke_overrides, step_of
 
 
 # ---------------------------------------------------------------- 1, 15: checkpoint files
 
 def test_unreadable_checkpoints_stop_the_run_unless_told_to_start_over(tmp_path, demo_dir):
     work, ckpts = tmp_path / 'w', tmp_path / 'w' / 'checkpoints'
-    train.train(smoke(demo_dir, max_iter=2, keep_every=2), work)
+    train.train(smoke_config(demo_dir, max_iter=2, keep_every=2), work)
     (ckpts / 'last.pt').write_bytes(b'torn')
-    train.train(smoke(demo_dir, max_iter=3, keep_every=5), work)      # falls back to step_2.pt
+    train.train(smoke_config(demo_dir, max_iter=3, keep_every=5), work)      # falls back to step_2.pt
     assert step_of(ckpts / 'last.pt') == 3
     for p in ckpts.glob('*.pt'):
         p.write_bytes(b'torn')
     with pytest.raises(RuntimeError, match='no readable checkpoint') as e:
-        train.train(smoke(demo_dir, max_iter=4), work)
+        train.train(smoke_config(demo_dir, max_iter=4), work)
     assert 'last.pt' in str(e.value) and (ckpts / 'last.pt').read_bytes() == b'torn'
-    train.train(smoke(demo_dir, max_iter=1), work, start_over=True)
+    train.train(smoke_config(demo_dir, max_iter=1), work, start_over=True)
     assert step_of(ckpts / 'last.pt') == 1 and (ckpts / 'last.pt.unreadable').read_bytes() == b'torn'
 
 
@@ -60,7 +41,7 @@ def test_foreign_files_in_checkpoints_are_left_alone(tmp_path, demo_dir):
     ckpts = tmp_path / 'checkpoints'
     ckpts.mkdir()
     (ckpts / 'step_best.pt').write_bytes(b'mine')
-    train.train(smoke(demo_dir, max_iter=2, keep_every=1, keep_copies=1), tmp_path)
+    train.train(smoke_config(demo_dir, max_iter=2, keep_every=1, keep_copies=1), tmp_path)
     assert (ckpts / 'step_best.pt').read_bytes() == b'mine' and step_of(ckpts / 'last.pt') == 2
     assert sorted(p.name for p in ckpts.glob('step_*.pt')) == ['step_2.pt', 'step_best.pt']
     torch.save({'step': 99}, tmp_path / 'other.pt')           # a torch file that is not a checkpoint
@@ -263,7 +244,7 @@ def test_a_process_that_still_holds_a_loader_at_exit_exits(tmp_path, demo_dir):
 # ---------------------------------------------------------------- 5: evaluation never loses steps
 
 def test_a_failing_evaluation_loses_no_steps_and_runs_again_on_resume(tmp_path, demo_dir, monkeypatch):
-    cfg = smoke(demo_dir, max_iter=4, eval_every=2, ckpt_every=3)
+    cfg = smoke_config(demo_dir, max_iter=4, eval_every=2, ckpt_every=3)
     seen = []
 
     def failing(state, *args):
@@ -277,7 +258,7 @@ def test_a_failing_evaluation_loses_no_steps_and_runs_again_on_resume(tmp_path, 
                         {'zeroshot_top1': 0.0, 'zeroshot_top5': 0.0, 'images': 0})
     train.train(cfg, tmp_path)
     assert seen == [2, 2, 4]               # the interrupted evaluation first, then the due one
-    train.train(smoke(demo_dir, max_iter=5, eval_every=2, ckpt_every=3), tmp_path)
+    train.train(smoke_config(demo_dir, max_iter=5, eval_every=2, ckpt_every=3), tmp_path)
     assert seen == [2, 2, 4, 5]            # step 4's evaluation finished: not repeated; 5 is the last step
 
 
@@ -297,7 +278,7 @@ def test_a_failing_evaluation_loses_no_steps_and_runs_again_on_resume(tmp_path, 
     ('model.act', 'relu', "config.model.act: one of quick_gelu, gelu, got 'relu'"),
 ])
 def test_bad_values_fail_before_the_workdir_exists(tmp_path, demo_dir, key, value, message):
-    cfg = smoke(demo_dir)
+    cfg = smoke_config(demo_dir)
     section, _, leaf = key.rpartition('.')
     (cfg[section] if section else cfg)[leaf] = value
     with pytest.raises(ValueError, match=message.replace('[', r'\[').replace(')', r'\)')):
@@ -309,7 +290,7 @@ def test_bad_values_fail_before_the_workdir_exists(tmp_path, demo_dir, key, valu
 def test_bad_rate_limits_of_zero_and_one_are_accepted(demo_dir, rate):
     """max_bad_rate=1.0 never stops a run for bad samples (every attempt may fail: 100 % is not
     above 1.0); 0.0 stops it at the first full window with a failure."""
-    cfg = smoke(demo_dir, **{'data.limits.max_bad_rate': rate})
+    cfg = smoke_config(demo_dir, **{'data.limits.max_bad_rate': rate})
     checks.check_numbers(cfg)
     monitor = guard.FailureMonitor(4, cfg.data.limits.max_bad_rate)
     for i in range(3):
@@ -333,19 +314,19 @@ def test_an_evaluation_set_that_cannot_be_scored_fails_before_the_workdir_exists
         over = {'data.val_meta': meta}
     with pytest.raises(ValueError, match=r'config.data.val_meta / val_root: none of the first 60 images of .*val.jsonl'
                                          + (r".*outside_root: '\.\./val/val_000000.jpg'" if 'data.val_meta' in over else '')):
-        train.train(smoke(demo_dir, **over), tmp_path / 'w')
+        train.train(smoke_config(demo_dir, **over), tmp_path / 'w')
     assert not (tmp_path / 'w').exists()
 
 
 def test_an_empty_meta_file_fails_before_the_workdir_exists(tmp_path, demo_dir):
     (tmp_path / 'empty.jsonl').write_text('\n \r\n')
     with pytest.raises(ValueError, match='empty.jsonl has no samples'):
-        train.train(smoke(demo_dir, **{'data.train_meta': tmp_path / 'empty.jsonl'}), tmp_path / 'w')
+        train.train(smoke_config(demo_dir, **{'data.train_meta': tmp_path / 'empty.jsonl'}), tmp_path / 'w')
     assert not (tmp_path / 'w').exists()
 
 
 def test_non_finite_weights_are_never_written(tmp_path, demo_dir):
-    cfg = smoke(demo_dir)
+    cfg = smoke_config(demo_dir)
     state = trainstep.build_state(cfg, torch.device('cpu'))
     with torch.no_grad():
         next(state.model.parameters())[0] = float('nan')
@@ -358,21 +339,21 @@ def test_non_finite_weights_are_never_written(tmp_path, demo_dir):
 # ---------------------------------------------------------------- 11, 12: resuming
 
 def test_resume_with_a_changed_config(tmp_path, demo_dir):
-    train.train(smoke(demo_dir, max_iter=2), tmp_path)
+    train.train(smoke_config(demo_dir, max_iter=2), tmp_path)
     with pytest.raises(ValueError, match=r"data.batch_size: 8 -> 4") as e:
-        train.train(smoke(demo_dir, max_iter=3, **{'data.batch_size': 4}), tmp_path)
+        train.train(smoke_config(demo_dir, max_iter=3, **{'data.batch_size': 4}), tmp_path)
     assert '--allow_config_change' in str(e.value) and 'max_iter' not in str(e.value)
     with pytest.raises(ValueError, match=r'model.vision_width: 128 -> 64'):   # another architecture
-        train.train(smoke(demo_dir, max_iter=3, **{'model.vision_width': 64}), tmp_path)
+        train.train(smoke_config(demo_dir, max_iter=3, **{'model.vision_width': 64}), tmp_path)
     assert step_of(tmp_path / 'checkpoints' / 'last.pt') == 2
-    train.train(smoke(demo_dir, max_iter=3, log_every=3), tmp_path)          # logging only: a warning
-    train.train(smoke(demo_dir, max_iter=4, log_every=3, **{'data.batch_size': 4}), tmp_path,
+    train.train(smoke_config(demo_dir, max_iter=3, log_every=3), tmp_path)          # logging only: a warning
+    train.train(smoke_config(demo_dir, max_iter=4, log_every=3, **{'data.batch_size': 4}), tmp_path,
                 allow_config_change=True)
     assert step_of(tmp_path / 'checkpoints' / 'last.pt') == 4
 
 
 def test_stop_at_at_or_below_the_resumed_step_says_so(tmp_path, demo_dir, capsys):
-    train.train(smoke(demo_dir, max_iter=6, stop_at=2), tmp_path)
+    train.train(smoke_config(demo_dir, max_iter=6, stop_at=2), tmp_path)
     capsys.readouterr()
-    train.train(smoke(demo_dir, max_iter=6, stop_at=2), tmp_path)
+    train.train(smoke_config(demo_dir, max_iter=6, stop_at=2), tmp_path)
     assert 'nothing to do: the run is at step 2 and this invocation ends at step 2' in capsys.readouterr().out

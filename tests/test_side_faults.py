@@ -13,8 +13,7 @@ import pytest
 
 import lifecycle
 import train
-from helpers import ROOT, run, smoke_overrides
-from test_run_guard import smoke, step_of
+from helpers import ROOT, run, smoke_config, smoke_overrides, step_of
 
 RESUME = 'the checkpoint is written: run the same command to resume'
 
@@ -97,7 +96,7 @@ def test_loader_faults_are_told_from_other_errors():
 
 def test_a_negative_batch_timeout_is_refused(tmp_path, demo_dir):
     with pytest.raises(ValueError) as e:
-        train.train(smoke(demo_dir, **{'data.limits.batch_timeout_s': -1.0}), tmp_path / 'w')
+        train.train(smoke_config(demo_dir, **{'data.limits.batch_timeout_s': -1.0}), tmp_path / 'w')
     assert str(e.value) == 'config.data.limits.batch_timeout_s: must be >= 0, got -1.0'
 
 
@@ -118,7 +117,7 @@ def test_tensorboard_on_a_full_disk_warns_once_and_training_goes_on(tmp_path, de
         monkeypatch.setattr(SummaryWriter, 'add_scalar', _full)
     else:
         monkeypatch.setattr(record_writer.RecordWriter, 'flush', _full)
-    train.train(smoke(demo_dir, **{'data.val_meta': ''}), tmp_path / 'w')
+    train.train(smoke_config(demo_dir, **{'data.val_meta': ''}), tmp_path / 'w')
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning: TensorBoard')]
     assert warnings == [f'warning: TensorBoard logging to {tmp_path / "w" / "tb"} stops here ([Errno 28] No space left '
                         f'on device); training goes on and checkpoints are still written']
@@ -153,7 +152,7 @@ def test_a_workdir_the_run_cannot_use_is_refused_before_any_work(tmp_path, demo_
     workdir, problem = workdir_fault(name, tmp_path)
     before = sorted(tmp_path.rglob('*'))
     with pytest.raises(ValueError) as e:
-        train.train(smoke(demo_dir), str(workdir))
+        train.train(smoke_config(demo_dir), str(workdir))
     assert str(e.value) == f'--workdir {workdir}: {problem}'
     assert sorted(tmp_path.rglob('*')) == before
 
@@ -167,7 +166,7 @@ def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path, demo_dir, mo
     monkeypatch.setattr(tempfile, 'TemporaryFile', refused)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError) as e:
-        train.train(smoke(demo_dir), 'relative/run')
+        train.train(smoke_config(demo_dir), 'relative/run')
     assert str(e.value) == '--workdir relative/run: cannot write relative/run: Permission denied'
 
 
