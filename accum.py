@@ -1,7 +1,7 @@
 """Gradient accumulation as its own training step: config.accum_steps = k micro-batches a step,
 computed exactly as the k virtual devices rank*k + j of a k x world job would (GradCache), so the
 contrastive terms see every micro-batch's features while only one micro-batch's activations are
-held at a time. The loop runs this train_step when accum_steps > 1, trainstep.train_step otherwise;
+held at a time. The loop runs this train_step when accum_steps > 1, trainstep.train_step otherwise (step_for);
 both end in trainstep.update and sum the objective's terms with losses.weighted_total."""
 import contextlib
 
@@ -28,6 +28,17 @@ def micro_batches(batch, k):
     return parts
 
 
+def step_for(cfg):
+    """The step the loop runs (tools/bench.py times the same): trainstep.train_step, or this
+    module's for accum_steps > 1; with data.decode='device' a batch's JPEGs are decoded on the
+    device first (all k micro-batches' at once: an image nothing decodes borrows from all k x B)."""
+    step = train_step if cfg.accum_steps > 1 else trainstep.train_step
+    if cfg.data.decode != 'device':
+        return step
+    return lambda state, batch, cfg: step(state, jpeg.decoded(batch, size=cfg.data.image_size, device=state.device),
+                                          cfg)
+
+
 def train_step(state, batch, cfg):
     """trainstep.train_step for k = accum_steps micro-batches, the same result dict; its losses
     are those of virtual device rank * k (as rank 0's are logged in a larger job).
@@ -36,17 +47,13 @@ def train_step(state, batch, cfg):
     micro-batch again with gradient and back-propagate features . their gradient plus its own
     device terms."""
     rank, world = losses.world_info()
-    k, undecodable = cfg.accum_steps, 0
+    k = cfg.accum_steps
     trainstep.set_learning_rate(state, cfg)
-    if 'jpeg' in batch:   # all k micro-batches' JPEGs decoded at once, then split as host views are
-        views, undecodable = jpeg.decode_views(batch, size=cfg.data.image_size, device=state.device)
-        batch = dict(batch, images=views)  # (an image nothing decodes borrows from all k x B)
     parts = [trainstep.step_inputs(state, part, cfg=cfg, rank=rank * k + j, world=world * k)
              for j, part in enumerate(micro_batches(batch, k))]
     contrastive, grads, keys = feature_gradients(state, parts, cfg=cfg, rank=rank, world=world)
     total, per_part = second_passes(state, parts, contrastive, grads, cfg=cfg, rank=rank)
-    undecodable = undecodable + sum(p['undecodable'] for p in parts)
-    metrics = trainstep.update(state, batch, total=total, keys=keys, undecodable=undecodable)
+    metrics = trainstep.update(state, batch, total=total, keys=keys)
     return dict(metrics, loss=per_part[0], views=parts[0]['views'].detach())
 
 

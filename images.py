@@ -299,7 +299,7 @@ def to_device(t, device):
     """An asynchronous host-to-device copy: from pinned memory (pinned here when the tensor is not,
     e.g. one built in the step), since a non_blocking copy of unpageable memory waits for the
     device on NPU."""
-    if device.type != 'cpu' and not t.is_pinned():
+    if device.type != 'cpu' and t.device.type == 'cpu' and not t.is_pinned():
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
 

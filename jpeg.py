@@ -1,9 +1,10 @@
 """Optional device JPEG decode (data.decode='device'): loader workers send a JPEG's bytes with the
-crop boxes and flips of its views; the training step decodes the batch on the device (nvjpeg on
-CUDA) and cuts the views there. Files the device cannot take are decoded on the host as usual."""
+crop boxes and flips of its views; before the training step the batch is decoded on the device
+(nvjpeg on CUDA) and the views cut there (`decoded`), so the step sees views as from host decode.
+Files the device cannot take are decoded on the host as usual."""
 import torch
 
-from guard import BadSample, open_image
+from guard import BAD_KINDS, BadSample, open_image
 from images import _pixels, resize_crop, to_rgb, view_boxes
 
 
@@ -88,3 +89,17 @@ def decode_views(batch, *, size, device, decode=None):
         out[failed] = out[good].clone()
     return out, len(failed)
 
+
+JPEG_KEYS = ('jpeg', 'jpeg_sizes', 'boxes', 'flips', 'host')
+
+
+def decoded(batch, *, size, device):
+    """`batch` with its JPEGs decoded into uint8 'images' [B, V, 3, size, size] on `device`
+    (decode_views; the host-decoded samples copied in), an image nothing could decode counted in
+    'bad' as truncated; a batch without JPEGs as it is."""
+    if 'jpeg' not in batch:
+        return batch
+    views, failed = decode_views(batch, size=size, device=device)
+    bad = batch['bad'].clone() if 'bad' in batch else torch.zeros(len(BAD_KINDS), dtype=torch.long)
+    bad[BAD_KINDS.index('truncated')] += failed
+    return {**{k: v for k, v in batch.items() if k not in JPEG_KEYS}, 'images': views, 'bad': bad}

@@ -298,7 +298,7 @@ def next_batch(state, cfg, log, batches, deaths, ckpt_dir, world):
 def loop(state, cfg, batches, log, ckpt_dir, rank, world):
     """Steps from state.step to the end of this invocation; (stopped by a signal, its name)."""
     marker, start, end = ckpt_dir / 'evaluated_step', state.step, end_step(cfg)
-    step = accum.train_step if cfg.accum_steps > 1 else trainstep.train_step
+    step = accum.step_for(cfg)
 
     def evaluation():
         log.evaluation(zero_shot(state, cfg, rank, world), state.step)

@@ -16,7 +16,6 @@ from einops import rearrange
 import declip
 import guard
 import images
-import jpeg
 import losses
 import runtime
 import seeds
@@ -193,26 +192,20 @@ def build_state(cfg, device, rank=0):
 
 
 def device_views(batch, *, cfg, step, rank, world, device, static=False):
-    """(normalised views [B, V, 3, S, S] on `device`, images nothing could decode): the loader's
-    uint8 views (or, with data.decode='device', its JPEG bytes decoded and cropped here), then
-    (moco_v2) colour jitter / grayscale / blur per sample from the (seed, step, rank) stream."""
-    undecodable = 0
-    if 'jpeg' in batch:
-        views, undecodable = jpeg.decode_views(batch, size=cfg.data.image_size, device=device)
-    else:
-        views = images.to_device(batch['images'], device)
+    """Normalised views [B, V, 3, S, S] on `device`: the loader's uint8 views, then (moco_v2)
+    colour jitter / grayscale / blur per sample from the (seed, step, rank) stream."""
+    views = images.to_device(batch['images'], device)
     if not images.moco_views(cfg.data.augmentation):   # crops only
-        return images.normalize_images(views.flatten(0, 1)).view(views.shape), undecodable
+        return images.normalize_images(views.flatten(0, 1)).view(views.shape)
     gen = seeds.generator(cfg.seed, step * world + rank)
     out = images.device_augment(rearrange(views, 'b v c h w -> (b v) c h w'), generator=gen, static=static)
-    return rearrange(out, '(b v) c h w -> b v c h w', v=views.shape[1]), undecodable
+    return rearrange(out, '(b v) c h w -> b v c h w', v=views.shape[1])
 
 
 def step_inputs(state, batch, *, cfg, rank, world):
     """One device's inputs on the device: normalised augmented views, (masked) captions, EDA
-    captions, MLM positions and targets (padded to mlm_bucket with static shapes), and the count
-    of images nothing could decode."""
-    views, undecodable = device_views(batch, cfg=cfg, step=state.step, rank=rank, world=world,
+    captions, MLM positions and targets (padded to mlm_bucket with static shapes)."""
+    views = device_views(batch, cfg=cfg, step=state.step, rank=rank, world=world,
                                       device=state.device, static=state.static_shapes)
     names = ('text', 'text_eda', 'mlm_index', 'mlm_targets')
     host = {k: batch[k] for k in names if k in batch}
@@ -220,7 +213,7 @@ def step_inputs(state, batch, *, cfg, rank, world):
         host['mlm_index'], host['mlm_targets'] = text.pad_positions(host['mlm_index'], host['mlm_targets'],
                                                                     cfg.runtime.mlm_bucket)
     out = {k: images.to_device(host[k], state.device) if k in host else None for k in names}
-    return dict(out, views=views, undecodable=undecodable)
+    return dict(out, views=views)
 
 
 def set_learning_rate(state, cfg):
@@ -248,11 +241,11 @@ def train_step(state, batch, cfg):
                                             weights=loss_weights(cfg))
     state.scaler.scale(total).backward()
     # 5. skip flag, queue push, optimiser step, logit-scale clamp
-    metrics = update(state, batch, total=total, keys=[keys], undecodable=inputs['undecodable'])
+    metrics = update(state, batch, total=total, keys=[keys])
     return dict(metrics, loss={'total': total.detach(), **terms}, views=inputs['views'].detach())
 
 
-def update(state, batch, *, total, keys, undecodable):
+def update(state, batch, *, total, keys):
     """The end of a step whose gradients are in .grad: a non-finite loss on any rank skips it
     everywhere (no weight, optimiser-state or queue row changes; the queue pointer still
     advances); else push each (virtual) device's `keys` into its queue and take the AdamW step,
@@ -271,7 +264,6 @@ def update(state, batch, *, total, keys, undecodable):
     state.nonfinite_total += skip.long()
     if 'bad' in batch:
         state.bad_totals += batch['bad']
-    state.bad_totals[guard.BAD_KINDS.index('truncated')] += undecodable
     state.step += 1
     return {'skipped': skip, 'stop': stop, 'grad_norm': grad_norm}
 

@@ -299,6 +299,19 @@ def test_device_decode_retries_then_falls_back_then_replaces():
             want = images.resize_crop(pixels, batch['boxes'][i, v].tolist(), 24, bool(batch['flips'][i, v]))
             assert torch.equal(views[i, v], want)
     assert torch.equal(views[3], views[0])
+    # what the step gets (jpeg.decoded): these views as 'images', the JPEG keys gone, the image
+    # nothing decoded counted as truncated on top of the loader's counts
+    batch['bad'] = torch.arange(len(guard.BAD_KINDS))
+    jpeg.nvjpeg_decoder, real = (lambda device: flaky), jpeg.nvjpeg_decoder
+    try:
+        out = jpeg.decoded(batch, size=24, device=torch.device('cpu'))
+    finally:
+        jpeg.nvjpeg_decoder = real
+    assert out.keys() == {'images', 'bad'} and torch.equal(out['images'], views)
+    want_bad = torch.arange(len(guard.BAD_KINDS))
+    want_bad[guard.BAD_KINDS.index('truncated')] += 1
+    assert torch.equal(out['bad'], want_bad) and torch.equal(batch['bad'], torch.arange(len(guard.BAD_KINDS)))
+    assert jpeg.decoded(out, size=24, device=torch.device('cpu')) is out     # host views pass as they are
 
 
 # ---------------------------------------------------------------- device colour ops vs PIL

@@ -241,7 +241,7 @@ def _three_steps(cfg, rank, world):
         return out
     trainstep.optimizer_step, accum.second_passes = step, several
     jpeg.nvjpeg_decoder = lambda device: lambda blobs: [jpeg._pillow_decode(b, device) for b in blobs]
-    train_step = accum.train_step if cfg.accum_steps > 1 else trainstep.train_step
+    train_step = accum.step_for(cfg)
     try:
         for _ in range(3):
             metrics = train_step(state, next(batches), cfg)

@@ -27,7 +27,7 @@ LAYERS = [{m for m in MODULES if m.startswith('configs.')},
 CORE = {'declip', 'losses', 'text', 'images', 'data', 'trainstep', 'evaluate'}
 SHELL = {'accum', 'checkpoints', 'lifecycle', 'checks', 'jpeg', 'weights', 'guard', 'shards'}
 PLATFORM = {'runtime', 'seeds'}
-CORE_USES_SHELL = {('trainstep', 'jpeg'), ('data', 'jpeg'), ('data', 'lifecycle'), ('evaluate', 'weights'),
+CORE_USES_SHELL = {('data', 'jpeg'), ('data', 'lifecycle'), ('evaluate', 'weights'),
                    ('images', 'guard'), ('data', 'guard'), ('data', 'shards'), ('trainstep', 'guard'),
                    ('evaluate', 'guard')}
 LINES, FUNCTION_LINES = 400, 40

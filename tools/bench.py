@@ -74,7 +74,7 @@ def matmul_peak_tflops(device, dtype, n):
 def trainer(cfg, device):
     """step(batch) -> its loss: the loop's step on build_state's fresh state; each call the next step."""
     state = trainstep.build_state(cfg, device)
-    step = accum.train_step if cfg.accum_steps > 1 else trainstep.train_step
+    step = accum.step_for(cfg)
     return lambda batch: step(state, batch, cfg)['loss']['total']
 
 
