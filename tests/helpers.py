@@ -84,11 +84,15 @@ def write_jpeg(path, size=(64, 48), color=(200, 30, 30), seed=0):
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def one_thread_env(env=None):
+    """This process's environment, one thread per process, with `env` on top."""
+    return {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
+
+
 def run(args, env=None, timeout=600):
     """A repository script in a subprocess (one thread), captured."""
-    full_env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=full_env,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env=one_thread_env(env), timeout=timeout)
 
 
 def smoke_overrides(demo_dir, **extra):
@@ -181,12 +185,13 @@ class DtypeRecorder(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def beside(cmd, log, **popen):
-    """Run `cmd` (output to the file `log`) while the block runs, and wait for it at the block's end: a
-    one-process reference run takes the core a one-process run under test leaves idle. Yields the
-    process (its returncode is set after the block); killed if the block fails."""
+def beside(cmd, log, *, cwd=ROOT, env=None):
+    """Run `cmd` (one thread, `env` on top; output to the file `log`) while the block runs, and wait
+    for it at the block's end: a one-process reference run takes the core a one-process run under
+    test leaves idle. Yields the process (its returncode is set after the block); killed if the
+    block fails."""
     with open(log, 'w') as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **popen)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=one_thread_env(env), stdout=out, stderr=subprocess.STDOUT)
         try:
             yield proc
             proc.wait(timeout=600)

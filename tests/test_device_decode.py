@@ -1,10 +1,9 @@
 """data.decode='device' through train.py gives the host path's losses; without torchvision it stops before any work."""
-import os
 import sys
 
 import pytest
 
-from helpers import ROOT, beside, run, scalars, smoke_overrides
+from helpers import beside, run, scalars, smoke_overrides
 
 
 FAKE_TORCHVISION_IO = """# stand-in for torchvision.io.decode_jpeg in tests (Pillow underneath)
@@ -34,12 +33,12 @@ def test_device_decode_run_equals_host_run(tmp_path, demo_dir):
     package.mkdir(parents=True)
     (package / '__init__.py').write_text('')
     (package / 'io.py').write_text(FAKE_TORCHVISION_IO)
+
     def args(mode):
         return ['train.py', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path / mode),
                 *smoke_overrides(demo_dir, stop_at=3, **{'data.decode': mode})]
     env = {'PYTHONPATH': str(tmp_path / 'site')}
-    with beside([sys.executable, *args('host')], tmp_path / 'host.log', cwd=ROOT,
-                env={**os.environ, 'OMP_NUM_THREADS': '1', **env}) as host:
+    with beside([sys.executable, *args('host')], tmp_path / 'host.log', env=env) as host:
         res = run(args('device'), env=env)
     assert host.returncode == 0, (tmp_path / 'host.log').read_text()[-3000:]
     assert res.returncode == 0, res.stderr[-3000:]

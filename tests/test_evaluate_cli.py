@@ -1,6 +1,5 @@
 """evaluate.py on the command line: a smoke run's numbers, 2 processes scoring each image once, clear errors."""
 import json
-import os
 import sys
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 import data
 import text
 import weights
-from helpers import ROOT, beside, free_port, run, smoke_overrides
+from helpers import beside, free_port, run, smoke_overrides
 
 
 def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, demo_dir):
@@ -49,7 +48,7 @@ def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, demo_dir):
             correct += int(classes[int((cls @ (f / f.norm())).argmax())][0] == r['label'])
     assert metrics['zeroshot_top1'] == pytest.approx(100 * correct / len(records), abs=1e-6)
     retrieval = [sys.executable, 'evaluate.py', '--ckpt', str(ckpt), '--task', 'retrieval', '--workers', '0']
-    with beside(retrieval, tmp_path / 'retrieval.log', cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}) as proc:
+    with beside(retrieval, tmp_path / 'retrieval.log') as proc:
         (tmp_path / 'empty').mkdir()                # a wrong image folder: an error before any image is scored
         wrong = run(['evaluate.py', '--ckpt', str(ckpt), '--val_root', str(tmp_path / 'empty'),
                      '--out', str(tmp_path / 'x')])

@@ -29,7 +29,7 @@ def test_kill9_anywhere_then_resume_gives_the_same_losses(tmp_path, demo_dir, np
     steps = sorted(rng.sample(range(2, STEPS), kills - 1))
     plan = [('step', s) for s in steps]
     plan.insert(1, ('write', None))  # one kill while a checkpoint is half written
-    with beside(command(ref, args, nproc), tmp_path / 'ref.log', cwd=ROOT, env=env) as reference:
+    with beside(command(ref, args, nproc), tmp_path / 'ref.log') as reference:
         for kind, step in plan:
             run_and_kill(crashed, args, nproc, at_step=step, during_write=kind == 'write')
             assert_checkpoints_readable(crashed)
