@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from absl import logging
 
+import guard
 import images
 import losses
 
@@ -136,7 +137,7 @@ class ResumeRefused(ValueError):
 def run_identity(cfg, world, training_data):
     """What a checkpoint records of the run beyond its config, for a resume to compare: the global
     batch's factors (processes x accum_steps x data.batch_size: the config alone does not fix it)
-    and the training data's identity (data.data_identity)."""
+    and the training data's identity (loader.data_identity)."""
     return {'batch_factors': [world, cfg.accum_steps, cfg.data.batch_size], 'training_data': training_data}
 
 
@@ -206,7 +207,7 @@ def resume(state, cfg, ckpt_dir, world, *, start_over=False, allow_change=False)
             bad.rename(bad.with_name(bad.name + '.unreadable'))
         return
     check_resumed_config(saved['config'], cfg, path, allow_change, input_changes(saved, state.inputs, path))
-    state.load_state_dict(saved)
+    state.load_state_dict({**saved, 'bad_totals': guard.from_kinds(saved['bad_totals'])})
     if rank == 0:
         logging.info('resumed from %s at step %d', path, state.step)
         note_regrouping(saved, cfg.accum_steps, world)
@@ -238,6 +239,7 @@ def save(state, cfg, ckpt_dir):
     saved = state.state_dict(cfg.to_dict())
     if saved is None:
         return
+    saved['bad_totals'] = guard.by_kind(saved['bad_totals'])
     paths = [ckpt_dir / 'last.pt'] + [ckpt_dir / f'step_{state.step}.pt'] * (
         state.step % cfg.keep_every == 0 or state.step == cfg.max_iter)
     for path in paths:

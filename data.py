@@ -1,6 +1,6 @@
-"""Data: the JSON Lines format, training samples, the iteration sampler, batches and the loader
-(webdataset shards: shards.py; guarded reading and failure counts: guard.py). Nothing here imports
-model code.
+"""Data: the JSON Lines format, training samples, the iteration sampler and batches, for input
+that is well formed (the loader that reads them under limits, replaces bad samples and streams
+webdataset shards is loader.py, around this). Nothing here imports model code.
 
 The data folder (vocabulary, synonym table, demo corpus) is `data/` beside this file, or
 $DECLIP_DATA when set: the one rule every default path follows.
@@ -11,20 +11,14 @@ from pathlib import Path
 
 import torch
 
-import guard
 import images
-import jpeg
-import lifecycle
-import shards
 import text
-from guard import BadSample
 from seeds import generator, seeded_rng
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get('DECLIP_DATA', ROOT / 'data'))
 BPE_PATH = DATA_DIR / 'bpe_simple_vocab_16e6.txt.gz'
 SYNONYMS_PATH = DATA_DIR / 'wordnet_synonyms.tsv.gz'
-SAMPLE_TIMEOUT_S = 60.0                 # default of data.limits.sample_timeout_s
 
 
 class Tokenizer(text.Tokenizer):
@@ -47,6 +41,25 @@ def tokenize(texts, context_length=text.CONTEXT_LENGTH, bpe_path=BPE_PATH):
 # ----------------------------------------------------------------------------------------------
 # Formats: JSON Lines meta (YFCC15M / ImageNet-val layout), webdataset tar shards
 # ----------------------------------------------------------------------------------------------
+
+class RecordError(ValueError):
+    """A meta line or caption the format does not allow; `kind` names the rule it breaks
+    ('bad_encoding', 'bad_json', 'empty_caption')."""
+
+    def __init__(self, kind, detail=''):
+        super().__init__(f'{kind}: {detail}')
+        self.kind = kind
+
+
+def join_path(root, filename):
+    """The reference's joinpath: object-store prefixes ('s3:') concatenate, otherwise os.path.join
+    with a leading '/' of filename stripped."""
+    if not root:
+        return filename
+    if root.endswith(':'):
+        return root + filename
+    return os.path.join(root, filename.lstrip('/'))
+
 
 def scan_lines(path, chunk=1 << 24, digest=None):
     """(offsets of the lines that hold more than whitespace, offsets of the blank ones) of a file
@@ -122,7 +135,7 @@ class JsonlMeta:
         return f'{meta}:{local + 1 + int(np.searchsorted(blanks, offsets[local]))}'
 
     def record(self, i):
-        """(root, record dict); a malformed line raises BadSample (its caller adds where(i))."""
+        """(root, record dict); a malformed line raises RecordError (its caller adds where(i))."""
         import json
         src, local = self.locate(i)
         root, meta, offsets, _ = self.sources[src]
@@ -135,14 +148,14 @@ class JsonlMeta:
         try:
             line = raw.decode('utf-8-sig')  # a byte-order mark is no error
         except UnicodeDecodeError as e:
-            raise BadSample('bad_encoding', f'{e.reason} at byte {e.start}') from e
+            raise RecordError('bad_encoding', f'{e.reason} at byte {e.start}') from e
         try:
             rec = json.loads(line)
         except ValueError as e:
-            raise BadSample('bad_json', str(e)) from e
+            raise RecordError('bad_json', str(e)) from e
         if not isinstance(rec, dict) or not isinstance(rec.get('filename'), str) or 'caption' not in rec:
             found = f'keys {sorted(rec)}' if isinstance(rec, dict) else f'a JSON {type(rec).__name__}'
-            raise BadSample('bad_json', f'{found}, expected an object with "filename" (a string) and "caption"')
+            raise RecordError('bad_json', f'{found}, expected an object with "filename" (a string) and "caption"')
         return root, rec
 
     def __getstate__(self):
@@ -154,77 +167,76 @@ def first_caption(caption):
     if isinstance(caption, (list, tuple)):
         caption = caption[0] if caption else ''
     if not isinstance(caption, str) or not caption.strip():
-        raise BadSample('empty_caption', repr(caption)[:60])
+        raise RecordError('empty_caption', repr(caption)[:60])
     return caption
 
 
 # ----------------------------------------------------------------------------------------------
-# Training samples, bad-input handling, sampler, loader
+# Training samples, sampler, batches
 # ----------------------------------------------------------------------------------------------
 
 class SampleBuilder:
-    """Turns a caption and an image source into the tensors of one training sample."""
+    """Turns a caption and an image file's bytes into the tensors of one training sample."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.flip = images.moco_views(cfg.augmentation)
         self.tokenizer = get_tokenizer(cfg.bpe_path)
         self.eda = text.EDA(cfg.synonyms_path, use_synonyms=cfg.eda_synonyms) if cfg.eda else None
-        self.monitor = guard.FailureMonitor(cfg.limits.bad_window, cfg.limits.max_bad_rate)
 
     def __call__(self, caption, image, rng):
         caption = self.tokenizer.head(first_caption(caption), self.cfg.context_length)
-        raw = guard.read_bytes(image, max_bytes=self.cfg.limits.max_file_bytes)
-        img = guard.open_image(raw, self.cfg.limits.max_pixels)
-        crops = dict(views=self.cfg.views, scale=tuple(self.cfg.crop_scale), flip=self.flip)
-        if self.cfg.decode == 'device' and jpeg.device_decodable(raw, img):
-            out = jpeg.jpeg_sample(raw, img.width, img.height, rng, **crops)
-        else:
-            out = {'images': images.train_views(img, size=self.cfg.image_size, rng=rng, **crops)}
+        out = self.image_views(image, rng)
         length = self.cfg.context_length
         out['text'] = self.tokenizer(caption, length)[0]
         if self.eda is not None:
             out['text_eda'] = self.tokenizer(self.eda(caption, rng), length)[0]
         return out
 
-    def attempt(self, build, where):
-        """(sample, None) of build() (guarded, timed), or (None, kind) of a failure, which the
-        monitor records with `where` (meta file:line or shard key)."""
-        sample, kind, detail = guard.guarded(build, self.cfg.limits.sample_timeout_s)
-        self.monitor.record(None if kind is None else f'{where}: {detail}'[:300])
-        return sample, kind
+    def crops(self):
+        """The random crops of a sample's views: how many, their area range, whether flipped."""
+        return dict(views=self.cfg.views, scale=tuple(self.cfg.crop_scale), flip=self.flip)
+
+    def image_views(self, raw, rng):
+        """{'images': uint8 views [V, 3, S, S]} of an image file's bytes."""
+        return self.host_views(images.open_bytes(raw), rng)
+
+    def host_views(self, img, rng):
+        return {'images': images.train_views(img, size=self.cfg.image_size, rng=rng, **self.crops())}
+
+
+def read_image_file(root, filename):
+    """The bytes of the image a meta record names."""
+    return Path(join_path(root, filename)).read_bytes()
 
 
 class PairDataset(torch.utils.data.Dataset):
     """Image-caption pairs of JSON Lines metas (YFCC15M layout). Items are (index, position)
     pairs from IterationSampler; the position seeds every random choice of the sample, so a
-    resumed run sees identical samples. A failing sample is replaced by a deterministic other one."""
+    resumed run sees identical samples. `builder` makes the tensors (SampleBuilder) and `read`
+    gets an image's bytes from (root, filename) (read_image_file): the loader passes its guarded
+    ones."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, *, builder=None, read=read_image_file):
         roots, metas = text.split_list(cfg.train_root), text.split_list(cfg.train_meta)
         self.meta = JsonlMeta(roots, metas)
         if len(self.meta) == 0:
             raise ValueError(f'no samples in {metas}')
-        self.builder = SampleBuilder(cfg)
-        self.seed = cfg.seed
+        self.builder = builder or SampleBuilder(cfg)
+        self.read, self.seed = read, cfg.seed
 
     def __len__(self):
         return len(self.meta)
 
+    def build(self, index, rng):
+        """The sample of record `index`, its random choices drawn from `rng`."""
+        root, rec = self.meta.record(index)
+        caption = first_caption(rec['caption'])
+        return self.builder(caption, self.read(root, rec['filename']), rng)
+
     def __getitem__(self, item):
         index, position = item
-        rng = seeded_rng(self.seed, position)
-        failures = []
-        for _ in range(100):
-            def build():
-                root, rec = self.meta.record(index)
-                return self.builder(rec.get('caption'), guard.confined_path(root, rec['filename']), rng)
-            sample, kind = self.builder.attempt(build, self.meta.where(index))
-            if sample is not None:
-                return {**sample, 'position': position, 'bad': guard.bad_counts(failures)}
-            failures.append(kind)
-            index = rng.randrange(len(self.meta))
-        raise self.builder.monitor.error(f'100 consecutive bad samples around position {position}')
+        return {**self.build(index, seeded_rng(self.seed, position)), 'position': position}
 
 
 class IterationSampler(torch.utils.data.Sampler):
@@ -263,11 +275,8 @@ class Collate:
         self.mask, self.seed, self.micro = mask, seed, micro
 
     def __call__(self, samples):
-        tokens = torch.stack([s['text'] for s in samples])
-        out = {'bad': torch.stack([s['bad'] for s in samples]).sum(0)}
-        host = [s['images'] for s in samples if 'images' in s]
-        if len(host) < len(samples):  # data.decode='device': JPEG bytes and boxes, plus host views
-            out.update(jpeg.collate_jpeg(samples))
+        tokens, out = torch.stack([s['text'] for s in samples]), {}
+        host = [s['images'] for s in samples if 'images' in s]   # all, unless views are made on the device
         if host:
             out['images'] = torch.stack(host)
         if 'text_eda' in samples[0]:
@@ -280,43 +289,6 @@ class Collate:
             out['mlm_index'], out['mlm_targets'] = text.mlm_positions(torch.cat([lab for _, lab in masked]))
         out['text'] = tokens
         return out
-
-
-def train_dataset(cfg):
-    """The JSON Lines training set (its meta files indexed), or None for shards (ShardStream is
-    built per rank by the loader)."""
-    return PairDataset(cfg) if cfg.format == 'jsonl' else None
-
-
-def data_identity(cfg, dataset):
-    """What defines the training data, for a checkpoint to compare on resume, cheaply at 15 M
-    records: JSON Lines: the record count and the metas' sha256 (taken while indexing); shards:
-    their count and a sha256 of their sorted names and sizes (no shard is read)."""
-    if dataset is not None:
-        return {'format': 'jsonl', 'records': len(dataset), 'sha256': dataset.meta.sha256}
-    return shards.shard_identity(shards.shard_paths(cfg.shards))
-
-
-def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=False, accum=1, dataset=None):
-    """Loader of uint8 view batches [B, V, 3, S, S] with (masked) tokens, MLM positions/targets,
-    EDA tokens and bad-sample counts, starting at `start_step`. With `accum` = k a batch holds
-    the k micro-batches of virtual ranks rank*k .. rank*k+k-1 of a k*world job (JSON Lines: the
-    same stream positions, since (t*W + r)*kB = (t*kW + rk)*B; each micro-batch masked alone).
-    `dataset`: train_dataset(cfg) if already built."""
-    collate = Collate(mask=cfg.mask, seed=cfg.seed, micro=cfg.batch_size)
-    kwargs = dict(batch_size=cfg.batch_size * accum, num_workers=cfg.workers, collate_fn=collate,
-                  pin_memory=pin_memory, worker_init_fn=lifecycle.loader_worker_init)
-    if cfg.workers > 0:  # timeout: a worker that stops responding must not hang the run
-        kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch, timeout=cfg.limits.batch_timeout_s)
-    if cfg.format == 'wds':
-        stream = shards.ShardStream(cfg, rank=rank, world=world, start_step=start_step, make_builder=SampleBuilder)
-        return torch.utils.data.DataLoader(stream, **kwargs)
-    if cfg.format != 'jsonl':
-        raise ValueError(f'data.format must be "jsonl" or "wds", got {cfg.format!r}')
-    dataset = dataset if dataset is not None else PairDataset(cfg)
-    sampler = IterationSampler(len(dataset), batch_size=cfg.batch_size * accum, world_size=world, rank=rank,
-                               max_iter=max_iter, seed=cfg.seed, start_step=start_step)
-    return torch.utils.data.DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
 
 
 if __name__ == '__main__':

@@ -188,7 +188,7 @@ class EvalDataset(torch.utils.data.Dataset):
     evaluation to skip and count; the first few of each process are named in a warning."""
 
     def __init__(self, root, meta, *, rank=0, world=1, image_size=224, max_pixels=1 << 28,
-                 max_file_bytes=guard.MAX_FILE_BYTES, sample_timeout_s=data.SAMPLE_TIMEOUT_S):
+                 max_file_bytes=guard.MAX_FILE_BYTES, sample_timeout_s=guard.SAMPLE_TIMEOUT_S):
         self.root, self.meta, self.image_size, self.max_pixels = root, meta, image_size, max_pixels
         self.max_file_bytes, self.sample_timeout_s = max_file_bytes, sample_timeout_s
         self.records, self.lines = read_eval_meta(meta)
@@ -238,7 +238,7 @@ class EvalDataset(torch.utils.data.Dataset):
         for index, rec in enumerate(self.records):
             try:
                 out.append(data.first_caption(rec.get('caption')))
-            except guard.BadSample:
+            except data.RecordError:
                 raise ValueError(f'{self.where(index)}: no caption (retrieval needs one per image)') from None
         return out
 
@@ -253,7 +253,7 @@ def _loader(ds, batch, workers, pin=False):
 
 def evaluate(model, *, val_root, val_meta, task, prompts, class_names, batch, workers, device,
              autocast, tokenizer=None, rank=0, world=1, max_file_bytes=guard.MAX_FILE_BYTES,
-             sample_timeout_s=data.SAMPLE_TIMEOUT_S):
+             sample_timeout_s=guard.SAMPLE_TIMEOUT_S):
     """Run one task on this rank's share; every rank gets the merged metrics. The meta file is
     checked first: a malformed line, or a label outside the classes evaluated, is a ValueError
     naming file:line. Images that cannot be read are skipped and counted by kind ('skipped'); the
@@ -361,7 +361,7 @@ def main(_argv):
         if FLAGS.classnames:
             names = [n.strip() for n in Path(FLAGS.classnames).read_text().splitlines() if n.strip()]
         _, autocast, _ = runtime.precision(FLAGS.precision, device_type)
-        bounds = dict(max_file_bytes=guard.MAX_FILE_BYTES, sample_timeout_s=data.SAMPLE_TIMEOUT_S)
+        bounds = dict(max_file_bytes=guard.MAX_FILE_BYTES, sample_timeout_s=guard.SAMPLE_TIMEOUT_S)
         try:   # every rank meets these errors alike (same classifier, all-reduced counts): none waits
             metrics = evaluate(model.to(device), val_root=val_root, val_meta=val_meta, task=FLAGS.task, prompts=prompts,
                                class_names=names, batch=FLAGS.batch_size, workers=FLAGS.workers, device=device,

@@ -1,6 +1,7 @@
 """Guarded reading, the shell around the data core: files opened only when regular and read only up to
-a bound, paths kept inside their root, a time limit on each sample, and the accounting of the samples
-that fail (BadSample kinds, the failure rate, counts per kind)."""
+a bound, paths kept inside their root, a time limit on each sample, the accounting of the samples
+that fail (BadSample kinds, the failure rate, counts per kind), and the training set behind all of
+it (GuardedDataset: a failing sample replaced by a deterministic other one)."""
 import collections
 import contextlib
 import io
@@ -9,6 +10,10 @@ import stat
 from pathlib import Path
 
 import torch
+
+import data
+import images
+from seeds import seeded_rng
 
 
 class BadSample(Exception):
@@ -20,6 +25,7 @@ class BadSample(Exception):
 
 
 MAX_FILE_BYTES = 64 << 20  # default bound on the bytes of one image file (data.limits.max_file_bytes)
+SAMPLE_TIMEOUT_S = 60.0    # default time limit on one sample (data.limits.sample_timeout_s)
 BAD_KINDS = ('missing', 'empty_file', 'not_image', 'truncated', 'too_large', 'empty_caption',
              'bad_json', 'bad_encoding', 'bad_tar', 'unreadable', 'not_regular', 'file_too_large',
              'outside_root', 'timeout', 'bad_name', 'other')
@@ -118,18 +124,8 @@ def open_image(source, max_pixels, *, max_bytes=MAX_FILE_BYTES):
     return img
 
 
-def join_path(root, filename):
-    """The reference's joinpath: object-store prefixes ('s3:') concatenate, otherwise os.path.join
-    with a leading '/' of filename stripped."""
-    if not root:
-        return filename
-    if root.endswith(':'):
-        return root + filename
-    return os.path.join(root, filename.lstrip('/'))
-
-
 def confined_path(root, filename):
-    """join_path(root, filename), refused (BadSample 'outside_root') when a meta line could leave
+    """data.join_path(root, filename), refused (BadSample 'outside_root') when a meta line could leave
     the root: a filename with a `..` part (even one that would come back). A leading '/' is
     stripped, the reference's rule, so absolute names stay inside too. Symlinks inside the root
     are its owner's and are followed (a root that is a symlink, or a folder of links to images
@@ -140,7 +136,7 @@ def confined_path(root, filename):
         raise BadSample('bad_name', f'{filename!r}: a file name cannot hold a NUL character')
     if root and '..' in filename.split('/'):
         raise BadSample('outside_root', f'{filename!r} under {root}')
-    return join_path(root, filename)
+    return data.join_path(root, filename)
 
 
 class DataError(RuntimeError):
@@ -186,14 +182,30 @@ def error_message(error):
 
 
 def guarded(build, timeout_s):
-    """(build(), None, '') or, when it fails or runs past `timeout_s`, (None, kind, detail)."""
+    """(build(), None, '') or, when it fails or runs past `timeout_s`, (None, kind, detail); the
+    core's own errors for malformed input are counted by the kinds they name."""
     try:
         with time_limit(timeout_s):
             return build(), None, ''
-    except BadSample as e:
+    except (BadSample, data.RecordError) as e:
         return None, e.kind, str(e)
+    except images.DecodeError as e:
+        return None, 'truncated', f'truncated: {e}'
     except Exception as e:  # a sample must never stop training or evaluation; the monitor catches patterns
         return None, 'other', f'other: {type(e).__name__}: {e}'
+
+
+def by_kind(counts):
+    """{kind: count} of a BAD_KINDS-ordered count vector (a 0 before any counts: every kind 0)."""
+    return dict(zip(BAD_KINDS, (torch.zeros(len(BAD_KINDS), dtype=torch.long) + counts.cpu()).tolist()))
+
+
+def from_kinds(totals):
+    """The count vector of {kind: count} (kinds this code does not know are dropped); a list is
+    the first ten kinds of older checkpoints."""
+    if isinstance(totals, list):
+        totals = dict(zip(BAD_KINDS[:9] + ('other',), totals))
+    return torch.tensor([totals.get(k, 0) for k in BAD_KINDS], dtype=torch.long)
 
 
 def bad_counts(kinds):
@@ -201,3 +213,60 @@ def bad_counts(kinds):
     for kind in kinds:
         counts[BAD_KINDS.index(kind)] += 1
     return counts
+
+
+class SampleGuard:
+    """Builds the samples of one process under data.limits: each attempt timed, and its outcome
+    recorded by the failure monitor."""
+
+    def __init__(self, limits):
+        self.timeout_s = limits.sample_timeout_s
+        self.monitor = FailureMonitor(limits.bad_window, limits.max_bad_rate)
+
+    def attempt(self, build, where):
+        """(sample, None) of build(), or (None, kind) of a failure, which the monitor records with
+        `where` (meta file:line or shard key)."""
+        sample, kind, detail = guarded(build, self.timeout_s)
+        self.monitor.record(None if kind is None else f'{where}: {detail}'[:300])
+        return sample, kind
+
+
+class GuardedBuilder(data.SampleBuilder):
+    """data.SampleBuilder that opens images only up to data.limits.max_pixels."""
+
+    def image_views(self, raw, rng):
+        return self.host_views(self.open(raw), rng)
+
+    def open(self, raw):
+        return open_image(raw, self.cfg.limits.max_pixels)
+
+
+def bounded_reader(limits):
+    """PairDataset's `read`: an image's bytes from a regular file inside its root (confined_path),
+    of at most data.limits.max_file_bytes."""
+    return lambda root, filename: read_bytes(confined_path(root, filename), max_bytes=limits.max_file_bytes)
+
+
+class GuardedDataset(torch.utils.data.Dataset):
+    """A data.PairDataset whose samples are built under SampleGuard: one that fails is replaced
+    by a record drawn from the same seeded stream, so a resumed run sees identical samples; each
+    sample carries the kinds of the failures it replaced ('bad': counts in BAD_KINDS order)."""
+
+    def __init__(self, dataset, limits):
+        self.dataset, self.guard = dataset, SampleGuard(limits)
+        self.monitor = self.guard.monitor
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, position = item
+        rng = seeded_rng(self.dataset.seed, position)
+        failures = []
+        for _ in range(100):
+            sample, kind = self.guard.attempt(lambda: self.dataset.build(index, rng), self.dataset.meta.where(index))
+            if sample is not None:
+                return {**sample, 'position': position, 'bad': bad_counts(failures)}
+            failures.append(kind)
+            index = rng.randrange(len(self.dataset))
+        raise self.monitor.error(f'100 consecutive bad samples around position {position}')

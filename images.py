@@ -8,14 +8,24 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from guard import BadSample
-
 # ----------------------------------------------------------------------------------------------
 # Images, CPU part: decode, RandomResizedCrop, flip, resize -> uint8 (loader workers)
 # ----------------------------------------------------------------------------------------------
 
+class DecodeError(ValueError):
+    """An image file whose pixels cannot be decoded (cut short or corrupt past its header)."""
+
+
+def open_bytes(raw):
+    """A PIL image of an image file's bytes, header read; its pixels are decoded by to_rgb."""
+    import io
+
+    from PIL import Image
+    return Image.open(io.BytesIO(raw))
+
+
 def to_rgb(img):
-    """Decode to RGB from every mode Pillow opens (truncated files raise). 16-bit data (I;16,
+    """Decode to RGB from every mode Pillow opens (a truncated file raises DecodeError). 16-bit data (I;16,
     I;16L, I;16B, I;16N, and 'I', whose files are 16-bit PNG/TIFF, clipped to 0..65535) is scaled
     to 8 bits (v * 255 / 65535, rounded) rather than clipped; float ('F') images in [0, 1] are
     scaled by 255, others clipped to 0..255 (NaN: 0). Alpha is dropped as convert('RGB') drops it
@@ -24,7 +34,7 @@ def to_rgb(img):
     try:
         img.load()
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadSample('truncated', str(e)) from e
+        raise DecodeError(str(e)) from e
     if img.mode.startswith('I') or img.mode == 'F':
         img = _gray8(img)
     elif img.mode == 'La':

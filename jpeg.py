@@ -4,8 +4,8 @@ crop boxes and flips of its views; before the training step the batch is decoded
 Files the device cannot take are decoded on the host as usual."""
 import torch
 
-from guard import BAD_KINDS, BadSample, open_image
-from images import _pixels, resize_crop, to_rgb, view_boxes
+from guard import BAD_KINDS, BadSample, GuardedBuilder, open_image
+from images import DecodeError, _pixels, resize_crop, to_rgb, view_boxes
 
 
 def device_decodable(raw, img):
@@ -22,6 +22,17 @@ def jpeg_sample(raw, width, height, rng, *, views=2, scale=(0.2, 1.0), flip=True
     return {'jpeg': torch.frombuffer(bytearray(raw), dtype=torch.uint8),
             'boxes': torch.tensor([(x, y, x + w, y + h) for x, y, w, h in boxes]),
             'flips': torch.tensor(flips)}
+
+
+class DeviceBuilder(GuardedBuilder):
+    """The loader's sample builder with data.decode='device': a JPEG the device can take is sent
+    as its bytes and view boxes, any other image is decoded here."""
+
+    def image_views(self, raw, rng):
+        img = self.open(raw)
+        if device_decodable(raw, img):
+            return jpeg_sample(raw, img.width, img.height, rng, **self.crops())
+        return self.host_views(img, rng)
 
 
 def collate_jpeg(samples):
@@ -48,7 +59,7 @@ def _pillow_decode(blob, device):
     """The host fallback for one JPEG the device decoder refused: uint8 [3, H, W] or None."""
     try:
         img = to_rgb(open_image(bytes(blob.numpy()), 1 << 62))
-    except BadSample:
+    except (BadSample, DecodeError):
         return None
     return _pixels(img)[0].to(device)
 

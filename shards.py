@@ -8,7 +8,7 @@ import os
 import torch
 
 import text
-from guard import MAX_FILE_BYTES, BadSample, DataError, bad_counts, open_regular
+from guard import MAX_FILE_BYTES, BadSample, DataError, SampleGuard, bad_counts, open_regular
 from seeds import generator, seeded_rng
 
 
@@ -118,13 +118,13 @@ class ShardStream(torch.utils.data.IterableDataset):
     whole batches and the DataLoader takes them round-robin, so a restart at step k knows how many
     samples each worker had consumed and skips them without decoding. A bad sample is replaced
     by a random other one (as the reference does), one of its own batch only where nothing else
-    around it can be built. `make_builder(cfg)` (data.SampleBuilder) makes the samples, once in
-    each loader worker."""
+    around it can be built. `make_builder(cfg)` (a data.SampleBuilder) makes the samples, under
+    a guard.SampleGuard, both made once in each loader worker."""
 
     def __init__(self, cfg, *, rank, world, start_step, make_builder):
         self.shards = shard_paths(cfg.shards)
         self.cfg, self.rank, self.world, self.start_step = cfg, rank, world, start_step
-        self.make_builder, self.builder = make_builder, None
+        self.make_builder, self.builder, self.guard = make_builder, None, None
 
     def samples(self, worker, workers):
         """(pass, key, group) of this worker's share, forever."""
@@ -181,13 +181,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         for j, (_, key, group) in enumerate(items):
             position, failures = start + j, []
             rng = seeded_rng(self.cfg.seed, 'wds', self.rank, share[0], position)
-            sample, kind = self.builder.attempt(lambda: self.build(group, rng), key)
+            sample, kind = self.guard.attempt(lambda: self.build(group, rng), key)
             while sample is None:
                 failures.append(kind)
                 failed.add(key)
                 key, group = self.replacement(key, [items, *spares], used, failed, share, rng, len(failures))
                 used.add(key)
-                sample, kind = self.builder.attempt(lambda: self.build(group, rng), key)
+                sample, kind = self.guard.attempt(lambda: self.build(group, rng), key)
             yield {**sample, 'position': position, 'bad': bad_counts(failures)}
 
     def replacement(self, key, around, used, failed, share, rng, tries):
@@ -200,7 +200,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         anywhere = (s for s in itertools.islice(self.samples(*share), 1_000) if s[1] not in failed)
         found = (rng.choice(fresh or known) if known else next(anywhere, None)) if tries <= 100 else None
         if found is None:
-            raise self.builder.monitor.error(
+            raise self.guard.monitor.error(
                 f'no good sample to replace {key}: {tries} tries failed, none of the samples around it or of the '
                 f'first 1,000 of loader worker {share[0]}\'s shards can be built')
         return found[1:]
@@ -209,7 +209,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if self.builder is None:
-            self.builder = self.make_builder(self.cfg)
+            self.builder, self.guard = self.make_builder(self.cfg), SampleGuard(self.cfg.limits)
         # the loader asks worker 0 first, so after k steps worker w plays the role of the worker
         # that would have produced step k + w
         worker = (worker + self.start_step) % workers

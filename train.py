@@ -25,6 +25,7 @@ import evaluate
 import guard
 import images
 import lifecycle
+import loader
 import runtime
 import trainstep
 import weights
@@ -144,7 +145,7 @@ class RunLog:
             if self.cfg.runtime.peak_tflops and self.flops_per_step:
                 scalars['perf/mfu'] = self.flops_per_step / step_s / (self.cfg.runtime.peak_tflops * 1e12)
             scalars['samples/bad_total'] = int(bad.sum())   # each kind once it occurs (after losses in the list)
-            scalars.update({f'samples/{kind}': n for kind, n in zip(guard.BAD_KINDS, bad.tolist()) if n})
+            scalars.update({f'samples/{kind}': n for kind, n in guard.by_kind(bad).items() if n})
             self.tb(lambda w: [w.add_scalar(k, v, step) for k, v in scalars.items()])
             eta = datetime.timedelta(seconds=int(step_s * (end - step)))
             print(f'step {step}/{self.cfg.max_iter} | eta {eta} | {img_s:.1f} img/s | lr {scalars["train/lr"]:.2e} | '
@@ -194,9 +195,9 @@ def train(cfg, workdir, *, start_over=False, allow_config_change=False):
             print(f'device {device} | backend {backend} | precision {dtype} | world size {world} | '
                   f'static shapes {static}{npu}', flush=True)
         state = trainstep.build_state(cfg, device, rank)
-        state.static_shapes = static
-        dataset = data.train_dataset(cfg.data)   # indexed once, before resuming: its identity is compared
-        state.inputs = checkpoints.run_identity(cfg, world, data.data_identity(cfg.data, dataset))
+        state.static_shapes, state.bad_totals = static, guard.bad_counts([])   # one count per kind the loader knows
+        dataset = loader.train_dataset(cfg.data)   # indexed once, before resuming: its identity is compared
+        state.inputs = checkpoints.run_identity(cfg, world, loader.data_identity(cfg.data, dataset))
         checkpoints.resume(state, cfg, workdir / 'checkpoints', world, start_over=start_over, allow_change=allow_config_change)
         start = f'resumed at step {state.step}' if state.step else init_weights(state, cfg)
         wrap_ddp(state, cfg, world)
@@ -251,7 +252,7 @@ def run(state, cfg, workdir, rank, world, dataset=None):
     """The loop: a step, then logging, checkpoint and evaluation when due. A signal stops it after
     the step all ranks agree on, with a checkpoint; an evaluation that a crash interrupted runs
     again first on resume (the checkpoint before it was written first). `dataset`:
-    data.train_dataset's, if built."""
+    loader.train_dataset's, if built."""
     ckpt_dir = workdir / 'checkpoints'
     if rank == 0:
         for stale in ckpt_dir.glob('*.tmp'):  # a write interrupted by a crash (the lock says it is no one's)
@@ -262,9 +263,9 @@ def run(state, cfg, workdir, rank, world, dataset=None):
             print(f'nothing to do: the run is at step {start} and this invocation ends at step {end} '
                   f'(stop_at={cfg.stop_at}, max_iter={cfg.max_iter})', flush=True)
         return state.model
-    batches = iter(data.build_train_loader(cfg.data, rank=rank, world=world, start_step=start,
-                                           max_iter=cfg.max_iter, pin_memory=state.device.type != 'cpu',
-                                           accum=cfg.accum_steps, dataset=dataset))
+    batches = iter(loader.build_train_loader(cfg.data, rank=rank, world=world, start_step=start,
+                                             max_iter=cfg.max_iter, pin_memory=state.device.type != 'cpu',
+                                             accum=cfg.accum_steps, dataset=dataset))
     log = RunLog(cfg, workdir, rank=rank, world=world, start=start)
     try:
         stopping, received = loop(state, cfg, batches, log, ckpt_dir, rank, world)

@@ -14,7 +14,6 @@ import torch.distributed as dist
 from einops import rearrange
 
 import declip
-import guard
 import images
 import losses
 import runtime
@@ -109,8 +108,9 @@ class TrainState:
     """Everything a training step changes and a checkpoint keeps. `ddp` is what the step calls
     (the model itself in a single process); `queue` [k, Q, D] holds the NN memories (unit-norm
     fp32 rows, None without the NN term) of this rank's k = accum_steps virtual devices and
-    `queue_ptr` their common FIFO write position; `bad_totals` counts
-    this rank's bad samples by kind (rank 0 also carries the restored sum of a resumed run);
+    `queue_ptr` their common FIFO write position; `bad_totals` sums the bad-sample counts
+    each batch carries ('bad': one count per kind the loader knows; train.py sizes it so) on this rank
+    (rank 0 also carries the restored sum of a resumed run);
     `static_shapes`: the step keeps every tensor shape fixed (runtime.shape_modes); `autocast`:
     config.runtime.precision's context for the forwards; `stop_requested`: set by the loop when a
     signal arrived here (the step tells every rank); `inputs`: what the checkpoint records of the
@@ -152,7 +152,7 @@ class TrainState:
                 'scaler': self.scaler.state_dict(), 'step': self.step, 'queues': queues,
                 'queue_ptr': self.queue_ptr, 'rng': torch.get_rng_state(), 'config': config,
                 'world_size': world, 'nonfinite_total': int(self.nonfinite_total),
-                'bad_totals': dict(zip(guard.BAD_KINDS, bad.tolist())), **self.inputs}
+                'bad_totals': bad, **self.inputs}
 
     def load_state_dict(self, state):
         rank, _ = losses.world_info()
@@ -166,11 +166,8 @@ class TrainState:
             self.queue = torch.stack(state['queues'][rank * k:(rank + 1) * k]).to(self.queue.device)
         torch.set_rng_state(state['rng'])
         self.nonfinite_total += state['nonfinite_total']
-        totals = state['bad_totals']
-        if isinstance(totals, list):  # checkpoints that saved the first ten kinds as a list
-            totals = dict(zip(guard.BAD_KINDS[:9] + ('other',), totals))
-        if rank == 0:  # the restored sum over ranks is counted once (kinds this code knows)
-            self.bad_totals += torch.tensor([totals.get(k, 0) for k in guard.BAD_KINDS])
+        restored = torch.as_tensor(state['bad_totals'])   # the sum over ranks, counted once (on rank 0)
+        self.bad_totals = self.bad_totals + (restored if rank == 0 else torch.zeros_like(restored))
 
 
 def build_state(cfg, device, rank=0):
@@ -188,7 +185,7 @@ def build_state(cfg, device, rank=0):
     return TrainState(model=model, optimizer=build_optimizer(model, cfg.optim, device.type, use_scaler),
                       scaler=runtime.grad_scaler(device.type, use_scaler), queue=queue, autocast=autocast,
                       nonfinite_run=counter.clone(), nonfinite_total=counter.clone(),
-                      bad_totals=torch.zeros(len(guard.BAD_KINDS), dtype=torch.long))
+                      bad_totals=torch.zeros((), dtype=torch.long))
 
 
 def device_views(batch, *, cfg, step, rank, world, device, static=False):
@@ -263,7 +260,7 @@ def update(state, batch, *, total, keys):
     state.nonfinite_run = (state.nonfinite_run + 1) * skip.long()
     state.nonfinite_total += skip.long()
     if 'bad' in batch:
-        state.bad_totals += batch['bad']
+        state.bad_totals = state.bad_totals + batch['bad']
     state.step += 1
     return {'skipped': skip, 'stop': stop, 'grad_norm': grad_norm}
 

@@ -13,9 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import data
 import declip
 import guard
+import loader
 from configs import common, demo
 
 SMOKE = demo.get_config('smoke')
@@ -156,7 +156,7 @@ def write_meta(path, records):
 
 def one_pass(cfg, n):
     """Every sample of the first n positions of a single-rank loader, as batches."""
-    return list(data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=n // cfg.batch_size))
+    return list(loader.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=n // cfg.batch_size))
 
 
 def write_half_missing_corpus(folder, n=40):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
 import guard
+import loader
 import text
 from helpers import data_config, run, scalars, write_half_missing_corpus, write_jpeg
 
@@ -71,7 +71,7 @@ def build_bad_corpus(root):
 def test_every_bad_kind_is_counted_and_replaced(tmp_path):
     kinds = build_bad_corpus(tmp_path)
     cfg = data_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), bad_window=1000)
-    ds = data.PairDataset(cfg)
+    ds = loader.train_dataset(cfg)
     for i, kind in enumerate(kinds):
         sample = ds[(i, 1000 + i)]
         assert sample['images'].shape == (2, 3, 32, 32)
@@ -89,8 +89,8 @@ def test_loader_sums_counts_per_batch(tmp_path):
     kinds = build_bad_corpus(tmp_path)
     cfg = data_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), bad_window=1000,
                       batch_size=8)
-    loader = data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=10)
-    total = sum(b['bad'] for b in loader)
+    batches = loader.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=10)
+    total = sum(b['bad'] for b in batches)
     counted = dict(zip(guard.BAD_KINDS, total.tolist()))
     for kind in set(k for k in kinds if k):
         assert counted[kind] > 0, kind
@@ -102,7 +102,7 @@ def test_mostly_bad_corpus_stops_with_examples(tmp_path):
     cfg = data_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), bad_window=20,
                       max_bad_rate=0.2)
     with pytest.raises(guard.DataError, match=r'(?s)could not be built.*missing: .*\.jpg'):
-        for _ in data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=50):
+        for _ in loader.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=50):
             pass
 
 

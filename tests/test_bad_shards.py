@@ -6,6 +6,7 @@ import pytest
 
 import data
 import guard
+import loader
 from helpers import bad_totals, data_config, run, scalars, write_jpeg
 
 
@@ -23,7 +24,7 @@ def test_webdataset_missing_text_and_corrupt_member(tmp_path):
     (tmp_path / 'b.tar').write_bytes(raw[:512 * 3 + 100])  # cut inside the second member
     cfg = data_config(format='wds', shards=str(tmp_path / '*.tar'), eda=False, mask=False, batch_size=2,
                       bad_window=1000)
-    batches = [b for _, b in zip(range(4), data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=4))]
+    batches = [b for _, b in zip(range(4), loader.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=4))]
     total = dict(zip(guard.BAD_KINDS, sum(b['bad'] for b in batches).tolist()))
     assert total['bad_tar'] >= 2 and sum(total.values()) == total['bad_tar']
     assert all(b['images'].shape == (2, 2, 3, 32, 32) for b in batches)
@@ -70,7 +71,7 @@ BAD_MEMBERS = {   # sample 1's members, and the kind it is counted as
 
 
 def wds_batches(cfg, steps):
-    return [b for _, b in zip(range(steps), data.build_train_loader(cfg, rank=0, world=1, start_step=0,
+    return [b for _, b in zip(range(steps), loader.build_train_loader(cfg, rank=0, world=1, start_step=0,
                                                                     max_iter=steps))]
 
 

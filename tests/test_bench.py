@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import configs.demo
-import data
 import guard
+import loader
 import runtime
 import train
 from helpers import scalars, write_jpeg
@@ -59,7 +59,7 @@ def test_bench_step_is_the_training_step(tmp_path, monkeypatch):
     step = bench.trainer(cfg, torch.device('cpu'))
     bench_losses = [float(step(batch)) for _ in range(3)]
 
-    monkeypatch.setattr(data, 'build_train_loader', lambda *a, **k: itertools.repeat(batch))
+    monkeypatch.setattr(loader, 'build_train_loader', lambda *a, **k: itertools.repeat(batch))
     monkeypatch.setattr(runtime, 'setup_device', lambda *a: (torch.device('cpu'), 'cpu'))  # on any machine
     train.train(cfg, tmp_path / 'run')
     logged, _ = scalars(tmp_path / 'run', 'loss/total')

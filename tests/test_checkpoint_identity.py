@@ -9,6 +9,7 @@ import torch
 
 import checkpoints
 import data
+import loader
 import shards
 import train
 from helpers import run, scalars, smoke_config, smoke_overrides
@@ -42,7 +43,7 @@ def test_jsonl_identity_is_the_record_count_and_the_metas_sha256_taken_while_ind
     scans = []
     real_scan = data.scan_lines
     monkeypatch.setattr(data, 'scan_lines', lambda path, **kw: scans.append(path) or real_scan(path, **kw))
-    identity = data.data_identity(cfg, data.train_dataset(cfg))
+    identity = loader.data_identity(cfg, loader.train_dataset(cfg))
     both = (tmp_path / 'a.jsonl').read_bytes() + (tmp_path / 'b.jsonl').read_bytes()
     assert identity == {'format': 'jsonl', 'records': 25, 'sha256': hashlib.sha256(both).hexdigest()}
     assert scans == [str(tmp_path / 'a.jsonl'), str(tmp_path / 'b.jsonl')]
@@ -54,7 +55,7 @@ def test_shard_identity_is_their_count_and_a_sha256_of_sorted_names_and_sizes(tm
     cfg = smoke(tmp_path).data
     cfg.format, cfg.shards = 'wds', str(tmp_path / '*.tar')
     want = hashlib.sha256(b'a.tar 7\nb.tar 30').hexdigest()
-    assert data.data_identity(cfg, data.train_dataset(cfg)) == {'format': 'wds', 'shards': 2, 'sha256': want}
+    assert loader.data_identity(cfg, loader.train_dataset(cfg)) == {'format': 'wds', 'shards': 2, 'sha256': want}
     (tmp_path / 'a.tar').write_bytes(b'y' * 8)   # rewritten to another size
     assert shards.shard_identity(shards.shard_paths(cfg.shards))['sha256'] != want
 

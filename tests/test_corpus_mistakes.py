@@ -9,8 +9,8 @@ import tarfile
 import pytest
 
 import checks
-import data
 import guard
+import loader
 import train
 from helpers import data_config, run, smoke_config, smoke_overrides, write_jpeg
 
@@ -118,7 +118,7 @@ def test_the_consecutive_failure_guard_names_the_first_failures(tmp_path):
     write_jpeg(tmp_path / 'a.jpg')
     meta = tmp_path / 'meta.jsonl'
     meta.write_text(jsonl({'filename': 'a.jpg', 'text': f'cat {i}'} for i in range(3)))
-    ds = data.PairDataset(data_config(train_root=str(tmp_path), train_meta=str(meta), max_bad_rate=1.0))
+    ds = loader.train_dataset(data_config(train_root=str(tmp_path), train_meta=str(meta), max_bad_rate=1.0))
     with pytest.raises(guard.DataError) as e:
         ds[(0, 0)]
     first, *others = str(e.value).splitlines()
@@ -132,7 +132,7 @@ def test_no_good_sample_to_replace_names_the_first_failures(tmp_path, demo_dir):
     cfg = data_config(format='wds', shards=str(tmp_path / 'g-0.tar'), eda=False, mask=False, batch_size=2,
                       bad_window=1000, max_bad_rate=1.0, shuffle_buffer=1)
     with pytest.raises(guard.DataError) as e:
-        next(iter(data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=1)))
+        next(iter(loader.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=1)))
     first = str(e.value).splitlines()[0]
     assert first.startswith(f'no good sample to replace {tmp_path / "g-0.tar"}:')
     assert first.endswith(f"; the first: {tmp_path / 'g-0.tar'}:000000: bad_tar: members ['jpg'], expected an image "

@@ -15,6 +15,7 @@ import guard
 import evaluate
 import images
 import jpeg
+import loader
 import text
 from helpers import data_config, run_distributed, write_jpeg
 from tools import bench_data
@@ -45,7 +46,7 @@ def make_corpus(tmp_path, n=12):
 
 def test_jsonl_round_trip_and_first_caption(tmp_path):
     root, recs = make_corpus(tmp_path)
-    ds = data.PairDataset(data_config(train_root=str(root), train_meta=str(tmp_path / 'meta.jsonl'), eda=False))
+    ds = loader.train_dataset(data_config(train_root=str(root), train_meta=str(tmp_path / 'meta.jsonl'), eda=False))
     assert len(ds) == len(recs)
     for i in (0, 5, 11):
         s = ds[(i, 100 + i)]
@@ -57,6 +58,26 @@ def test_jsonl_round_trip_and_first_caption(tmp_path):
     assert not torch.equal(ds[(3, 7)]['images'], ds[(3, 8)]['images'])
 
 
+def test_the_core_dataset_alone_builds_what_the_guarded_one_builds(tmp_path):
+    """data.PairDataset reads plainly and assumes well-formed input; behind the guard
+    (loader.train_dataset) the same (index, position) gives the same tensors, plus the bad counts.
+    A malformed line is the core's RecordError, not a replaced sample. Break it catches: the guard
+    drawing from another seeded stream than the core, or the core hiding a bad line."""
+    root, recs = make_corpus(tmp_path)
+    cfg = data_config(train_root=str(root), train_meta=str(tmp_path / 'meta.jsonl'))
+    core, guarded = data.PairDataset(cfg), loader.train_dataset(cfg)
+    for item in ((0, 3), (7, 40), (11, 5)):
+        plain, kept = core[item], guarded[item]
+        assert set(kept) - set(plain) == {'bad'} and kept['bad'].sum() == 0
+        for key in plain:
+            assert torch.equal(torch.as_tensor(plain[key]), torch.as_tensor(kept[key])), (item, key)
+    (tmp_path / 'meta.jsonl').write_text(json.dumps(recs[0]) + '\n{"filename": \n')
+    core, guarded = data.PairDataset(cfg), loader.train_dataset(cfg)
+    with pytest.raises(data.RecordError, match='bad_json'):
+        core[(1, 0)]
+    assert guarded[(1, 0)]['bad'][guard.BAD_KINDS.index('bad_json')] >= 1
+
+
 def test_several_sources_and_join_path(tmp_path):
     for k in range(2):
         d = tmp_path / f's{k}'
@@ -65,9 +86,9 @@ def test_several_sources_and_join_path(tmp_path):
     meta = data.JsonlMeta([str(tmp_path / 's0'), 's3:'], [str(tmp_path / 's0/m.jsonl'), str(tmp_path / 's1/m.jsonl')])
     assert len(meta) == 7
     root, rec = meta.record(4)
-    assert rec['filename'] == '/f1_1' and guard.join_path(root, rec['filename']) == 's3:/f1_1'
+    assert rec['filename'] == '/f1_1' and data.join_path(root, rec['filename']) == 's3:/f1_1'
     root, rec = meta.record(2)
-    assert guard.join_path(root, rec['filename']) == str(tmp_path / 's0' / 'f0_2')
+    assert data.join_path(root, rec['filename']) == str(tmp_path / 's0' / 'f0_2')
 
 
 def test_eval_dataset_layout_and_sharding(tmp_path):
@@ -110,10 +131,10 @@ def write_shards(tmp_path, counts):
 def _wds_worker(rank, world, cfg_dict, steps, path):
     import ml_collections
     cfg = ml_collections.ConfigDict(cfg_dict)
-    loader = data.build_train_loader(cfg, rank=rank, world=world, start_step=0, max_iter=steps)
+    batches = loader.build_train_loader(cfg, rank=rank, world=world, start_step=0, max_iter=steps)
     tok = data.get_tokenizer()
     seen = []
-    for step, batch in zip(range(steps), loader):
+    for step, batch in zip(range(steps), batches):
         seen += [''.join(tok.decode(t).split()[1:]) for t in batch['text']]
     torch.save(seen, f'{path}.{rank}')
 
@@ -134,8 +155,8 @@ def test_webdataset_two_ranks_two_workers_cover_a_pass_once(tmp_path, counts):
 def test_webdataset_resume_continues_the_stream(tmp_path):
     write_shards(tmp_path, [6, 6, 6])
     cfg = data_config(format='wds', shards=str(tmp_path / '*.tar'), workers=2, eda=False, mask=False, batch_size=2)
-    full = [b['images'] for _, b in zip(range(6), data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=6))]
-    resumed = [b['images'] for _, b in zip(range(3), data.build_train_loader(cfg, rank=0, world=1, start_step=3, max_iter=6))]
+    full = [b['images'] for _, b in zip(range(6), loader.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=6))]
+    resumed = [b['images'] for _, b in zip(range(3), loader.build_train_loader(cfg, rank=0, world=1, start_step=3, max_iter=6))]
     for a, b in zip(full[3:], resumed):
         assert torch.equal(a, b)
 
@@ -259,8 +280,7 @@ def test_device_decode_batch_equals_host_batch(tmp_path):
     for mode in ('host', 'device'):
         cfg = data_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), batch_size=10,
                           image_size=40, decode=mode)
-        loader = data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=1)
-        batches[mode] = next(iter(loader))
+        batches[mode] = next(iter(loader.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=1)))
     host, dev = batches['host'], batches['device']
     on_device = (dev['jpeg_sizes'] > 0).tolist()
     assert sum(on_device) == 4 and len(dev['host']) == 6 and dev['images'].shape[0] == 6
@@ -451,7 +471,7 @@ def test_missing_synonym_table_message(tmp_path):
 def test_loader_batch_contents(tmp_path):
     root, recs = make_corpus(tmp_path)
     cfg = data_config(train_root=str(root), train_meta=str(tmp_path / 'meta.jsonl'))
-    batch = next(iter(data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=3)))
+    batch = next(iter(loader.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=3)))
     assert batch['images'].shape == (4, 2, 3, 32, 32) and batch['images'].dtype == torch.uint8
     assert batch['text'].shape == batch['text_eda'].shape == (4, 77)
     flat = batch['text'].flatten()

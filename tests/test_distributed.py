@@ -217,12 +217,12 @@ def _three_steps(cfg, rank, world):
     import accum
     import train
     import trainstep
-    import data as data_module
     import jpeg
+    import loader
     state = trainstep.build_state(cfg, torch.device('cpu'), rank)
     train.wrap_ddp(state, cfg, world)
-    batches = iter(data_module.build_train_loader(cfg.data, rank=rank, world=world, start_step=0, max_iter=3,
-                                                  accum=cfg.accum_steps))
+    batches = iter(loader.build_train_loader(cfg.data, rank=rank, world=world, start_step=0, max_iter=3,
+                                             accum=cfg.accum_steps))
     seen = {'terms': [], 'tensors': []}
     real = trainstep.optimizer_step, accum.second_passes, jpeg.nvjpeg_decoder
 

@@ -16,6 +16,7 @@ import data
 import guard
 import images
 import jpeg
+import loader
 import seeds
 import shards
 import text
@@ -88,7 +89,7 @@ def test_clip_batch_has_no_flip_and_no_colour_op(tmp_path):
     cfg = clip_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'))
     d = cfg.data
     assert (d.augmentation, tuple(d.crop_scale), d.views) == ('standard_slip', (0.5, 1.0), 1)
-    batch = next(iter(data.build_train_loader(d, rank=0, world=1, start_step=0, max_iter=1)))
+    batch = next(iter(loader.build_train_loader(d, rank=0, world=1, start_step=0, max_iter=1)))
     items = list(data.IterationSampler(len(pairs), batch_size=d.batch_size, world_size=1, rank=0, max_iter=1,
                                        seed=d.seed))
     for j, ((index, position), caption) in enumerate(zip(items, captions(batch))):
@@ -109,7 +110,7 @@ def test_clip_webdataset_batch_has_no_flip(tmp_path):
     write_tar(tmp_path / 'a.tar', [m for i, (c, raw) in enumerate(pairs.items())
                                    for m in ((f'{i:03d}.jpg', raw), (f'{i:03d}.txt', c.encode()))])
     cfg = clip_config(format='wds', shards=str(tmp_path / 'a.tar'), batch_size=4)
-    batch = next(iter(data.build_train_loader(cfg.data, rank=0, world=1, start_step=0, max_iter=1)))
+    batch = next(iter(loader.build_train_loader(cfg.data, rank=0, world=1, start_step=0, max_iter=1)))
     for j, caption in enumerate(captions(batch)):  # rank 0, worker 0: stream positions 0..3
         rng = seeds.seeded_rng(cfg.data.seed, 'wds', 0, 0, j)
         assert torch.equal(batch['images'][j, 0], unflipped(pairs[caption], rng, size=64, scale=(0.5, 1.0)))
@@ -118,7 +119,7 @@ def test_clip_webdataset_batch_has_no_flip(tmp_path):
 def test_clip_device_decode_has_no_flip(tmp_path):
     pairs = write_pairs(tmp_path, fmt='JPEG')
     cfg = clip_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl'), decode='device')
-    batch = next(iter(data.build_train_loader(cfg.data, rank=0, world=1, start_step=0, max_iter=1)))
+    batch = next(iter(loader.build_train_loader(cfg.data, rank=0, world=1, start_step=0, max_iter=1)))
     assert batch['jpeg_sizes'].gt(0).all() and not batch['flips'].any()
     views, undecodable = jpeg.decode_views(
         batch, size=64, device=CPU, decode=lambda blobs: [jpeg._pillow_decode(b, CPU) for b in blobs])
@@ -199,8 +200,8 @@ def write_stream_shards(folder, counts, bad=()):
 
 
 def wds_batches(cfg, steps, start_step=0):
-    loader = data.build_train_loader(cfg, rank=0, world=1, start_step=start_step, max_iter=start_step + steps)
-    return [b for _, b in zip(range(steps), loader)]
+    batches = loader.build_train_loader(cfg, rank=0, world=1, start_step=start_step, max_iter=start_step + steps)
+    return [b for _, b in zip(range(steps), batches)]
 
 
 @pytest.mark.parametrize('shuffle_buffer', [1, 2_000])

@@ -5,8 +5,8 @@ import tarfile
 
 import pytest
 
-import data
 import guard
+import loader
 from helpers import bad_totals, data_config, one_pass, write_jpeg, write_meta
 
 
@@ -27,10 +27,10 @@ def test_only_regular_files_are_read_and_reads_are_bounded(tmp_path):
         guard.read_file(tmp_path / 'fits' / 'below', max_bytes=1000)
     # a meta line naming /dev/zero under the root '/': a counted sample, not an endless read
     write_meta(tmp_path / 'meta.jsonl', [{'filename': '/dev/zero', 'caption': 'zeros'}])
-    ds = data.PairDataset(data_config(train_root='/', train_meta=str(tmp_path / 'meta.jsonl'), max_bad_rate=1.0))
+    ds = loader.train_dataset(data_config(train_root='/', train_meta=str(tmp_path / 'meta.jsonl'), max_bad_rate=1.0))
     with pytest.raises(guard.DataError, match='100 consecutive bad samples'):
         ds[(0, 0)]
-    assert list(ds.builder.monitor.examples)[-1].startswith(f'{tmp_path}/meta.jsonl:1: not_regular: /dev/zero')
+    assert list(ds.monitor.examples)[-1].startswith(f'{tmp_path}/meta.jsonl:1: not_regular: /dev/zero')
 
 
 @pytest.mark.parametrize('workers', [0, 2])
@@ -48,7 +48,7 @@ def test_fifo_folder_and_oversized_images_are_counted_samples(tmp_path, workers)
     assert (root / 'big.jpg').stat().st_size > max_bytes
     cfg = data_config(train_root=str(root), train_meta=str(tmp_path / 'meta.jsonl'), workers=workers,
                       batch_size=4, bad_window=1000, max_file_bytes=max_bytes)
-    ds = data.PairDataset(cfg)
+    ds = loader.train_dataset(cfg)
     for i, kind in enumerate([None, 'not_regular', 'not_regular', 'not_regular', 'file_too_large']):
         bad = dict(zip(guard.BAD_KINDS, ds[(i, i)]['bad'].tolist()))
         assert (bad[kind] >= 1) if kind else sum(bad.values()) == 0, (i, bad)
@@ -70,6 +70,6 @@ def test_fifo_shard_and_oversized_member_are_counted(tmp_path):
     os.mkfifo(tmp_path / 'b.tar')
     cfg = data_config(format='wds', shards=str(tmp_path / '*.tar'), eda=False, mask=False, batch_size=2,
                       bad_window=1000, max_file_bytes=len(small) + 10)
-    batches = [b for _, b in zip(range(3), data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=3))]
+    batches = [b for _, b in zip(range(3), loader.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=3))]
     assert set(bad_totals(batches)) == {'not_regular', 'file_too_large'}
     assert all(b['images'].shape == (2, 2, 3, 32, 32) for b in batches)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
 import images
+import loader
 from helpers import data_config, write_meta
 
 
@@ -75,5 +75,5 @@ def test_sixteen_bit_big_endian_tiff_is_a_good_sample(tmp_path):
     ramp = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 21).astype('>u2')
     Image.frombytes('I;16B', (64, 48), ramp.tobytes()).save(tmp_path / 'scan.tif')
     write_meta(tmp_path / 'meta.jsonl', [{'filename': 'scan.tif', 'caption': 'a scan'}])
-    sample = data.PairDataset(data_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl')))[(0, 0)]
+    sample = loader.train_dataset(data_config(train_root=str(tmp_path), train_meta=str(tmp_path / 'meta.jsonl')))[(0, 0)]
     assert sample['bad'].sum() == 0 and sample['images'].float().std() > 10   # a ramp, not a blank

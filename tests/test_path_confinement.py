@@ -1,8 +1,8 @@
 """Meta filenames cannot leave the image root; the root's own symlinks are followed, to regular files only."""
 import os
 
-import data
 import guard
+import loader
 from helpers import data_config, write_jpeg, write_meta
 
 
@@ -22,7 +22,7 @@ def test_paths_outside_the_root_are_refused(tmp_path):
              ('good.jpg\0.png', 'bad_name')]   # its own kind, not 'other'
     write_meta(tmp_path / 'meta.jsonl', [{'filename': f, 'caption': 'a cat'} for f, _ in cases])
     for r in (root, tmp_path / 'alias'):
-        ds = data.PairDataset(data_config(train_root=str(r), train_meta=str(tmp_path / 'meta.jsonl'), bad_window=1000))
+        ds = loader.train_dataset(data_config(train_root=str(r), train_meta=str(tmp_path / 'meta.jsonl'), bad_window=1000))
         for i, (filename, kind) in enumerate(cases):
             bad = dict(zip(guard.BAD_KINDS, ds[(i, i)]['bad'].tolist()))
             assert (bad[kind] >= 1) if kind else sum(bad.values()) == 0, (filename, bad)

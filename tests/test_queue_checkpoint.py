@@ -21,6 +21,7 @@ def state_for(rank, accum):
     cfg = tiny_config()
     cfg.accum_steps = accum
     state = trainstep.build_state(cfg, torch.device('cpu'), rank)
+    state.bad_totals = guard.bad_counts([])     # as train.py sizes them: one count per kind
     state.queue = torch.nn.functional.normalize(  # rows no fresh queue has
         torch.randn(state.queue.shape, generator=torch.Generator().manual_seed(100 + rank)), dim=-1)
     return cfg, state

@@ -216,10 +216,10 @@ def test_a_failing_run_with_loader_workers_exits(tmp_path, demo_dir, fault):
 
 
 HOLDS_A_LOADER = ('import sys\n'
-                  'import data\n'
+                  'import loader\n'
                   'from tests.helpers import data_config\n'
                   'cfg = data_config(train_root=sys.argv[1], train_meta=sys.argv[2], workers=2)\n'
-                  'batches = iter(data.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=50))\n'
+                  'batches = iter(loader.build_train_loader(cfg, rank=0, world=1, start_step=0, max_iter=50))\n'
                   'next(batches)\n'
                   'print("holding a loader", flush=True)\n')
 

@@ -166,3 +166,16 @@ def test_evaluation_set_is_checked_before_any_image_is_scored(tmp_path):
                                                   for i in range(3)])
     with pytest.raises(ValueError, match=r"outside_root: '../val/0.jpg'"):
         evaluate.check_eval_set(str(folder), str(escaping))
+
+
+def test_retrieval_without_a_caption_names_file_and_line(tmp_path):
+    """Break it catches: the caption's own error (data.RecordError) escaping without the line."""
+    folder = tmp_path / 'val'
+    meta = colour_val_set(folder)
+    lines = meta.read_text().splitlines()
+    lines[2] = lines[2][:-1] + ', "caption": ["  "]}'
+    meta.write_text('\n'.join(l[:-1] + ', "caption": "a red one"}' if n != 2 else l for n, l in enumerate(lines)))
+    with pytest.raises(ValueError, match=rf'^{meta}:3: no caption \(retrieval needs one per image\)$'):
+        evaluate.evaluate(ColourModel(), val_root=str(folder), val_meta=str(meta), task='retrieval', prompts='cc',
+                          class_names=None, batch=3, workers=0, device=torch.device('cpu'),
+                          autocast=torch.autocast('cpu', enabled=False))

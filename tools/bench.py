@@ -32,6 +32,7 @@ import data  # noqa: E402
 import guard  # noqa: E402
 import images  # noqa: E402
 import jpeg  # noqa: E402
+import loader  # noqa: E402
 import runtime  # noqa: E402
 import text  # noqa: E402
 import trainstep  # noqa: E402
@@ -193,9 +194,8 @@ def _e2e_once(args, root):
     cfg.data.update(dict(train_root=str(root), train_meta=str(root / 'meta.jsonl'), workers=args.workers,
                          batch_size=args.batch, prefetch=args.prefetch, image_size=args.size, decode=args.decode,
                          eda_synonyms=Path(cfg.data.synonyms_path).is_file()))
-    loader = data.build_train_loader(cfg.data, rank=0, world=1, start_step=0,
-                                     max_iter=args.warmup + args.steps, pin_memory=False)
-    it = iter(loader)
+    it = iter(loader.build_train_loader(cfg.data, rank=0, world=1, start_step=0,
+                                        max_iter=args.warmup + args.steps, pin_memory=False))
     for _ in range(args.warmup):
         next(it)
     wait, start = 0.0, time.perf_counter()
