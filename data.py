@@ -39,12 +39,13 @@ def tokenize(texts, context_length=text.CONTEXT_LENGTH, bpe_path=BPE_PATH):
 
 
 # ----------------------------------------------------------------------------------------------
-# Formats: JSON Lines meta (YFCC15M / ImageNet-val layout), webdataset tar shards
+# The JSON Lines format (YFCC15M / ImageNet-val layout)
 # ----------------------------------------------------------------------------------------------
 
 class RecordError(ValueError):
-    """A meta line or caption the format does not allow; `kind` names the rule it breaks
-    ('bad_encoding', 'bad_json', 'empty_caption')."""
+    """A meta line or caption the format does not allow; `kind` names the rule it breaks (one of
+    KINDS, which whoever counts bad samples also knows)."""
+    KINDS = ('bad_encoding', 'bad_json', 'empty_caption')
 
     def __init__(self, kind, detail=''):
         super().__init__(f'{kind}: {detail}')
@@ -202,28 +203,29 @@ class SampleBuilder:
         return self.host_views(images.open_bytes(raw), rng)
 
     def host_views(self, img, rng):
+        """{'images': uint8 views [V, 3, S, S]} of an opened PIL image, decoded and cropped here."""
         return {'images': images.train_views(img, size=self.cfg.image_size, rng=rng, **self.crops())}
 
 
-def read_image_file(root, filename):
-    """The bytes of the image a meta record names."""
-    return Path(join_path(root, filename)).read_bytes()
+def read_image_file(path):
+    """The bytes of an image file."""
+    return Path(path).read_bytes()
 
 
 class PairDataset(torch.utils.data.Dataset):
     """Image-caption pairs of JSON Lines metas (YFCC15M layout). Items are (index, position)
     pairs from IterationSampler; the position seeds every random choice of the sample, so a
-    resumed run sees identical samples. `builder` makes the tensors (SampleBuilder) and `read`
-    gets an image's bytes from (root, filename) (read_image_file): the loader passes its guarded
-    ones."""
+    resumed run sees identical samples. `builder` makes the tensors (SampleBuilder), `locate`
+    turns a record's (root, filename) into a path (join_path) and `read` gets its bytes
+    (read_image_file): the loader passes guarded ones."""
 
-    def __init__(self, cfg, *, builder=None, read=read_image_file):
+    def __init__(self, cfg, *, builder=None, locate=join_path, read=read_image_file):
         roots, metas = text.split_list(cfg.train_root), text.split_list(cfg.train_meta)
         self.meta = JsonlMeta(roots, metas)
         if len(self.meta) == 0:
             raise ValueError(f'no samples in {metas}')
         self.builder = builder or SampleBuilder(cfg)
-        self.read, self.seed = read, cfg.seed
+        self.locate, self.read, self.seed = locate, read, cfg.seed
 
     def __len__(self):
         return len(self.meta)
@@ -231,8 +233,9 @@ class PairDataset(torch.utils.data.Dataset):
     def build(self, index, rng):
         """The sample of record `index`, its random choices drawn from `rng`."""
         root, rec = self.meta.record(index)
-        caption = first_caption(rec['caption'])
-        return self.builder(caption, self.read(root, rec['filename']), rng)
+        path = self.locate(root, rec['filename'])
+        caption = first_caption(rec['caption'])   # before the file is read: a bad line costs no read
+        return self.builder(caption, self.read(path), rng)
 
     def __getitem__(self, item):
         index, position = item
@@ -275,10 +278,7 @@ class Collate:
         self.mask, self.seed, self.micro = mask, seed, micro
 
     def __call__(self, samples):
-        tokens, out = torch.stack([s['text'] for s in samples]), {}
-        host = [s['images'] for s in samples if 'images' in s]   # all, unless views are made on the device
-        if host:
-            out['images'] = torch.stack(host)
+        tokens, out = torch.stack([s['text'] for s in samples]), self.views(samples)
         if 'text_eda' in samples[0]:
             out['text_eda'] = torch.stack([s['text_eda'] for s in samples])
         if self.mask:
@@ -289,6 +289,9 @@ class Collate:
             out['mlm_index'], out['mlm_targets'] = text.mlm_positions(torch.cat([lab for _, lab in masked]))
         out['text'] = tokens
         return out
+
+    def views(self, samples):
+        return {'images': torch.stack([s['images'] for s in samples])}
 
 
 if __name__ == '__main__':

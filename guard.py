@@ -4,6 +4,7 @@ that fail (BadSample kinds, the failure rate, counts per kind), and the training
 it (GuardedDataset: a failing sample replaced by a deterministic other one)."""
 import collections
 import contextlib
+import functools
 import io
 import os
 import stat
@@ -196,7 +197,8 @@ def guarded(build, timeout_s):
 
 
 def by_kind(counts):
-    """{kind: count} of a BAD_KINDS-ordered count vector (a 0 before any counts: every kind 0)."""
+    """{kind: count} of a count vector in BAD_KINDS order (a scalar 0, a state that has seen no
+    batch and was not sized, counts 0 of every kind)."""
     return dict(zip(BAD_KINDS, (torch.zeros(len(BAD_KINDS), dtype=torch.long) + counts.cpu()).tolist()))
 
 
@@ -209,6 +211,7 @@ def from_kinds(totals):
 
 
 def bad_counts(kinds):
+    """The count vector (BAD_KINDS order) of a list of failure kinds."""
     counts = torch.zeros(len(BAD_KINDS), dtype=torch.long)
     for kind in kinds:
         counts[BAD_KINDS.index(kind)] += 1
@@ -232,7 +235,9 @@ class SampleGuard:
 
 
 class GuardedBuilder(data.SampleBuilder):
-    """data.SampleBuilder that opens images only up to data.limits.max_pixels."""
+    """data.SampleBuilder whose images are opened by open_image: an empty file, one that is no
+    image or whose header is cut short, or one over data.limits.max_pixels is a BadSample of its
+    kind before any pixel is decoded."""
 
     def image_views(self, raw, rng):
         return self.host_views(self.open(raw), rng)
@@ -241,10 +246,12 @@ class GuardedBuilder(data.SampleBuilder):
         return open_image(raw, self.cfg.limits.max_pixels)
 
 
-def bounded_reader(limits):
-    """PairDataset's `read`: an image's bytes from a regular file inside its root (confined_path),
-    of at most data.limits.max_file_bytes."""
-    return lambda root, filename: read_bytes(confined_path(root, filename), max_bytes=limits.max_file_bytes)
+def guarded_pairs(cfg, builder):
+    """data.PairDataset of data config `cfg` whose paths stay inside their root (confined_path) and
+    whose files are regular and at most data.limits.max_file_bytes (read_bytes); picklable, for
+    loader workers started by spawn. `builder`: GuardedBuilder or a subclass."""
+    return data.PairDataset(cfg, builder=builder, locate=confined_path,
+                            read=functools.partial(read_bytes, max_bytes=cfg.limits.max_file_bytes))
 
 
 class GuardedDataset(torch.utils.data.Dataset):

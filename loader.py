@@ -21,8 +21,7 @@ def train_dataset(cfg):
     (ShardStream is built per rank by the loader)."""
     if cfg.format != 'jsonl':
         return None
-    pairs = data.PairDataset(cfg, builder=sample_builder(cfg), read=guard.bounded_reader(cfg.limits))
-    return guard.GuardedDataset(pairs, cfg.limits)
+    return guard.GuardedDataset(guard.guarded_pairs(cfg, sample_builder(cfg)), cfg.limits)
 
 
 def data_identity(cfg, dataset):
@@ -35,14 +34,17 @@ def data_identity(cfg, dataset):
 
 
 class Collate(data.Collate):
-    """data.Collate, plus the batch's bad-sample counts by kind and, with device decode, its JPEGs."""
+    """data.Collate, plus the batch's bad-sample counts by kind and, with device decode, its JPEGs
+    (the samples decoded on the host bring views, the others none)."""
 
     def __call__(self, samples):
-        out = super().__call__(samples)
-        out['bad'] = torch.stack([s['bad'] for s in samples]).sum(0)
-        if any('jpeg' in s for s in samples):
-            out.update(jpeg.collate_jpeg(samples))
-        return out
+        return {**super().__call__(samples), 'bad': torch.stack([s['bad'] for s in samples]).sum(0)}
+
+    def views(self, samples):
+        if not any('jpeg' in s for s in samples):
+            return super().views(samples)
+        host = [s['images'] for s in samples if 'images' in s]
+        return {**jpeg.collate_jpeg(samples), **({'images': torch.stack(host)} if host else {})}
 
 
 def build_train_loader(cfg, *, rank, world, start_step, max_iter, pin_memory=False, accum=1, dataset=None):

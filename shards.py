@@ -118,8 +118,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     whole batches and the DataLoader takes them round-robin, so a restart at step k knows how many
     samples each worker had consumed and skips them without decoding. A bad sample is replaced
     by a random other one (as the reference does), one of its own batch only where nothing else
-    around it can be built. `make_builder(cfg)` (a data.SampleBuilder) makes the samples, under
-    a guard.SampleGuard, both made once in each loader worker."""
+    around it can be built. `make_builder(cfg)` makes the samples (a data.SampleBuilder; the
+    loader's opens images under limits), under a guard.SampleGuard, both made once in each loader
+    worker."""
 
     def __init__(self, cfg, *, rank, world, start_step, make_builder):
         self.shards = shard_paths(cfg.shards)

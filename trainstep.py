@@ -108,9 +108,10 @@ class TrainState:
     """Everything a training step changes and a checkpoint keeps. `ddp` is what the step calls
     (the model itself in a single process); `queue` [k, Q, D] holds the NN memories (unit-norm
     fp32 rows, None without the NN term) of this rank's k = accum_steps virtual devices and
-    `queue_ptr` their common FIFO write position; `bad_totals` sums the bad-sample counts
-    each batch carries ('bad': one count per kind the loader knows; train.py sizes it so) on this rank
-    (rank 0 also carries the restored sum of a resumed run);
+    `queue_ptr` their common FIFO write position; `bad_totals` sums the count vectors of the
+    bad samples each batch carries under 'bad' (one count per kind; the step does not know the
+    kinds: train.py gives it a zero vector of the loader's length) on this rank, and on rank 0 also
+    the restored sum of a resumed run;
     `static_shapes`: the step keeps every tensor shape fixed (runtime.shape_modes); `autocast`:
     config.runtime.precision's context for the forwards; `stop_requested`: set by the loop when a
     signal arrived here (the step tells every rank); `inputs`: what the checkpoint records of the
@@ -140,7 +141,8 @@ class TrainState:
         return self.model if self.ddp is None else self.ddp
 
     def state_dict(self, config):
-        """The checkpoint dict on rank 0, None on the others. A collective: every rank calls it
+        """The checkpoint dict on rank 0, None on the others (bad_totals a count vector, named by
+        kind in the file by checkpoints.save). A collective: every rank calls it
         (bad-sample counts are summed over ranks, every rank's queues go to rank 0 one at a time:
         `queues` has one [Q, D] entry per virtual device, in virtual-rank order)."""
         rank, world = losses.world_info()

@@ -2,6 +2,7 @@
 import io
 import json
 import math
+import pickle
 import random
 import tarfile
 
@@ -61,8 +62,9 @@ def test_jsonl_round_trip_and_first_caption(tmp_path):
 def test_the_core_dataset_alone_builds_what_the_guarded_one_builds(tmp_path):
     """data.PairDataset reads plainly and assumes well-formed input; behind the guard
     (loader.train_dataset) the same (index, position) gives the same tensors, plus the bad counts.
-    A malformed line is the core's RecordError, not a replaced sample. Break it catches: the guard
-    drawing from another seeded stream than the core, or the core hiding a bad line."""
+    A malformed line is the core's RecordError, not a replaced sample; the guarded set pickles (spawned
+    loader workers). Break it catches: the guard drawing from another seeded stream than the core,
+    the core hiding a bad line, a reader that cannot be pickled."""
     root, recs = make_corpus(tmp_path)
     cfg = data_config(train_root=str(root), train_meta=str(tmp_path / 'meta.jsonl'))
     core, guarded = data.PairDataset(cfg), loader.train_dataset(cfg)
@@ -71,6 +73,9 @@ def test_the_core_dataset_alone_builds_what_the_guarded_one_builds(tmp_path):
         assert set(kept) - set(plain) == {'bad'} and kept['bad'].sum() == 0
         for key in plain:
             assert torch.equal(torch.as_tensor(plain[key]), torch.as_tensor(kept[key])), (item, key)
+    copy = pickle.loads(pickle.dumps(guarded))   # loader workers started by spawn get a copy
+    assert torch.equal(copy[(7, 40)]['images'], guarded[(7, 40)]['images'])
+    assert set(data.RecordError.KINDS) <= set(guard.BAD_KINDS)   # the core's kinds are counted
     (tmp_path / 'meta.jsonl').write_text(json.dumps(recs[0]) + '\n{"filename": \n')
     core, guarded = data.PairDataset(cfg), loader.train_dataset(cfg)
     with pytest.raises(data.RecordError, match='bad_json'):
