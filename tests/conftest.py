@@ -43,6 +43,20 @@ def full_run(tmp_path_factory, demo_dir):
     return workdir
 
 
+@pytest.fixture(scope='session')
+def accumulating_run(tmp_path_factory, demo_dir):
+    """2 processes x accum_steps 2 (fault_runs.overrides: a checkpoint every 2 steps), its 4 steps in
+    one go under tests/hccl_rules.py: (the workdir, the folder of each rank's collectives). Read only."""
+    from fault_runs import overrides
+    from helpers import free_port, run
+    out = tmp_path_factory.mktemp('accumulating')
+    res = run(['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
+               'tests/hccl_rules.py', str(out / 'collectives'), 'train.py', '--config', 'configs/demo.py:smoke',
+               '--workdir', str(out / 'run'), *overrides(demo_dir, max_iter=4, accum_steps=2)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / 'run', out / 'collectives'
+
+
 def _parent(proc):
     stat = (proc / 'stat').read_text()
     return int(stat[stat.rindex(')') + 2:].split()[1])

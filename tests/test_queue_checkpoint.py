@@ -12,7 +12,8 @@ import checkpoints
 import guard
 import losses
 import trainstep
-from helpers import as_dict, free_port, run, run_distributed, scalars, smoke_overrides, tiny_config
+from fault_runs import overrides
+from helpers import as_dict, free_port, run, run_distributed, scalars, tiny_config
 
 COLLECTIVES = ('all_reduce', 'broadcast', 'gather', 'all_gather', 'all_gather_into_tensor', 'all_to_all', 'scatter')
 
@@ -75,18 +76,17 @@ def test_resumed_queues_follow_the_virtual_device(monkeypatch, world, accum):
             assert torch.equal(state.queue[j], saved['queues'][v] if v < 4 else before[j]), (rank, j)
 
 
-def test_two_process_accumulating_run_resumes_exactly_under_hccl_rules(tmp_path, demo_dir):
+def test_two_process_accumulating_run_resumes_exactly_under_hccl_rules(tmp_path, demo_dir, accumulating_run):
     """2 processes x 2 micro-batches under tests/hccl_rules.py, stopped at step 2 and resumed:
     the per-step losses, the four queues and their pointer equal the uninterrupted run's; each
     save moves the queues by broadcasts of one [Q, D] queue, none by a gather."""
-    args = ['--config', 'configs/demo.py:smoke', *smoke_overrides(demo_dir, max_iter=4, accum_steps=2, ckpt_every=2,
-                                                                  **{'data.val_meta': ''})]
+    args = ['--config', 'configs/demo.py:smoke', *overrides(demo_dir, max_iter=4, accum_steps=2)]
 
     def launch(name, workdir, *extra):
         return run(['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
                     'tests/hccl_rules.py', str(tmp_path / name), 'train.py', '--workdir', str(workdir), *args, *extra])
-    full, part = tmp_path / 'full', tmp_path / 'part'
-    for res in (launch('full', full), launch('first', part, '--config.stop_at=2'), launch('second', part)):
+    (full, collectives), part = accumulating_run, tmp_path / 'part'
+    for res in (launch('first', part, '--config.stop_at=2'), launch('second', part)):
         assert res.returncode == 0, res.stderr[-3000:]
     want, got = scalars(full, 'loss/total')[0], scalars(part, 'loss/total')[0]
     assert sorted(want) == sorted(got) == [1, 2, 3, 4]
@@ -95,8 +95,8 @@ def test_two_process_accumulating_run_resumes_exactly_under_hccl_rules(tmp_path,
     a, b = (checkpoints.safe_load(w / 'checkpoints' / 'last.pt') for w in (part, full))
     assert a['queue_ptr'] == b['queue_ptr'] and len(a['queues']) == len(b['queues']) == 4
     assert all(torch.equal(x, y) for x, y in zip(a['queues'], b['queues']))
-    for name, saves in (('full', 2), ('first', 1), ('second', 1)):
-        seqs = [json.loads((tmp_path / name / f'rank{r}.json').read_text()) for r in (0, 1)]
+    for folder, saves in ((collectives, 2), (tmp_path / 'first', 1), (tmp_path / 'second', 1)):
+        seqs = [json.loads((folder / f'rank{r}.json').read_text()) for r in (0, 1)]
         assert seqs[0] == seqs[1]
-        assert seqs[0].count('broadcast torch.float32 [4096, 128]') == 2 * saves, name
-        assert not [c for c in seqs[0] if c.startswith('gather ')], name
+        assert seqs[0].count('broadcast torch.float32 [4096, 128]') == 2 * saves, folder.name
+        assert not [c for c in seqs[0] if c.startswith('gather ')], folder.name
