@@ -168,8 +168,8 @@ class TrainState:
             self.queue = torch.stack(state['queues'][rank * k:(rank + 1) * k]).to(self.queue.device)
         torch.set_rng_state(state['rng'])
         self.nonfinite_total += state['nonfinite_total']
-        restored = torch.as_tensor(state['bad_totals'])   # the sum over ranks, counted once (on rank 0)
-        self.bad_totals = self.bad_totals + (restored if rank == 0 else torch.zeros_like(restored))
+        if rank == 0:   # the restored sum over ranks is counted once
+            self.bad_totals = self.bad_totals + torch.as_tensor(state['bad_totals'])
 
 
 def build_state(cfg, device, rank=0):
