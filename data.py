@@ -177,7 +177,8 @@ def first_caption(caption):
 # ----------------------------------------------------------------------------------------------
 
 class SampleBuilder:
-    """Turns a caption and an image file's bytes into the tensors of one training sample."""
+    """Turns a caption (a non-empty string: first_caption's) and an image file's bytes into the
+    tensors of one training sample."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -186,7 +187,7 @@ class SampleBuilder:
         self.eda = text.EDA(cfg.synonyms_path, use_synonyms=cfg.eda_synonyms) if cfg.eda else None
 
     def __call__(self, caption, image, rng):
-        caption = self.tokenizer.head(first_caption(caption), self.cfg.context_length)
+        caption = self.tokenizer.head(caption, self.cfg.context_length)
         out = self.image_views(image, rng)
         length = self.cfg.context_length
         out['text'] = self.tokenizer(caption, length)[0]

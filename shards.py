@@ -7,6 +7,7 @@ import os
 
 import torch
 
+import data
 import text
 from guard import MAX_FILE_BYTES, BadSample, DataError, SampleGuard, bad_counts, open_regular
 from seeds import generator, seeded_rng
@@ -174,7 +175,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             caption = group['txt'].decode('utf-8')
         except UnicodeDecodeError as e:
             raise BadSample('bad_encoding', 'txt') from e
-        return self.builder(caption, image, rng)
+        return self.builder(data.first_caption(caption), image, rng)
 
     def batch(self, items, spares, share, start):
         """The samples of `items` ((pass, key, group) at positions start, ...), failures replaced."""

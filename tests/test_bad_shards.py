@@ -64,6 +64,7 @@ def add_member(tar, name, payload=b'', kind=tarfile.REGTYPE):
 BAD_MEMBERS = {   # sample 1's members, and the kind it is counted as
     'no_extension': ([('1', b'x')], 'bad_tar'),
     'binary_caption': ([('1.jpg', None), ('1.txt', b'\xff\xfe caption')], 'bad_encoding'),
+    'blank_caption': ([('1.jpg', None), ('1.txt', b' \t\n')], 'empty_caption'),
     'hard_link': ([('1.jpg', {'kind': tarfile.LNKTYPE}), ('1.txt', b'one')], 'bad_tar'),
     'directory': ([('1.jpg', {'kind': tarfile.DIRTYPE}), ('1.txt', b'one')], 'bad_tar'),
     'symlink': ([('1.jpg', {'kind': tarfile.SYMTYPE}), ('1.txt', b'one')], 'bad_tar'),
