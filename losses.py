@@ -20,6 +20,12 @@ def gather_with_grad(x):
     """All-gather along dim 0; the backward sums the incoming gradients over ranks."""
     if world_info()[1] == 1:
         return x
+    return _gather_with_grad(x)
+
+
+@torch.compiler.disable
+def _gather_with_grad(x):
+    """Collectives run eager: a compiled objective breaks its graph here (with more than one rank)."""
     return _GatherWithGrad.apply(x)
 
 
@@ -28,6 +34,11 @@ def gather_no_grad(x):
     world = world_info()[1]
     if world == 1:
         return x
+    return _all_gather(x, world)
+
+
+@torch.compiler.disable
+def _all_gather(x, world):
     out = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)

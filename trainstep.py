@@ -7,6 +7,7 @@ from __future__ import annotations  # TrainState's `X | None` fields on Python 3
 
 import contextlib
 import dataclasses
+import functools
 import math
 
 import torch
@@ -54,10 +55,12 @@ def lr_at(t, optim, max_iter):
     return optim.min_lr + (optim.warmup_lr - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# config.runtime.compile -> what torch.compile compiles: the two towers, or the model's whole training
+# config.runtime.compile -> what torch.compile compiles: the two towers, the model's whole training
 # forward (towers, SimSiam heads, the MLM head on the masked positions; 1.04x the towers' speed
-# for ViT-B/32 on an H200, BENCHMARKS.md); 'true' and 'auto' (on CUDA) take the whole forward
-COMPILE_SCOPES = {'false': None, 'towers': 'towers', 'model': 'model', 'true': 'model', 'auto': 'model'}
+# for ViT-B/32 on an H200, BENCHMARKS.md), or the step: that forward, the objective (its gathers
+# run eager) and the colour ops; 'true' and 'auto' (on CUDA) take the whole forward
+COMPILE_SCOPES = {'false': None, 'towers': 'towers', 'model': 'model', 'step': 'step', 'true': 'model',
+                  'auto': 'model'}
 
 
 def compile_scope(setting, device_type):
@@ -75,7 +78,7 @@ def build_model(cfg, device):
     if cfg.model.vision == 'resnet' and device.type == 'cuda':  # NHWC is slow on NPU
         model = model.to(memory_format=torch.channels_last)
     scope = compile_scope(cfg.runtime.compile, device.type)
-    if scope == 'model':
+    if scope in ('model', 'step'):
         model.compile()
     elif scope == 'towers':
         model.visual.compile()
@@ -112,7 +115,8 @@ class TrainState:
     bad samples each batch carries under 'bad' (one count per kind; the step does not know the
     kinds: train.py gives it a zero vector of the loader's length) on this rank, and on rank 0 also
     the restored sum of a resumed run;
-    `static_shapes`: the step keeps every tensor shape fixed (runtime.shape_modes); `autocast`:
+    `static_shapes`: the step keeps every tensor shape fixed (runtime.shape_modes); `compiled`: the
+    objective and the colour ops run compiled (config.runtime.compile='step'); `autocast`:
     config.runtime.precision's context for the forwards; `stop_requested`: set by the loop when a
     signal arrived here (the step tells every rank); `inputs`: what the checkpoint records of the
     global batch and the training data (checkpoints.run_identity), for a resume to compare."""
@@ -127,6 +131,7 @@ class TrainState:
     step: int = 0
     ddp: torch.nn.Module | None = None
     static_shapes: bool = False
+    compiled: bool = False
     autocast: contextlib.AbstractContextManager = dataclasses.field(default_factory=contextlib.nullcontext)
     stop_requested: bool = False
     inputs: dict = dataclasses.field(default_factory=dict)
@@ -186,26 +191,29 @@ def build_state(cfg, device, rank=0):
     counter = torch.zeros((), dtype=torch.long, device=device)
     return TrainState(model=model, optimizer=build_optimizer(model, cfg.optim, device.type, use_scaler),
                       scaler=runtime.grad_scaler(device.type, use_scaler), queue=queue, autocast=autocast,
+                      compiled=compile_scope(cfg.runtime.compile, device.type) == 'step',
                       nonfinite_run=counter.clone(), nonfinite_total=counter.clone(),
                       bad_totals=torch.zeros((), dtype=torch.long))
 
 
-def device_views(batch, *, cfg, step, rank, world, device, static=False):
+def device_views(batch, *, cfg, step, rank, world, device, static=False, compiled=False):
     """Normalised views [B, V, 3, S, S] on `device`: the loader's uint8 views, then (moco_v2)
-    colour jitter / grayscale / blur per sample from the (seed, step, rank) stream."""
+    colour jitter / grayscale / blur per sample from the (seed, step, rank) stream (`compiled`:
+    the colour ops compiled)."""
     views = images.to_device(batch['images'], device)
     if not images.moco_views(cfg.data.augmentation):   # crops only
         return images.normalize_images(views.flatten(0, 1)).view(views.shape)
     gen = seeds.generator(cfg.seed, step * world + rank)
-    out = images.device_augment(rearrange(views, 'b v c h w -> (b v) c h w'), generator=gen, static=static)
+    out = images.device_augment(rearrange(views, 'b v c h w -> (b v) c h w'), generator=gen, static=static,
+                                compiled=compiled)
     return rearrange(out, '(b v) c h w -> b v c h w', v=views.shape[1])
 
 
 def step_inputs(state, batch, *, cfg, rank, world):
     """One device's inputs on the device: normalised augmented views, (masked) captions, EDA
     captions, MLM positions and targets (padded to mlm_bucket with static shapes)."""
-    views = device_views(batch, cfg=cfg, step=state.step, rank=rank, world=world,
-                                      device=state.device, static=state.static_shapes)
+    views = device_views(batch, cfg=cfg, step=state.step, rank=rank, world=world, device=state.device,
+                         static=state.static_shapes, compiled=state.compiled)
     names = ('text', 'text_eda', 'mlm_index', 'mlm_targets')
     host = {k: batch[k] for k in names if k in batch}
     if state.static_shapes and 'mlm_index' in host:
@@ -236,12 +244,19 @@ def train_step(state, batch, cfg):
     # 4. the weighted objective (neighbours from the queue as it was, features gathered with
     #    gradient over ranks), backward
     queue = state.queue[0] if state.queue is not None else None
-    total, terms, keys = losses.declip_loss(out, queue=queue, mlm_targets=inputs['mlm_targets'],
-                                            weights=loss_weights(cfg))
+    objective = compiled_objective() if state.compiled else losses.declip_loss
+    total, terms, keys = objective(out, queue=queue, mlm_targets=inputs['mlm_targets'], weights=loss_weights(cfg))
     state.scaler.scale(total).backward()
     # 5. skip flag, queue push, optimiser step, logit-scale clamp
     metrics = update(state, batch, total=total, keys=[keys])
     return dict(metrics, loss={'total': total.detach(), **terms}, views=inputs['views'].detach())
+
+
+@functools.cache
+def compiled_objective():
+    """losses.declip_loss under torch.compile, built once per process: dynamic shapes, as the number
+    of masked tokens changes every step; its gathers run eager (losses.gather_with_grad)."""
+    return torch.compile(losses.declip_loss, dynamic=True)
 
 
 def update(state, batch, *, total, keys):

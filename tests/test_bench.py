@@ -2,6 +2,8 @@
 bf16-against-fp32 check is), and its step is the training loop's step."""
 import itertools
 import json
+import shlex
+import subprocess
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import guard
 import loader
 import runtime
 import train
-from helpers import scalars, write_jpeg
+from helpers import ROOT, scalars, write_jpeg
 from tools import bench
 
 
@@ -65,3 +67,56 @@ def test_bench_step_is_the_training_step(tmp_path, monkeypatch):
     logged, _ = scalars(tmp_path / 'run', 'loss/total')
     assert [logged[t] for t in (1, 2, 3)] == pytest.approx(bench_losses, rel=1e-6)
     assert len(set(bench_losses)) == 3   # the steps really differ (weights, LR, augmentation)
+
+
+def test_bench_scopes_runs_the_step_scope_compiled_and_exact(tmp_path, monkeypatch):
+    """`scopes` runs the loop's step under each compile setting from the same weights over the same
+    batches. Under compile='step' the objective and the colour ops are what dynamo captured (graphs
+    with cross_entropy and the hue's remainder), nothing in them compiles again when the masked-token
+    and per-op sample counts change, and the losses are eager's (dynamo's plain backend: the capture
+    is tested here, inductor's code by running the mode)."""
+    import images
+    import trainstep
+    graphs, compile_ = [], torch.compile
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compile_(fn, backend=backend, **kw))
+
+    def fresh():
+        torch._dynamo.reset()
+        trainstep.compiled_objective.cache_clear()
+        images.colour_ops.cache_clear()
+    fresh()
+    try:
+        r = bench.main(['scopes', '--config', 'configs/demo.py:smoke', '--batch', '8', '--warmup', '1', '--steps', '2',
+                        '--scopes', 'false,step', '--out', str(tmp_path / 'out.json')])
+        again = {code.co_filename for code in torch._dynamo.utils.guard_failures}
+    finally:
+        fresh()
+    assert any('cross_entropy' in g for g in graphs) and any('remainder' in g for g in graphs)
+    assert not {f for f in again if f.endswith(('images.py', 'losses.py'))}, again
+    eager, step = r['scopes']['false'], r['scopes']['step']
+    assert (eager['compile'], step['compile']) == (None, 'step') and eager['ratio'] == 1
+    assert len(step['losses']) == 3 and len(set(eager['losses'])) == 3   # three different steps
+    assert step['losses'] == pytest.approx(eager['losses'], rel=1e-6) and step['max_rel_diff'] < 1e-6
+    assert step['step_ms'] > 0 and step['warmup_s'] > 0
+
+
+def test_make_bench_gpu_commands_are_valid():
+    """Every bench.py command of `make bench-gpu` and `make bench-gpu-more` names a mode, flags bench.py
+    defines, a config file that exists and config keys it has: a typo would first show on a GPU."""
+    script = subprocess.run(['make', '-n', 'bench-gpu', 'bench-gpu-more', 'OUT=out'], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.replace('\\\n', ' ').replace('$b', '512')
+    commands = [shlex.split(line) for line in script.splitlines() if 'tools/bench.py' in line]
+    assert len(commands) >= 10
+    bench.define_flags()
+    for words in commands:
+        args = words[words.index('tools/bench.py') + 1:]
+        args = args[:next((i for i, w in enumerate(args) if w in ('||', '&&') or w.endswith(';')), len(args))]
+        bench.FLAGS.unparse_flags()
+        mode, = bench.FLAGS(['bench.py', *args])[1:]
+        assert mode in bench.MODES, words
+        bench._load_config(bench.FLAGS.config, overrides=bench.FLAGS.set)   # an unknown key raises
+

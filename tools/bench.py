@@ -2,11 +2,12 @@
 
     python tools/bench.py data                                   # host pipeline per core, device ops on CPU, meta index
     python tools/bench.py step --config=configs/vitb32.py --batch=256       # add --compile on CUDA, --decode=device
+    python tools/bench.py scopes --config=configs/vitb32.py                 # eager vs each compile scope, one run
     python tools/bench.py parts --config=configs/r50.py --batch=256         # each speed choice vs its former form
     python tools/bench.py precision --config=configs/vitb32.py --batch=128  # bf16 losses against fp32
     python tools/bench.py e2e --workers=16 --step_ms=71                     # real loader over JPEG files
 
-The mode comes first; flags a mode does not use are ignored. `step` and `precision` time the
+The mode comes first; flags a mode does not use are ignored. `step`, `scopes` and `precision` run the
 loop's own step (accum.train_step with accum_steps > 1). Every mode runs on CPU in tiny settings (tests do).
 `data` lives in bench_data.py, `parts` in bench_parts.py.
 """
@@ -170,6 +171,44 @@ def bench_precision(args):
     return rows, result
 
 
+def bench_scopes(args):
+    """The loop's step under each compile scope of --scopes, from the same initial weights over the
+    same batches (three, cycled: the masked-token counts differ), one after the other in one process:
+    seconds of the first --warmup steps (compilation), ms/step after them as a ratio to the first
+    scope's, each scope's largest relative loss difference from the first scope's over all steps,
+    peak memory (on CPU the process's peak RSS, which only grows) and whether a step syncs with the host."""
+    device, device_type = runtime.setup_device(0)
+    runs, batches = {}, None
+    for scope in args.scopes:
+        cfg = _load_config(args.config, compile=scope, precision=args.precision, overrides=args.set)
+        cfg.data.batch_size = args.batch // cfg.accum_steps
+        batches = batches or [_synthetic_batch(cfg, args.batch, device, seed=t) for t in range(3)]
+        step = trainer(cfg, device)
+        start = time.perf_counter()
+        losses = [step(batches[t % 3]) for t in range(args.warmup)]
+        runtime.synchronize(device)
+        runtime.reset_peak_memory(device_type)   # the timed steps' peak, not compilation's
+        warm = time.perf_counter()
+        losses += [step(batches[t % 3]) for t in range(args.warmup, args.warmup + args.steps)]
+        runtime.synchronize(device)
+        runs[scope] = {'compile': trainstep.compile_scope(cfg.runtime.compile, device_type),
+                       'warmup_s': warm - start, 'step_ms': (time.perf_counter() - warm) / args.steps * 1000,
+                       'peak_mem_gib': runtime.peak_memory_gib(device_type),
+                       'host_syncs_in_step': _host_syncs(lambda: step(batches[0]), device_type),
+                       'losses': torch.stack(losses).float().cpu().tolist()}
+    first = runs[args.scopes[0]]
+    ref = torch.tensor(first['losses'])
+    rows = []
+    for scope, r in runs.items():
+        r['ratio'] = first['step_ms'] / r['step_ms']
+        r['max_rel_diff'] = ((torch.tensor(r['losses']) - ref).abs() / ref.abs()).max().item()
+        rows.append((f'{args.config} batch {args.batch} compile={scope} ({r["compile"]})', f'{r["step_ms"]:.1f} ms/step',
+                     f'x{r["ratio"]:.2f} speed', f'warm-up {r["warmup_s"]:.1f} s', f'rel diff {r["max_rel_diff"]:.1e}',
+                     f'{r["peak_mem_gib"]:.2f} GiB', f'host sync {r["host_syncs_in_step"]}'))
+    return rows, {'config': args.config, 'batch': args.batch, 'device': str(device), 'precision': args.precision,
+                  'steps': args.steps, 'warmup': args.warmup, 'scopes': runs}
+
+
 def _load_config(spec, compile=False, precision=None, overrides=()):
     """A config file[:arg] as train.py takes it, compiled only with --compile, `precision` and
     `overrides` ('key.path=value', a Python literal) replacing the file's."""
@@ -259,10 +298,11 @@ def print_table(title, rows):
     print(f'\n{title}', *(f'  {row[0]:<{width}}  ' + '  '.join(f'{c:>18}' for c in row[1:]) for row in rows), sep='\n')
 
 
-MODES = {'data': bench_data.bench_data, 'step': bench_step, 'precision': bench_precision, 'parts': _parts, 'e2e': bench_e2e,
-         'memory': bench_memory}
+MODES = {'data': bench_data.bench_data, 'step': bench_step, 'scopes': bench_scopes, 'precision': bench_precision,
+         'parts': _parts, 'e2e': bench_e2e, 'memory': bench_memory}
 # The defaults that differ between modes: flags left unset (None or '') take their mode's value.
 MODE_DEFAULTS = {'step': dict(batch=256, precision='auto', warmup=5, steps=20),
+                 'scopes': dict(batch=256, precision='auto', warmup=3, steps=12),
                  'memory': dict(batch=64, warmup=2, steps=5), 'precision': dict(batch=128, precision='bf16', steps=50),
                  'parts': dict(batch=256, precision='auto'), 'e2e': dict(batch=256, warmup=2, steps=10)}
 
@@ -276,6 +316,8 @@ def define_flags():
     flags.DEFINE_string('precision', '', 'auto, bf16, fp16 or fp32 (default auto; precision: bf16, against fp32)')
     flags.DEFINE_boolean('compile', False, "step, precision: torch.compile (config.runtime.compile 'true'; "
                          "--set=compile=\"'model'\" picks a scope)")
+    flags.DEFINE_list('scopes', ['false', 'model', 'step'], 'scopes: config.runtime.compile settings, the '
+                      'first the reference')
     flags.DEFINE_integer('warmup', None, 'step, e2e: untimed steps first (default 5; e2e: 2)')
     flags.DEFINE_integer('steps', None, 'step, precision, e2e: timed steps (default 20; precision 50; e2e 10)')
     flags.DEFINE_enum('decode', 'host', ['host', 'device'], "step, e2e: 'device' decodes JPEG bytes in the step")
