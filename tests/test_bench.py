@@ -3,6 +3,7 @@ bf16-against-fp32 check is), and its step is the training loop's step."""
 import itertools
 import json
 import shlex
+import types
 import subprocess
 
 import pytest
@@ -120,3 +121,23 @@ def test_make_bench_gpu_commands_are_valid():
         assert mode in bench.MODES, words
         bench._load_config(bench.FLAGS.config, overrides=bench.FLAGS.set)   # an unknown key raises
 
+
+def test_step_peak_memory_is_the_timed_steps(monkeypatch):
+    """The FLOP count runs a step eager: `step`'s peak memory is reset after it (and after the sync
+    check, which runs no step on CPU), so a compiled step's figure is the compiled step's (it was the
+    eager one's)."""
+    import contextlib
+    events = []
+
+    @contextlib.contextmanager
+    def counted():
+        events.append('count')
+        yield types.SimpleNamespace(get_total_flops=lambda: 1)
+    monkeypatch.setattr(runtime, 'flop_counter', counted)
+    monkeypatch.setattr(runtime, 'reset_peak_memory', lambda device_type: events.append('reset'))
+
+    def step():
+        events.append('step')
+        return torch.zeros(())
+    bench._time_step(step, torch.device('cpu'), warmup=2, steps=3)
+    assert events == ['step', 'step', 'count', 'step', 'reset', 'step', 'step', 'step'], events

@@ -106,14 +106,15 @@ def _host_syncs(step, device_type):
 
 
 def _time_step(step, device, warmup, steps):
-    """(seconds per step, FLOPs of one step, whether a step synchronises with the host)."""
-    runtime.reset_peak_memory(device.type)
+    """(seconds per step, FLOPs of one step, whether a step synchronises with the host); the peak
+    memory is the timed steps' (the FLOP count runs one step eager, whose peak is not the compiled one's)."""
     for _ in range(warmup):
         step()
     with runtime.flop_counter() as counter:
         step()
     syncs = _host_syncs(step, device.type)
     runtime.synchronize(device)
+    runtime.reset_peak_memory(device.type)
     start = time.perf_counter()
     for _ in range(steps):
         total = step()
