@@ -338,38 +338,15 @@ def _whole_batch(plan, device):
 COLOUR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue, to_grayscale, gaussian_blur)
 
 
-@functools.cache
-def colour_ops(compiled):
-    """COLOUR_OPS, or each under torch.compile, built once per process: one fused kernel instead of
-    tens. The sample count changes every step, so it is compiled as a size with no assumed value
-    (unbacked: no new code when it is 1 or equals another size). The blur stays eager: its grouped
-    convolution's groups follow the sample count, which would compile again for every count."""
-    if not compiled:
-        return COLOUR_OPS
-    return tuple(map(_compiled_per_sample, COLOUR_OPS[:-1])) + COLOUR_OPS[-1:]
-
-
-def _compiled_per_sample(op):
-    compiled = torch.compile(op, dynamic=True)
-
-    def run(x, param):
-        param = param.clone()   # its own storage: a slice's offset would be compiled for too
-        for t in (x, param):
-            torch._dynamo.decorators.mark_unbacked(t, 0)
-        return compiled(x, param)
-    return run
-
-
 def device_augment(images, *, generator, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4,
-                   hue=0.1, gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), normalize=True, static=False,
-                   compiled=False):
+                   hue=0.1, gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), normalize=True, static=False, ops=COLOUR_OPS):
     """MoCo v2 colour ops on a uint8 batch [N, 3, H, W] on its own device: with p jitter_p
     ColorJitter (the four ops in a random order per sample), grayscale with p gray_p, PIL-style
     Gaussian blur with p blur_p; then ImageNet normalisation. The per-sample choices and
     parameters are drawn on the host from the CPU `generator`, so each op runs only on the
-    samples that get it and nothing is read back from the device; `static` runs every op on
-    every sample instead and selects (the same result, in shapes that never change); `compiled`
-    runs each op compiled (colour_ops)."""
+    samples that get it and nothing is read back from the device; `static` runs every op on every
+    sample instead and selects (the same result, in shapes that never change). `ops`: COLOUR_OPS
+    or their compiled forms (trainstep.compiled_colour_ops)."""
     n = images.shape[0]
 
     def u(lo, hi):
@@ -382,7 +359,7 @@ def device_augment(images, *, generator, jitter_p=0.8, brightness=0.4, contrast=
     gray = torch.rand(n, generator=generator) < gray_p
     blur = torch.rand(n, generator=generator) < blur_p
     sigma = u(*blur_sigma)
-    *jitter_ops, grayscale, blur_op = colour_ops(compiled)
+    *jitter_ops, grayscale, blur_op = ops
     plan = [(jitter_ops[k], jitter & (order[:, slot] == k), factors[k]) for slot in range(4) for k in range(4)]
     plan += [(grayscale, gray, sigma),
              (lambda y, s: blur_op(y, s, max_sigma=blur_sigma[1]), blur, sigma)]

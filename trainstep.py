@@ -205,7 +205,7 @@ def device_views(batch, *, cfg, step, rank, world, device, static=False, compile
         return images.normalize_images(views.flatten(0, 1)).view(views.shape)
     gen = seeds.generator(cfg.seed, step * world + rank)
     out = images.device_augment(rearrange(views, 'b v c h w -> (b v) c h w'), generator=gen, static=static,
-                                compiled=compiled)
+                                ops=compiled_colour_ops() if compiled else images.COLOUR_OPS)
     return rearrange(out, '(b v) c h w -> b v c h w', v=views.shape[1])
 
 
@@ -250,6 +250,26 @@ def train_step(state, batch, cfg):
     # 5. skip flag, queue push, optimiser step, logit-scale clamp
     metrics = update(state, batch, total=total, keys=[keys])
     return dict(metrics, loss={'total': total.detach(), **terms}, views=inputs['views'].detach())
+
+
+@functools.cache
+def compiled_colour_ops():
+    """images.COLOUR_OPS each under torch.compile, built once per process: one fused kernel instead
+    of tens. The sample count changes every step, so it is compiled as a size with no assumed value
+    (unbacked: no new code when it is 1 or equals another size). The blur stays eager: its grouped
+    convolution's groups follow the sample count, which would compile again for every count."""
+    return tuple(map(_compiled_per_sample, images.COLOUR_OPS[:-1])) + images.COLOUR_OPS[-1:]
+
+
+def _compiled_per_sample(op):
+    compiled = torch.compile(op, dynamic=True)
+
+    def run(x, param):
+        param = param.clone()   # its own storage: a slice's offset would be compiled for too
+        for t in (x, param):
+            torch._dynamo.decorators.mark_unbacked(t, 0)
+        return compiled(x, param)
+    return run
 
 
 @functools.cache

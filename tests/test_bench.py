@@ -76,7 +76,6 @@ def test_bench_scopes_runs_the_step_scope_compiled_and_exact(tmp_path, monkeypat
     with cross_entropy and the hue's remainder), nothing in them compiles again when the masked-token
     and per-op sample counts change, and the losses are eager's (dynamo's plain backend: the capture
     is tested here, inductor's code by running the mode)."""
-    import images
     import trainstep
     graphs, compile_ = [], torch.compile
 
@@ -88,7 +87,7 @@ def test_bench_scopes_runs_the_step_scope_compiled_and_exact(tmp_path, monkeypat
     def fresh():
         torch._dynamo.reset()
         trainstep.compiled_objective.cache_clear()
-        images.colour_ops.cache_clear()
+        trainstep.compiled_colour_ops.cache_clear()
     fresh()
     try:
         r = bench.main(['scopes', '--config', 'configs/demo.py:smoke', '--batch', '8', '--warmup', '1', '--steps', '2',
