@@ -41,7 +41,7 @@ def test_bench_modes_smoke(tmp_path):
 def test_bench_parts_and_precision(tmp_path):
     out = tmp_path / 'out.json'
     r = bench.main(['parts', '--config', 'configs/demo.py:smoke', '--batch', '4', '--rounds', '1', '--out', str(out)])
-    assert len(r['parts']) == 7 and all(p['before_ms'] > 0 and p['after_ms'] > 0 for p in r['parts'].values())
+    assert len(r['parts']) == 8 and all(p['before_ms'] > 0 and p['after_ms'] > 0 for p in r['parts'].values())
     r = bench.main(['precision', '--config', 'configs/demo.py:smoke', '--batch', '4', '--steps', '3',
                     '--compare', '3', '--out', str(out)])
     assert r['finite'] and r['ok'] and 0 < r['max_rel_diff'] < 0.02  # bf16 autocast really ran

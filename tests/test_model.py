@@ -261,3 +261,22 @@ def test_text_embedding_is_read_at_the_eot_position():
         torch.testing.assert_close(emb, manual, rtol=0, atol=1e-6)
         assert ((model.encode_text(before) - emb).abs().amax(dim=1) > 1e-3).all()
         torch.testing.assert_close(model.encode_text(after), emb, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_quick_gelu_keeps_only_its_input_and_gives_autograds_gradient(dtype):
+    """QuickGELU's output and gradient are autograd's for x * sigmoid(1.702 x) bit for bit, while
+    the backward keeps x alone (autograd keeps the sigmoid too: one more hidden-size tensor)."""
+    x, grad = (torch.randn(64, 96, generator=torch.Generator().manual_seed(s)).mul(4).to(dtype) for s in (0, 1))
+    kept = {}
+    for name, fn in (('autograd', lambda t: t * torch.sigmoid(1.702 * t)), ('QuickGELU', declip.QuickGELU())):
+        leaf = x.clone().requires_grad_()
+        storages = set()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: storages.add(t.untyped_storage().data_ptr()) or t,
+                                                      lambda t: t):
+            y = fn(leaf)
+        y.backward(grad)
+        kept[name] = (y.detach(), leaf.grad, storages - {leaf.untyped_storage().data_ptr()})
+    assert torch.equal(kept['QuickGELU'][0], kept['autograd'][0])
+    assert torch.equal(kept['QuickGELU'][1], kept['autograd'][1])
+    assert len(kept['autograd'][2]) == 1 and kept['QuickGELU'][2] == set()   # the sigmoid, kept by autograd only

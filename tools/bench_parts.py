@@ -49,6 +49,26 @@ def _pairwise_clip_loss(*, images, texts, all_images, all_texts, logit_scale, la
     return total / (len(images) * len(texts))
 
 
+class _AutogradQuickGELU(torch.nn.Module):
+    """QuickGELU as plain autograd (the form declip.QuickGELU replaces): keeps the sigmoid too."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+def _activation_variants(p):
+    """A text-tower MLP (Linear, QuickGELU, Linear) on a batch of caption tokens: QuickGELU keeping
+    its input and its sigmoid for the backward, against its input alone (the sigmoid recomputed)."""
+    if not isinstance(p.model.encode_text.transformer.resblocks[0].mlp.gelu, declip.QuickGELU):
+        return {}
+    mlp = copy.deepcopy(p.model.encode_text.transformer.resblocks[0].mlp)
+    before = copy.deepcopy(mlp)
+    before.gelu = _AutogradQuickGELU()
+    x = torch.randn(p.batch, p.cfg.model.context_length, p.cfg.model.text_width, generator=p.g).to(p.device)
+    return {'QuickGELU backward: keeps its sigmoid -> recomputes it': (
+        p.fwd_bwd(lambda: before(x), before), p.fwd_bwd(lambda: mlp(x), mlp))}
+
+
 def _view_variants(p):
     """Image tower: both views in one forward and the patch embedding (ViT); channels-last ResNet (CUDA only)."""
     m, model = p.cfg.model, p.model
@@ -146,7 +166,8 @@ def bench_parts(args, *, cfg, device, inputs):
     p = types.SimpleNamespace(cfg=cfg, model=model, device=device, batch=args.batch,
                               g=torch.Generator().manual_seed(0), inputs=inputs,
                               fwd_bwd=lambda fn, module=model: _fwd_bwd(fn, module, autocast))
-    families = (_view_variants, _text_variants, _mlm_variants, _clip_variants, _colour_variants, _adamw_variants)
+    families = (_view_variants, _text_variants, _activation_variants, _mlm_variants, _clip_variants, _colour_variants,
+                _adamw_variants)
     variants = {name: pair for family in families for name, pair in family(p).items()}
     times = _timed_pairs(variants, device, args.rounds)
     result = {'config': args.config, 'batch': args.batch, 'device': str(device), 'precision': args.precision,
