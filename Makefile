@@ -33,15 +33,17 @@ STEP = $(BENCH) step --batch=256 --warmup=3 --steps=12
 LIMIT = timeout --kill-after=10
 bench-gpu:
 	mkdir -p $(OUT)
-	-$(LIMIT) 190 $(BENCH) scopes --config=configs/vitb32.py --batch=256 --scopes=false,model,step \
+	-$(LIMIT) 180 $(BENCH) scopes --config=configs/vitb32.py --batch=256 --scopes=false,model,step \
 		--out=$(OUT)/scopes_vitb32_256.json
-	-$(LIMIT) 200 $(STEP) --config=configs/r50.py --compile --set="runtime.compile='step'" --out=$(OUT)/step_r50_256.json
+	-$(LIMIT) 180 $(STEP) --config=configs/r50.py --compile --set="runtime.compile='step'" --out=$(OUT)/step_r50_256.json
+	-$(LIMIT) 40 $(BENCH) saved --config=configs/vitb32.py --batch=256 --out=$(OUT)/saved_vitb32_256.json
 	-$(LIMIT) 60 $(BENCH) memory --config=configs/vitb32.py --batch=256 --accum=4 --out=$(OUT)/memory_vitb32.json
 
 bench-gpu-more:
 	mkdir -p $(OUT)
 	test -f data/demo/train.jsonl || $(PYTHON) tools/prepare.py make-demo --out data/demo
 	$(BENCH) scopes --config=configs/r50.py --batch=256 --scopes=false,towers,model --out=$(OUT)/scopes_r50_256.json
+	$(BENCH) saved --config=configs/r50.py --batch=256 --out=$(OUT)/saved_r50_256.json
 	$(BENCH) step --config=configs/vitb32.py --batch=256 --compile --set="runtime.compile='step'" \
 		--out=$(OUT)/step_vitb32_256.json
 	$(PYTHON) train.py --config configs/vitb32.py:gpu_smoke --workdir $(OUT)/gpu_smoke

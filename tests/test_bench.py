@@ -140,3 +140,21 @@ def test_step_peak_memory_is_the_timed_steps(monkeypatch):
         return torch.zeros(())
     bench._time_step(step, torch.device('cpu'), warmup=2, steps=3)
     assert events == ['step', 'step', 'count', 'step', 'reset', 'step', 'step', 'step'], events
+
+
+def test_bench_saved_counts_what_the_step_keeps(tmp_path):
+    """`saved`: the rows add up to the total, the model state is 16 bytes per trained fp32 weight, and
+    each tower's QuickGELU keeps exactly its input, layers x tokens x 4 width fp32 values for each
+    image view (2) and caption (the masked one and the EDA one)."""
+    import declip
+    r = bench.main(['saved', '--config', 'configs/demo.py:smoke', '--batch', '4', '--precision', 'fp32',
+                    '--out', str(tmp_path / 'out.json')])
+    m = configs.demo.get_config('smoke').model
+    parts = {(p['part'], p['module'], p['dtype']): p['bytes'] for p in r['parts']}
+    assert sum(parts.values()) == r['saved_bytes'] and parts[('objective', '-', 'float32')] > 0
+    trained = sum(p.numel() for p in declip.build_model(m).parameters() if p.requires_grad)
+    assert r['model_state_bytes'] == 16 * trained
+    tokens = (m.image_size // m.patch_size) ** 2 + 1
+    assert parts[('visual', 'QuickGELU', 'float32')] == 4 * m.vision_layers * (4 * 2) * tokens * 4 * m.vision_width
+    assert parts[('encode_text', 'QuickGELU', 'float32')] == (
+        4 * m.text_layers * (4 * 2) * m.context_length * 4 * m.text_width)

@@ -5,11 +5,12 @@
     python tools/bench.py scopes --config=configs/vitb32.py                 # eager vs each compile scope, one run
     python tools/bench.py parts --config=configs/r50.py --batch=256         # each speed choice vs its former form
     python tools/bench.py precision --config=configs/vitb32.py --batch=128  # bf16 losses against fp32
+    python tools/bench.py saved --config=configs/vitb32.py                  # what a step keeps for backward
     python tools/bench.py e2e --workers=16 --step_ms=71                     # real loader over JPEG files
 
 The mode comes first; flags a mode does not use are ignored. `step`, `scopes` and `precision` run the
 loop's own step (accum.train_step with accum_steps > 1). Every mode runs on CPU in tiny settings (tests do).
-`data` lives in bench_data.py, `parts` in bench_parts.py.
+`data` lives in bench_data.py, `parts` in bench_parts.py, `saved` in bench_saved.py.
 """
 import ast
 import json
@@ -37,7 +38,7 @@ import loader  # noqa: E402
 import runtime  # noqa: E402
 import text  # noqa: E402
 import trainstep  # noqa: E402
-from tools import bench_data, bench_parts  # noqa: E402
+from tools import bench_data, bench_parts, bench_saved  # noqa: E402
 
 FLAGS = flags.FLAGS
 BENCH_IMAGES = data.ROOT.parent / 'shared' / 'bench_images'
@@ -203,8 +204,8 @@ def bench_scopes(args):
     for scope, r in runs.items():
         r['ratio'] = first['step_ms'] / r['step_ms']
         r['max_rel_diff'] = ((torch.tensor(r['losses']) - ref).abs() / ref.abs()).max().item()
-        rows.append((f'{args.config} batch {args.batch} compile={scope} ({r["compile"]})', f'{r["step_ms"]:.1f} ms/step',
-                     f'x{r["ratio"]:.2f} speed', f'warm-up {r["warmup_s"]:.1f} s', f'rel diff {r["max_rel_diff"]:.1e}',
+        rows.append((f'{args.config} batch {args.batch} compile={scope} ({r["compile"]})',
+                     f'{r["step_ms"]:.1f} ms/step', f'x{r["ratio"]:.2f} speed', f'warm-up {r["warmup_s"]:.1f} s', f'rel diff {r["max_rel_diff"]:.1e}',
                      f'{r["peak_mem_gib"]:.2f} GiB', f'host sync {r["host_syncs_in_step"]}'))
     return rows, {'config': args.config, 'batch': args.batch, 'device': str(device), 'precision': args.precision,
                   'steps': args.steps, 'warmup': args.warmup, 'scopes': runs}
@@ -294,16 +295,25 @@ def _parts(args):
     return bench_parts.bench_parts(args, cfg=cfg, device=device, inputs=_synthetic_batch(cfg, args.batch, device))
 
 
+def _saved(args):
+    """`saved` (bench_saved.py) on the config's model and a synthetic batch."""
+    cfg = _load_config(args.config, precision=args.precision, overrides=args.set)
+    cfg.data.batch_size = args.batch // cfg.accum_steps
+    device, _ = runtime.setup_device(0)
+    return bench_saved.bench_saved(args, cfg=cfg, device=device, batch=_synthetic_batch(cfg, args.batch, device))
+
+
 def print_table(title, rows):
     width = max(len(r[0]) for r in rows)
     print(f'\n{title}', *(f'  {row[0]:<{width}}  ' + '  '.join(f'{c:>18}' for c in row[1:]) for row in rows), sep='\n')
 
 
 MODES = {'data': bench_data.bench_data, 'step': bench_step, 'scopes': bench_scopes, 'precision': bench_precision,
-         'parts': _parts, 'e2e': bench_e2e, 'memory': bench_memory}
+         'parts': _parts, 'e2e': bench_e2e, 'memory': bench_memory, 'saved': _saved}
 # The defaults that differ between modes: flags left unset (None or '') take their mode's value.
 MODE_DEFAULTS = {'step': dict(batch=256, precision='auto', warmup=5, steps=20),
                  'scopes': dict(batch=256, precision='auto', warmup=3, steps=12),
+                 'saved': dict(batch=256, precision='auto'),
                  'memory': dict(batch=64, warmup=2, steps=5), 'precision': dict(batch=128, precision='bf16', steps=50),
                  'parts': dict(batch=256, precision='auto'), 'e2e': dict(batch=256, warmup=2, steps=10)}
 
