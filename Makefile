@@ -44,6 +44,7 @@ bench-gpu-more:
 	test -f data/demo/train.jsonl || $(PYTHON) tools/prepare.py make-demo --out data/demo
 	$(BENCH) scopes --config=configs/r50.py --batch=256 --scopes=false,towers,model --out=$(OUT)/scopes_r50_256.json
 	$(BENCH) saved --config=configs/r50.py --batch=256 --out=$(OUT)/saved_r50_256.json
+	$(BENCH) memory --config=configs/r50.py --batch=256 --accum=4 --out=$(OUT)/memory_r50.json
 	$(BENCH) step --config=configs/vitb32.py --batch=256 --compile --set="runtime.compile='step'" \
 		--out=$(OUT)/step_vitb32_256.json
 	$(PYTHON) train.py --config configs/vitb32.py:gpu_smoke --workdir $(OUT)/gpu_smoke

@@ -89,17 +89,17 @@ def check_model(cfg):
 # ----------------------------------------------------------------------------------------------
 
 def check_values(tree, rules):
-    """A config's leaves, after checking that every number (also inside lists) is finite and that
-    the keys of each rule (exact names, or prefixes ending in '.') obey it: (keys, ok, 'rule')."""
+    """A config's leaves, after checking that every number (also inside lists) is finite and obeys
+    the first rule (keys, ok, 'rule') whose keys (exact names, or prefixes ending in '.') match it."""
     values = checkpoints.leaves(tree)
     for key, value in values.items():
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 if not math.isfinite(v):
                     raise ValueError(f'config.{key}: must be a finite number, got {v}')
-                for keys, ok, rule in rules:
-                    if checkpoints.matches(key, keys) and not ok(v):
-                        raise ValueError(f'config.{key}: must be {rule}, got {value}')
+                keys, ok, rule = next((r for r in rules if checkpoints.matches(key, r[0])), ((), None, ''))
+                if ok is not None and not ok(v):
+                    raise ValueError(f'config.{key}: must be {rule}, got {value}')
     return values
 
 
@@ -107,7 +107,7 @@ POSITIVE = ('max_iter', 'accum_steps', 'log_every', 'ckpt_every', 'keep_every', 
             'runtime.dist_timeout_s', 'runtime.mlm_bucket', 'data.batch_size', 'data.prefetch', 'data.limits.bad_window',
             'data.limits.max_pixels', 'loss.queue_size', 'eval.batch_size', 'optim.eps')
 NON_NEGATIVE = ('seed', 'stop_at', 'data.shuffle_buffer', 'keep_copies', 'runtime.tb_images', 'runtime.peak_tflops', 'data.workers', 'eval.workers',
-                'data.limits.batch_timeout_s',
+                'data.limits.batch_timeout_s', 'model.checkpoint_image_stages',
                 'optim.base_lr', 'optim.warmup_lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
                 *(f'loss.{k}' for k in trainstep.LOSS_TERMS))
 BELOW_ONE = ('optim.beta1', 'optim.beta2')
@@ -120,7 +120,7 @@ def check_numbers(cfg):
     values = check_values(cfg.to_dict(), [
         (POSITIVE, lambda v: v > 0, '> 0'), (NON_NEGATIVE, lambda v: v >= 0, '>= 0'),
         (BELOW_ONE, lambda v: 0 <= v < 1, 'in [0, 1)'), (RATES, lambda v: 0 <= v <= 1, 'in [0, 1]'),
-        (('model.',), lambda v: v > 0, '> 0')])
+        (('model.',), lambda v: v > 0, '> 0')])   # model sizes: after NON_NEGATIVE's model key
     lo, hi = values['data.crop_scale']
     if not 0 < lo <= hi <= 1:
         raise ValueError(f'config.data.crop_scale: need 0 < min <= max <= 1, got {tuple(cfg.data.crop_scale)}')

@@ -31,9 +31,11 @@ def model_config(vision, *, declip=True, **overrides):
     the ResNet's BatchNorm synchronised over the job (the reference's DeCLIP-R50 config asks for it;
     its CLIP-R50 config does not, and configs/clip_r50.py turns it off); the Transformers' MLP
     activation `act`: 'quick_gelu' (OpenAI CLIP, DeCLIP) or 'gelu' (most open_clip models trained by
-    LAION)."""
+    LAION). Memory for time: `grad_checkpointing` recomputes every block and stage of both towers in
+    the backward, `checkpoint_image_stages` = N the first N stages (ResNet) or blocks (ViT) of the
+    image tower only: a ResNet's early stages hold the most activations for the fewest FLOPs."""
     fields = dict(vision, freeze_conv1=True, concat_views=False, sync_bn=vision['vision'] == 'resnet',
-                  grad_checkpointing=False, act='quick_gelu',
+                  grad_checkpointing=False, checkpoint_image_stages=0, act='quick_gelu',
                   context_length=text.CONTEXT_LENGTH,
                   vocab_size=text.VOCAB_SIZE, text_width=512, text_layers=12, text_heads=8, declip=declip,
                   simsiam_dim=1024, predictor_dim=512)
@@ -131,10 +133,16 @@ def checkpointed(module, x, **kwargs):
         context_fn=lambda: (contextlib.nullcontext(), _frozen_norm_statistics(module)))
 
 
+def recomputed(tower, i):
+    """Whether block or stage i of `tower` recomputes its activations in this backward: all with
+    grad_checkpointing, the first checkpoint_first otherwise (build_model sets both)."""
+    return torch.is_grad_enabled() and (tower.grad_checkpointing or i < tower.checkpoint_first)
+
+
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads, act=QuickGELU):
         super().__init__()
-        self.grad_checkpointing = False
+        self.grad_checkpointing, self.checkpoint_first = False, 0
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, act) for _ in range(layers))
         # CLIP's text-tower init; the DeCLIP reference applies it to the visual ViT too.
         proj_std = width ** -0.5 * (2 * layers) ** -0.5
@@ -145,9 +153,8 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
     def forward(self, x, causal=False):
-        keep = not (self.grad_checkpointing and torch.is_grad_enabled())
-        for block in self.resblocks:
-            x = block(x, causal=causal) if keep else checkpointed(block, x, causal=causal)
+        for i, block in enumerate(self.resblocks):
+            x = checkpointed(block, x, causal=causal) if recomputed(self, i) else block(x, causal=causal)
         return x
 
 
@@ -306,16 +313,15 @@ class ModifiedResNet(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith('bn3.weight') and name.startswith('layer'):
                 nn.init.zeros_(param)
-        self.num_stages, self.grad_checkpointing = len(layers), False
+        self.num_stages, self.grad_checkpointing, self.checkpoint_first = len(layers), False, 0
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         x = self.avgpool(F.relu(self.bn3(self.conv3(x))))
-        keep = not (self.grad_checkpointing and torch.is_grad_enabled())
         for i in range(self.num_stages):
             stage = getattr(self, f'layer{i + 1}')
-            x = stage(x) if keep else checkpointed(stage, x)
+            x = checkpointed(stage, x) if recomputed(self, i) else stage(x)
         return self.attnpool(x)
 
 
@@ -452,6 +458,8 @@ def build_model(model_config):
     for tower in model.modules():
         if isinstance(tower, (Transformer, ModifiedResNet)):
             tower.grad_checkpointing = model_config.get('grad_checkpointing', False)
+    image_tower = model.visual if model_config.vision == 'resnet' else model.visual.transformer
+    image_tower.checkpoint_first = model_config.get('checkpoint_image_stages', 0)
     if model_config.get('sync_bn', False):
         for m in model.visual.modules():
             if type(m) is nn.BatchNorm2d:

@@ -218,8 +218,9 @@ def test_first_forward_uses_the_initial_logit_scale_then_it_is_clamped():
 
 @pytest.mark.parametrize('vision', ['vit', 'resnet'])
 def test_gradient_checkpointing_changes_no_gradient_and_no_running_statistic(vision):
-    """The same DeCLIP forward/backward with the transformer blocks and ResNet stages recomputed:
-    equal features, parameter gradients and BatchNorm running statistics."""
+    """The same DeCLIP forward/backward with every transformer block and ResNet stage recomputed, or
+    the image tower's first one only: equal features, parameter gradients and BatchNorm running
+    statistics; the recomputed units (and only they) start their forward twice."""
     from losses import declip_loss
     cfg = tiny_config(vision)
     cfg.model.sync_bn = False
@@ -227,23 +228,33 @@ def test_gradient_checkpointing_changes_no_gradient_and_no_running_statistic(vis
     images = torch.randn(4, 2, 3, 32, 32, generator=g)
     tokens = torch.randint(1, 1000, (4, 16), generator=g)
     results = []
-    for on in (False, True):
-        cfg.model.grad_checkpointing = on
+    for every, first in ((False, 0), (True, 0), (False, 1)):
+        cfg.model.grad_checkpointing, cfg.model.checkpoint_image_stages = every, first
         torch.manual_seed(0)
         model = declip.build_model(cfg.model)
+        image_units = ([model.visual.layer1, model.visual.layer2] if vision == 'resnet'
+                       else list(model.visual.transformer.resblocks[:2]))
+        units = image_units + [model.encode_text.transformer.resblocks[0]]
+        calls = [0] * len(units)
+        for k, unit in enumerate(units):
+            unit.register_forward_pre_hook(lambda m, a, k=k: calls.__setitem__(k, calls[k] + 1))   # a recompute
+            # stops early, before the forward hooks
         out = model(images, tokens, text_eda=tokens.roll(1, 0), mlm_index=torch.tensor([1, 17, 40]))
         total, _, _ = declip_loss(out, queue=None, mlm_targets=torch.tensor([5, 6, 7]),
                                   weights=dict(clip=0.4, simsiam=0.2, mlm=0.2, nn=0.0))
         total.backward()
+        passes = 1 + (vision == 'resnet' and not cfg.model.concat_views)   # a ResNet sees each view apart
+        assert calls == [passes * (1 + (every or first > 0)), passes * (1 + every), 2 * (1 + every)], (every, first)
         results.append(({k: p.grad for k, p in model.named_parameters() if p.grad is not None},
                         {k: b.clone() for k, b in model.named_buffers()}, total.detach()))
-    (g0, b0, t0), (g1, b1, t1) = results
-    torch.testing.assert_close(t1, t0, rtol=0, atol=0)
-    assert g0.keys() == g1.keys()
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
-    for k in b0:
-        torch.testing.assert_close(b1[k], b0[k], rtol=0, atol=0, msg=k)
+    (g0, b0, t0), *others = results
+    for g1, b1, t1 in others:
+        torch.testing.assert_close(t1, t0, rtol=0, atol=0)
+        assert g0.keys() == g1.keys()
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
+        for k in b0:
+            torch.testing.assert_close(b1[k], b0[k], rtol=0, atol=0, msg=k)
 
 
 def test_text_embedding_is_read_at_the_eot_position():

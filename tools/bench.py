@@ -271,9 +271,11 @@ def bench_e2e(args):
 
 def bench_memory(args):
     """`step`'s peak memory and time per sample, plain / --accum micro-batches / gradient
-    checkpointing, each in its own process (peak RSS is per process), as ratios to plain."""
+    checkpointing (everything, or the image tower's first stage or block), each in its own process
+    (peak RSS is per process), as ratios to plain."""
     variants = {'plain': 'accum_steps=1', f'accum_steps {args.accum}': f'accum_steps={args.accum}',
-                'grad checkpointing': 'model.grad_checkpointing=True'}
+                'grad checkpointing': 'model.grad_checkpointing=True',
+                'first image stage recomputed': 'model.checkpoint_image_stages=1'}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, override in variants.items():

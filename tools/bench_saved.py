@@ -32,7 +32,8 @@ def _module_stack(model):
 def saved_bytes(state, batch, cfg):
     """{(part, module class, dtype): bytes} autograd saves for backward in one training step (the
     loop's step, which then runs to its end), each storage counted once, where it is first saved;
-    parameters not counted (they are model state)."""
+    parameters not counted (they are model state), nor the input a recomputed block keeps (torch's
+    checkpoint holds it outside autograd's saved tensors)."""
     params = {p.untyped_storage().data_ptr() for p in state.model.parameters()}
     seen, found = set(params), collections.Counter()
 
