@@ -91,7 +91,7 @@ def feature_gradients(state, parts, *, cfg, rank, world):
     for j in range(k):
         device = rank * k + j
         rows = slice(device * n, (device + 1) * n)
-        contrastive.append(losses.contrastive_terms(
+        contrastive.append(trainstep.as_run(state, losses.contrastive_terms)(
             images=[a[rows] for a in all_images], texts=[a[rows] for a in all_texts], all_images=all_images,
             all_texts=all_texts, neighbours=neighbours, logit_scale=s, weights=weights,
             labels=device * n + torch.arange(n, device=s.device)))
@@ -122,8 +122,9 @@ def second_passes(state, parts, contrastive, grads, *, cfg, rank):
                 out = state.forward(p['views'], p['text'], text_eda=p['text_eda'], mlm_index=p['mlm_index'])
             if j == 0:
                 kept = [b.clone() for b in state.model.buffers()]
-            surrogate = surrogate_loss(out, feature_grads, rows, scale_grad if j == k - 1 else None)
-            own = losses.device_terms(out, mlm_targets=p['mlm_targets'], weights=weights)
+            own_grads = [g if g is None else g[rows] for g in feature_grads]
+            surrogate = trainstep.as_run(state, surrogate_loss)(out, own_grads, scale_grad if j == k - 1 else None)
+            own = trainstep.as_run(state, losses.device_terms)(out, mlm_targets=p['mlm_targets'], weights=weights)
             state.scaler.scale((surrogate + losses.weighted_total(own, weights)) / k).backward()
         terms = dict(contrastive[j], **own)
         part = losses.weighted_total(terms, weights).detach()
@@ -135,12 +136,13 @@ def second_passes(state, parts, contrastive, grads, *, cfg, rank):
     return total, per_part
 
 
-def surrogate_loss(out, feature_grads, rows, scale_grad=None):
-    """sum of this part's unit features . their gradient (rows `rows` of the gathered ones), plus
-    logit scale . its gradient where given (with the last part: DDP's backward must reach every
-    parameter): its gradient is the contrastive terms' gradient through this part's forward."""
+def surrogate_loss(out, feature_grads, scale_grad=None):
+    """sum of this part's unit features . their gradient (its rows of the gathered ones' gradient,
+    None where no term uses a view), plus logit scale . its gradient where given (with the last
+    part: DDP's backward must reach every parameter): its gradient is the contrastive terms'
+    gradient through this part's forward."""
     imgs, txts = losses.unit_features(out)
-    surrogate = sum((f * g[rows]).sum() for f, g in zip(imgs + txts, feature_grads) if g is not None)
+    surrogate = sum((f * g).sum() for f, g in zip(imgs + txts, feature_grads) if g is not None)
     if scale_grad is not None:
         surrogate = surrogate + (losses.upcast(out['logit_scale']) * scale_grad).sum()
     return surrogate

@@ -20,13 +20,7 @@ def gather_with_grad(x):
     """All-gather along dim 0; the backward sums the incoming gradients over ranks."""
     if world_info()[1] == 1:
         return x
-    return _gather_with_grad(x)
-
-
-@torch.compiler.disable
-def _gather_with_grad(x):
-    """Collectives run eager: a compiled objective breaks its graph here (with more than one rank)."""
-    return _GatherWithGrad.apply(x)
+    return eager(_GatherWithGrad.apply, x)
 
 
 def gather_no_grad(x):
@@ -34,14 +28,22 @@ def gather_no_grad(x):
     world = world_info()[1]
     if world == 1:
         return x
-    return _all_gather(x, world)
+    return eager(_all_gather, x, world)
 
 
-@torch.compiler.disable
 def _all_gather(x, world):
     out = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+def eager(fn, *args):
+    """fn(*args) outside torch.compile's graphs: a compiled objective breaks its graph at each
+    collective, which runs eager. torch.compiler.disable is called only while compiling: it loads
+    the compiler, which a run that compiles nothing should not pay for at start-up."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(fn)(*args)
+    return fn(*args)
 
 
 class _GatherWithGrad(torch.autograd.Function):

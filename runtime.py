@@ -326,6 +326,12 @@ def flop_counter():
         yield counter
 
 
+def empty_cache(device_type):
+    """The caching allocator's free blocks handed back, so that memory figures start from what is live."""
+    if device_type != 'cpu':
+        torch.get_device_module(device_type).empty_cache()
+
+
 def reset_peak_memory(device_type):
     if device_type != 'cpu':
         torch.get_device_module(device_type).reset_peak_memory_stats()

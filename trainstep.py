@@ -244,21 +244,27 @@ def train_step(state, batch, cfg):
     # 4. the weighted objective (neighbours from the queue as it was, features gathered with
     #    gradient over ranks), backward
     queue = state.queue[0] if state.queue is not None else None
-    objective = compiled_objective() if state.compiled else losses.declip_loss
-    total, terms, keys = objective(out, queue=queue, mlm_targets=inputs['mlm_targets'], weights=loss_weights(cfg))
+    total, terms, keys = as_run(state, losses.declip_loss)(out, queue=queue, mlm_targets=inputs['mlm_targets'],
+                                                           weights=loss_weights(cfg))
     state.scaler.scale(total).backward()
     # 5. skip flag, queue push, optimiser step, logit-scale clamp
     metrics = update(state, batch, total=total, keys=[keys])
     return dict(metrics, loss={'total': total.detach(), **terms}, views=inputs['views'].detach())
 
 
+# Colour ops compile='step' leaves eager: the hue, whose 8-bit rounding follows Pillow's divisions
+# (inductor turns a division by a constant into a multiplication by its reciprocal off CPU, which
+# moves the hue of some colours by one level), and the blur, whose grouped convolution's groups
+# follow the sample count (each new count would compile again).
+EAGER_COLOUR_OPS = (images.adjust_hue, images.gaussian_blur)
+
+
 @functools.cache
 def compiled_colour_ops():
-    """images.COLOUR_OPS each under torch.compile, built once per process: one fused kernel instead
-    of tens. The sample count changes every step, so it is compiled as a size with no assumed value
-    (unbacked: no new code when it is 1 or equals another size). The blur stays eager: its grouped
-    convolution's groups follow the sample count, which would compile again for every count."""
-    return tuple(map(_compiled_per_sample, images.COLOUR_OPS[:-1])) + images.COLOUR_OPS[-1:]
+    """images.COLOUR_OPS, each but EAGER_COLOUR_OPS under torch.compile (built once per process): one
+    fused kernel instead of several. The sample count changes every step, so it is compiled as a size
+    with no assumed value (unbacked: no new code when it is 1 or equals another size)."""
+    return tuple(op if op in EAGER_COLOUR_OPS else _compiled_per_sample(op) for op in images.COLOUR_OPS)
 
 
 def _compiled_per_sample(op):
@@ -273,10 +279,16 @@ def _compiled_per_sample(op):
 
 
 @functools.cache
-def compiled_objective():
-    """losses.declip_loss under torch.compile, built once per process: dynamic shapes, as the number
-    of masked tokens changes every step; its gathers run eager (losses.gather_with_grad)."""
-    return torch.compile(losses.declip_loss, dynamic=True)
+def compiled(fn):
+    """A function of the objective (losses.declip_loss, or the accumulation step's parts) under
+    torch.compile, built once per process: dynamic shapes, as the number of masked tokens changes
+    every step; its collectives run eager (losses.eager)."""
+    return torch.compile(fn, dynamic=True)
+
+
+def as_run(state, fn):
+    """`fn` as this state's step runs it: compiled under config.runtime.compile='step'."""
+    return compiled(fn) if state.compiled else fn
 
 
 def update(state, batch, *, total, keys):

@@ -72,21 +72,21 @@ def test_bench_step_is_the_training_step(tmp_path, monkeypatch):
 
 def test_bench_scopes_runs_the_step_scope_compiled_and_exact(tmp_path, monkeypatch):
     """`scopes` runs the loop's step under each compile setting from the same weights over the same
-    batches. Under compile='step' the objective and the colour ops are what dynamo captured (graphs
-    with cross_entropy and the hue's remainder), nothing in them compiles again when the masked-token
-    and per-op sample counts change, and the losses are eager's (dynamo's plain backend: the capture
-    is tested here, inductor's code by running the mode)."""
+    batches. Under compile='step' the objective and the colour ops but the hue and the blur are what
+    dynamo captured, nothing in them compiles again when the masked-token and per-op sample counts
+    change, and the losses are eager's (dynamo's plain backend: the capture is tested here, inductor's
+    code by running the mode)."""
     import trainstep
     graphs, compile_ = [], torch.compile
 
-    def backend(gm, example_inputs):
-        graphs.append(str(gm.graph))
+    def backend(gm, example_inputs):   # where each graph's code comes from
+        graphs.append('\n'.join(node.meta.get('stack_trace') or '' for node in gm.graph.nodes))
         return gm.forward
     monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compile_(fn, backend=backend, **kw))
 
     def fresh():
         torch._dynamo.reset()
-        trainstep.compiled_objective.cache_clear()
+        trainstep.compiled.cache_clear()
         trainstep.compiled_colour_ops.cache_clear()
     fresh()
     try:
@@ -95,7 +95,9 @@ def test_bench_scopes_runs_the_step_scope_compiled_and_exact(tmp_path, monkeypat
         again = {code.co_filename for code in torch._dynamo.utils.guard_failures}
     finally:
         fresh()
-    assert any('cross_entropy' in g for g in graphs) and any('remainder' in g for g in graphs)
+    for source in ('in declip_loss', 'in adjust_contrast', 'in adjust_saturation'):
+        assert any(source in g for g in graphs), source
+    assert not any('in adjust_hue' in g or 'in gaussian_blur' in g for g in graphs)   # they stay eager
     assert not {f for f in again if f.endswith(('images.py', 'losses.py'))}, again
     eager, step = r['scopes']['false'], r['scopes']['step']
     assert (eager['compile'], step['compile']) == (None, 'step') and eager['ratio'] == 1

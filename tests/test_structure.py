@@ -18,7 +18,7 @@ TOOLS = {m for m in MODULES if m.split('.')[0] == 'tools'}
 # tools (tools/) stand above the library: they import it, it never imports them.
 LAYERS = [{m for m in MODULES if m.startswith('configs.')},
           {'tools.bench', 'tools.prepare', 'tools.compare_demo', 'tools.imagenet_val'},
-          {'tools.bench_data', 'tools.bench_parts', 'tools.bench_saved', 'tools.demo', 'tools'},
+          {'tools.bench_data', 'tools.bench_parts', 'tools.bench_memory', 'tools.demo', 'tools'},
           {'train'}, {'accum', 'checks'}, {'evaluate'}, {'weights', 'loader'}, {'checkpoints', 'jpeg', 'shards'},
           {'guard', 'lifecycle'}, {'trainstep', 'data'}, {'text', 'images', 'runtime', 'declip', 'losses'}, {'seeds'}]
 # the research core and the shell that hardens it from outside: calls go shell -> core, never back;

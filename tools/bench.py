@@ -10,14 +10,14 @@
 
 The mode comes first; flags a mode does not use are ignored. `step`, `scopes` and `precision` run the
 loop's own step (accum.train_step with accum_steps > 1). Every mode runs on CPU in tiny settings (tests do).
-`data` lives in bench_data.py, `parts` in bench_parts.py, `saved` in bench_saved.py.
+`data` lives in bench_data.py, `parts` in bench_parts.py, `memory` and `saved` in bench_memory.py.
 """
 import ast
+import gc
 import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +38,7 @@ import loader  # noqa: E402
 import runtime  # noqa: E402
 import text  # noqa: E402
 import trainstep  # noqa: E402
-from tools import bench_data, bench_parts, bench_saved  # noqa: E402
+from tools import bench_data, bench_memory, bench_parts  # noqa: E402
 
 FLAGS = flags.FLAGS
 BENCH_IMAGES = data.ROOT.parent / 'shared' / 'bench_images'
@@ -173,31 +173,42 @@ def bench_precision(args):
     return rows, result
 
 
+def _scope_run(args, scope, device, batches):
+    """One scope of `scopes`: a fresh step, --warmup steps (compilation), --steps timed ones."""
+    cfg = _load_config(args.config, compile=scope, precision=args.precision, overrides=args.set)
+    cfg.data.batch_size = args.batch // cfg.accum_steps
+    step = trainer(cfg, device)
+    start = time.perf_counter()
+    losses = [step(batches[t % 3]) for t in range(args.warmup)]
+    runtime.synchronize(device)
+    runtime.reset_peak_memory(device.type)   # the timed steps' peak, not compilation's
+    warm = time.perf_counter()
+    losses += [step(batches[t % 3]) for t in range(args.warmup, args.warmup + args.steps)]
+    runtime.synchronize(device)
+    return {'compile': trainstep.compile_scope(cfg.runtime.compile, device.type), 'warmup_s': warm - start,
+            'step_ms': (time.perf_counter() - warm) / args.steps * 1000,
+            'peak_mem_gib': runtime.peak_memory_gib(device.type),
+            'host_syncs_in_step': _host_syncs(lambda: step(batches[0]), device.type),
+            'losses': torch.stack(losses).float().cpu().tolist()}
+
+
 def bench_scopes(args):
     """The loop's step under each compile scope of --scopes, from the same initial weights over the
     same batches (three, cycled: the masked-token counts differ), one after the other in one process:
     seconds of the first --warmup steps (compilation), ms/step after them as a ratio to the first
     scope's, each scope's largest relative loss difference from the first scope's over all steps,
-    peak memory (on CPU the process's peak RSS, which only grows) and whether a step syncs with the host."""
-    device, device_type = runtime.setup_device(0)
-    runs, batches = {}, None
+    peak memory (on CPU the process's peak RSS, which only grows) and whether a step syncs with the
+    host. --out gets the scopes done so far after each one (a time limit may cut the next)."""
+    device, _ = runtime.setup_device(0)
+    cfg = _load_config(args.config, overrides=args.set)
+    batches = [_synthetic_batch(cfg, args.batch, device, seed=t) for t in range(3)]
+    runs = {}
     for scope in args.scopes:
-        cfg = _load_config(args.config, compile=scope, precision=args.precision, overrides=args.set)
-        cfg.data.batch_size = args.batch // cfg.accum_steps
-        batches = batches or [_synthetic_batch(cfg, args.batch, device, seed=t) for t in range(3)]
-        step = trainer(cfg, device)
-        start = time.perf_counter()
-        losses = [step(batches[t % 3]) for t in range(args.warmup)]
-        runtime.synchronize(device)
-        runtime.reset_peak_memory(device_type)   # the timed steps' peak, not compilation's
-        warm = time.perf_counter()
-        losses += [step(batches[t % 3]) for t in range(args.warmup, args.warmup + args.steps)]
-        runtime.synchronize(device)
-        runs[scope] = {'compile': trainstep.compile_scope(cfg.runtime.compile, device_type),
-                       'warmup_s': warm - start, 'step_ms': (time.perf_counter() - warm) / args.steps * 1000,
-                       'peak_mem_gib': runtime.peak_memory_gib(device_type),
-                       'host_syncs_in_step': _host_syncs(lambda: step(batches[0]), device_type),
-                       'losses': torch.stack(losses).float().cpu().tolist()}
+        gc.collect()   # the previous scope's compiled model sits in a reference cycle: free it first
+        runtime.empty_cache(device.type)
+        runs[scope] = _scope_run(args, scope, device, batches)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({'mode': 'scopes', 'partial': True, 'scopes': runs}, indent=2))
     first = runs[args.scopes[0]]
     ref = torch.tensor(first['losses'])
     rows = []
@@ -205,8 +216,9 @@ def bench_scopes(args):
         r['ratio'] = first['step_ms'] / r['step_ms']
         r['max_rel_diff'] = ((torch.tensor(r['losses']) - ref).abs() / ref.abs()).max().item()
         rows.append((f'{args.config} batch {args.batch} compile={scope} ({r["compile"]})',
-                     f'{r["step_ms"]:.1f} ms/step', f'x{r["ratio"]:.2f} speed', f'warm-up {r["warmup_s"]:.1f} s', f'rel diff {r["max_rel_diff"]:.1e}',
-                     f'{r["peak_mem_gib"]:.2f} GiB', f'host sync {r["host_syncs_in_step"]}'))
+                     f'{r["step_ms"]:.1f} ms/step', f'x{r["ratio"]:.2f} speed', f'warm-up {r["warmup_s"]:.1f} s',
+                     f'rel diff {r["max_rel_diff"]:.1e}', f'{r["peak_mem_gib"]:.2f} GiB',
+                     f'host sync {r["host_syncs_in_step"]}'))
     return rows, {'config': args.config, 'batch': args.batch, 'device': str(device), 'precision': args.precision,
                   'steps': args.steps, 'warmup': args.warmup, 'scopes': runs}
 
@@ -269,27 +281,6 @@ def bench_e2e(args):
     return rows, result
 
 
-def bench_memory(args):
-    """`step`'s peak memory and time per sample, plain / --accum micro-batches / gradient
-    checkpointing (everything, or the image tower's first stage or block), each in its own process
-    (peak RSS is per process), as ratios to plain."""
-    variants = {'plain': 'accum_steps=1', f'accum_steps {args.accum}': f'accum_steps={args.accum}',
-                'grad checkpointing': 'model.grad_checkpointing=True',
-                'first image stage recomputed': 'model.checkpoint_image_stages=1'}
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, override in variants.items():
-            cmd = [sys.executable, __file__, 'step', f'--config={args.config}', f'--set={override}',
-                   f'--batch={args.batch}', f'--warmup={args.warmup}', f'--steps={args.steps}', f'--out={tmp}/s.json']
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            results[name] = json.loads((Path(tmp) / 's.json').read_text())
-    mem, speed = results['plain']['peak_mem_gib'], results['plain']['img_per_s']
-    rows = [(name, f'{r["peak_mem_gib"]:.3f} GiB', f'x{r["peak_mem_gib"] / mem:.2f} memory',
-             f'{1000 / r["img_per_s"]:.2f} ms/sample', f'x{speed / r["img_per_s"]:.2f} time')
-            for name, r in results.items()]
-    return rows, {'config': args.config, 'batch': args.batch, 'variants': results}
-
-
 def _parts(args):
     """`parts` (bench_parts.py) on the config's model and a synthetic batch."""
     cfg = _load_config(args.config)
@@ -298,11 +289,11 @@ def _parts(args):
 
 
 def _saved(args):
-    """`saved` (bench_saved.py) on the config's model and a synthetic batch."""
+    """`saved` (bench_memory.py) on the config's model and a synthetic batch."""
     cfg = _load_config(args.config, precision=args.precision, overrides=args.set)
     cfg.data.batch_size = args.batch // cfg.accum_steps
     device, _ = runtime.setup_device(0)
-    return bench_saved.bench_saved(args, cfg=cfg, device=device, batch=_synthetic_batch(cfg, args.batch, device))
+    return bench_memory.bench_saved(args, cfg=cfg, device=device, batch=_synthetic_batch(cfg, args.batch, device))
 
 
 def print_table(title, rows):
@@ -311,7 +302,7 @@ def print_table(title, rows):
 
 
 MODES = {'data': bench_data.bench_data, 'step': bench_step, 'scopes': bench_scopes, 'precision': bench_precision,
-         'parts': _parts, 'e2e': bench_e2e, 'memory': bench_memory, 'saved': _saved}
+         'parts': _parts, 'e2e': bench_e2e, 'memory': bench_memory.bench_memory, 'saved': _saved}
 # The defaults that differ between modes: flags left unset (None or '') take their mode's value.
 MODE_DEFAULTS = {'step': dict(batch=256, precision='auto', warmup=5, steps=20),
                  'scopes': dict(batch=256, precision='auto', warmup=3, steps=12),

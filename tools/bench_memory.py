@@ -1,13 +1,44 @@
-"""`bench.py saved`: where a training step's activation memory goes. A step's peak is about the
-model state (weights, gradients, AdamW's two moments) plus what autograd keeps from the forward for
-the backward; this counts the latter by part of the model and dtype, on any device."""
+"""Where a training step's memory goes. `bench.py memory`: the step's measured peak with
+micro-batches or recomputation against without. `bench.py saved`: a step's peak is about the model
+state (weights, gradients, AdamW's two moments) plus what autograd keeps from the forward for the
+backward; this counts the latter by part of the model and dtype, on any device."""
 import collections
 import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
+from absl import app
 
 import accum
 import trainstep
+
+
+BENCH = Path(__file__).with_name('bench.py')
+
+
+def bench_memory(args):
+    """`step`'s peak memory and time per sample, plain / --accum micro-batches / gradient
+    checkpointing (everything, or the image tower's first stage or block), each in its own process
+    (peak RSS is per process), as ratios to plain."""
+    variants = {'plain': 'accum_steps=1', f'accum_steps {args.accum}': f'accum_steps={args.accum}',
+                'grad checkpointing': 'model.grad_checkpointing=True',
+                'first image stage recomputed': 'model.checkpoint_image_stages=1'}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, override in variants.items():
+            cmd = [sys.executable, str(BENCH), 'step', f'--config={args.config}', f'--set={override}',
+                   f'--batch={args.batch}', f'--warmup={args.warmup}', f'--steps={args.steps}', f'--out={tmp}/s.json']
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            results[name] = json.loads((Path(tmp) / 's.json').read_text())
+    mem, speed = results['plain']['peak_mem_gib'], results['plain']['img_per_s']
+    rows = [(name, f'{r["peak_mem_gib"]:.3f} GiB', f'x{r["peak_mem_gib"] / mem:.2f} memory',
+             f'{1000 / r["img_per_s"]:.2f} ms/sample', f'x{speed / r["img_per_s"]:.2f} time')
+            for name, r in results.items()]
+    return rows, {'config': args.config, 'batch': args.batch, 'variants': results}
 
 
 @contextlib.contextmanager
@@ -58,6 +89,8 @@ def bench_saved(args, *, cfg, device, batch):
     """The saved bytes of one eager step on `batch` (module hooks see inside eager code only) by
     part, class and dtype, largest first (those of at least 0.1 %), as MiB and shares of the total;
     then by part, and the model state beside them."""
+    if cfg.accum_steps != 1:   # micro-batches are never alive together: their sum would be no peak
+        raise app.UsageError('saved: one pass only (accum_steps=1)')
     cfg.runtime.compile = 'false'
     state = trainstep.build_state(cfg, device)
     found = saved_bytes(state, batch, cfg)
