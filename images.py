@@ -335,18 +335,14 @@ def _whole_batch(plan, device):
     return [(op, m, f) for (op, _, _), m, f in zip(plan, masks, params)]
 
 
-COLOUR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue, to_grayscale, gaussian_blur)
-
-
 def device_augment(images, *, generator, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4,
-                   hue=0.1, gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), normalize=True, static=False, ops=COLOUR_OPS):
+                   hue=0.1, gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), normalize=True, static=False):
     """MoCo v2 colour ops on a uint8 batch [N, 3, H, W] on its own device: with p jitter_p
     ColorJitter (the four ops in a random order per sample), grayscale with p gray_p, PIL-style
     Gaussian blur with p blur_p; then ImageNet normalisation. The per-sample choices and
     parameters are drawn on the host from the CPU `generator`, so each op runs only on the
-    samples that get it and nothing is read back from the device; `static` runs every op on every
-    sample instead and selects (the same result, in shapes that never change). `ops`: COLOUR_OPS
-    or their compiled forms (trainstep.compiled_colour_ops)."""
+    samples that get it and nothing is read back from the device; `static` runs every op on
+    every sample instead and selects (the same result, in shapes that never change)."""
     n = images.shape[0]
 
     def u(lo, hi):
@@ -359,10 +355,10 @@ def device_augment(images, *, generator, jitter_p=0.8, brightness=0.4, contrast=
     gray = torch.rand(n, generator=generator) < gray_p
     blur = torch.rand(n, generator=generator) < blur_p
     sigma = u(*blur_sigma)
-    *jitter_ops, grayscale, blur_op = ops
-    plan = [(jitter_ops[k], jitter & (order[:, slot] == k), factors[k]) for slot in range(4) for k in range(4)]
-    plan += [(grayscale, gray, sigma),
-             (lambda y, s: blur_op(y, s, max_sigma=blur_sigma[1]), blur, sigma)]
+    ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
+    plan = [(ops[k], jitter & (order[:, slot] == k), factors[k]) for slot in range(4) for k in range(4)]
+    plan += [(to_grayscale, gray, sigma),
+             (lambda y, s: gaussian_blur(y, s, max_sigma=blur_sigma[1]), blur, sigma)]
     x = images.float() / 255
     if static:
         for op, mask, param in _whole_batch(plan, x.device):

@@ -57,8 +57,8 @@ def lr_at(t, optim, max_iter):
 
 # config.runtime.compile -> what torch.compile compiles: the two towers, the model's whole training
 # forward (towers, SimSiam heads, the MLM head on the masked positions; 1.04x the towers' speed
-# for ViT-B/32 on an H200, BENCHMARKS.md), or the step: that forward, the objective (its gathers
-# run eager) and the colour ops; 'true' and 'auto' (on CUDA) take the whole forward
+# for ViT-B/32 on an H200, BENCHMARKS.md), or 'step': that forward and the objective (its gathers
+# run eager); 'true' and 'auto' (on CUDA) take the whole forward
 COMPILE_SCOPES = {'false': None, 'towers': 'towers', 'model': 'model', 'step': 'step', 'true': 'model',
                   'auto': 'model'}
 
@@ -116,7 +116,7 @@ class TrainState:
     kinds: train.py gives it a zero vector of the loader's length) on this rank, and on rank 0 also
     the restored sum of a resumed run;
     `static_shapes`: the step keeps every tensor shape fixed (runtime.shape_modes); `compiled`: the
-    objective and the colour ops run compiled (config.runtime.compile='step'); `autocast`:
+    objective runs compiled (config.runtime.compile='step'); `autocast`:
     config.runtime.precision's context for the forwards; `stop_requested`: set by the loop when a
     signal arrived here (the step tells every rank); `inputs`: what the checkpoint records of the
     global batch and the training data (checkpoints.run_identity), for a resume to compare."""
@@ -196,24 +196,22 @@ def build_state(cfg, device, rank=0):
                       bad_totals=torch.zeros((), dtype=torch.long))
 
 
-def device_views(batch, *, cfg, step, rank, world, device, static=False, compiled=False):
+def device_views(batch, *, cfg, step, rank, world, device, static=False):
     """Normalised views [B, V, 3, S, S] on `device`: the loader's uint8 views, then (moco_v2)
-    colour jitter / grayscale / blur per sample from the (seed, step, rank) stream (`compiled`:
-    the colour ops compiled)."""
+    colour jitter / grayscale / blur per sample from the (seed, step, rank) stream."""
     views = images.to_device(batch['images'], device)
     if not images.moco_views(cfg.data.augmentation):   # crops only
         return images.normalize_images(views.flatten(0, 1)).view(views.shape)
     gen = seeds.generator(cfg.seed, step * world + rank)
-    out = images.device_augment(rearrange(views, 'b v c h w -> (b v) c h w'), generator=gen, static=static,
-                                ops=compiled_colour_ops() if compiled else images.COLOUR_OPS)
+    out = images.device_augment(rearrange(views, 'b v c h w -> (b v) c h w'), generator=gen, static=static)
     return rearrange(out, '(b v) c h w -> b v c h w', v=views.shape[1])
 
 
 def step_inputs(state, batch, *, cfg, rank, world):
     """One device's inputs on the device: normalised augmented views, (masked) captions, EDA
     captions, MLM positions and targets (padded to mlm_bucket with static shapes)."""
-    views = device_views(batch, cfg=cfg, step=state.step, rank=rank, world=world, device=state.device,
-                         static=state.static_shapes, compiled=state.compiled)
+    views = device_views(batch, cfg=cfg, step=state.step, rank=rank, world=world,
+                                      device=state.device, static=state.static_shapes)
     names = ('text', 'text_eda', 'mlm_index', 'mlm_targets')
     host = {k: batch[k] for k in names if k in batch}
     if state.static_shapes and 'mlm_index' in host:
@@ -250,32 +248,6 @@ def train_step(state, batch, cfg):
     # 5. skip flag, queue push, optimiser step, logit-scale clamp
     metrics = update(state, batch, total=total, keys=[keys])
     return dict(metrics, loss={'total': total.detach(), **terms}, views=inputs['views'].detach())
-
-
-# Colour ops compile='step' leaves eager: the hue, whose 8-bit rounding follows Pillow's divisions
-# (inductor turns a division by a constant into a multiplication by its reciprocal off CPU, which
-# moves the hue of some colours by one level), and the blur, whose grouped convolution's groups
-# follow the sample count (each new count would compile again).
-EAGER_COLOUR_OPS = (images.adjust_hue, images.gaussian_blur)
-
-
-@functools.cache
-def compiled_colour_ops():
-    """images.COLOUR_OPS, each but EAGER_COLOUR_OPS under torch.compile (built once per process): one
-    fused kernel instead of several. The sample count changes every step, so it is compiled as a size
-    with no assumed value (unbacked: no new code when it is 1 or equals another size)."""
-    return tuple(op if op in EAGER_COLOUR_OPS else _compiled_per_sample(op) for op in images.COLOUR_OPS)
-
-
-def _compiled_per_sample(op):
-    compiled = torch.compile(op, dynamic=True)
-
-    def run(x, param):
-        param = param.clone()   # its own storage: a slice's offset would be compiled for too
-        for t in (x, param):
-            torch._dynamo.decorators.mark_unbacked(t, 0)
-        return compiled(x, param)
-    return run
 
 
 @functools.cache

@@ -29,7 +29,6 @@ def test_the_accumulation_step_runs_its_objective_compiled(monkeypatch):
     def fresh():
         torch._dynamo.reset()
         trainstep.compiled.cache_clear()
-        trainstep.compiled_colour_ops.cache_clear()
     fresh()
     runs = []
     try:
