@@ -33,9 +33,9 @@ STEP = $(BENCH) step --batch=256 --warmup=3 --steps=12
 LIMIT = timeout --kill-after=10
 bench-gpu:
 	mkdir -p $(OUT)
-	-$(LIMIT) 180 $(BENCH) scopes --config=configs/vitb32.py --batch=256 --scopes=false,model,step \
+	-$(LIMIT) 170 $(BENCH) scopes --config=configs/vitb32.py --batch=256 --scopes=false,model,step \
 		--out=$(OUT)/scopes_vitb32_256.json
-	-$(LIMIT) 180 $(STEP) --config=configs/r50.py --compile --set="runtime.compile='step'" --out=$(OUT)/step_r50_256.json
+	-$(LIMIT) 170 $(STEP) --config=configs/r50.py --compile --set="runtime.compile='step'" --out=$(OUT)/step_r50_256.json
 	-$(LIMIT) 40 $(BENCH) saved --config=configs/vitb32.py --batch=256 --out=$(OUT)/saved_vitb32_256.json
 	-$(LIMIT) 60 $(BENCH) memory --config=configs/vitb32.py --batch=256 --accum=4 --out=$(OUT)/memory_vitb32.json
 

@@ -322,8 +322,9 @@ def define_flags():
                          "--set=compile=\"'model'\" picks a scope)")
     flags.DEFINE_list('scopes', ['false', 'model', 'step'], 'scopes: config.runtime.compile settings, the '
                       'first the reference')
-    flags.DEFINE_integer('warmup', None, 'step, e2e: untimed steps first (default 5; e2e: 2)')
-    flags.DEFINE_integer('steps', None, 'step, precision, e2e: timed steps (default 20; precision 50; e2e 10)')
+    flags.DEFINE_integer('warmup', None, 'step, scopes, e2e: untimed steps first (default 5; scopes 3; e2e 2)')
+    flags.DEFINE_integer('steps', None, 'step, scopes, precision, e2e: timed steps (default 20; scopes 12; '
+                         'precision 50; e2e 10)')
     flags.DEFINE_enum('decode', 'host', ['host', 'device'], "step, e2e: 'device' decodes JPEG bytes in the step")
     flags.DEFINE_string('images', str(BENCH_IMAGES), 'data, e2e, step --decode=device: folder of .jpg files')
     flags.DEFINE_integer('limit', 240, 'data, e2e: at most this many images')
@@ -339,7 +340,7 @@ def define_flags():
     flags.DEFINE_integer('size', 224, 'e2e: view size')
     flags.DEFINE_float('step_ms', 0.0, 'e2e: milliseconds the consumer spends on each batch')
     flags.DEFINE_integer('repeats', 1, 'e2e: runs (the median is reported)')
-    flags.DEFINE_multi_string('set', [], 'step: config override key=value (e.g. accum_steps=4)')
+    flags.DEFINE_multi_string('set', [], 'step, scopes, saved: config override key=value (e.g. accum_steps=4)')
     flags.DEFINE_integer('accum', 4, 'memory: micro-batches of the accumulation variant')
     flags.DEFINE_string('out', 'bench_out/bench.json', 'JSON output')
 

@@ -80,7 +80,8 @@ def saved_bytes(state, batch, cfg):
 
 
 def model_state_bytes(model):
-    """Weights, their gradients and AdamW's two fp32 moments."""
+    """Trained weights, their gradients and AdamW's two moments (in the weights' dtype, fp32 here:
+    8 bytes); not the frozen weights nor the NN queue, which the linear fit's constant absorbs."""
     params = [p for p in model.parameters() if p.requires_grad]
     return sum(p.numel() * (2 * p.element_size() + 8) for p in params)
 
