@@ -204,3 +204,26 @@ def step_of(path):
     """The step a checkpoint file holds."""
     import checkpoints
     return checkpoints.safe_load(path)['step']
+
+
+@contextlib.contextmanager
+def captured_graphs(monkeypatch):
+    """torch.compile under dynamo's plain backend (the capture tested, not inductor's code): yields
+    the list of each captured graph's source lines; dynamo and trainstep's compiled functions are
+    fresh on entry and on exit."""
+    import trainstep
+    graphs, compile_ = [], torch.compile
+
+    def backend(gm, example_inputs):
+        graphs.append('\n'.join(node.meta.get('stack_trace') or '' for node in gm.graph.nodes))
+        return gm.forward
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compile_(fn, backend=backend, **kw))
+
+    def fresh():
+        torch._dynamo.reset()
+        trainstep.compiled.cache_clear()
+    fresh()
+    try:
+        yield graphs
+    finally:
+        fresh()

@@ -14,7 +14,7 @@ import guard
 import loader
 import runtime
 import train
-from helpers import ROOT, scalars, write_jpeg
+from helpers import ROOT, captured_graphs, scalars, write_jpeg
 from tools import bench
 
 
@@ -75,24 +75,10 @@ def test_bench_scopes_runs_the_step_scope_compiled_and_exact(tmp_path, monkeypat
     batches. Under compile='step' the objective is what dynamo captured besides the model, nothing in
     it compiles again when the masked-token count changes, and the losses are eager's (dynamo's plain
     backend: the capture is tested here, inductor's code by running the mode)."""
-    import trainstep
-    graphs, compile_ = [], torch.compile
-
-    def backend(gm, example_inputs):   # where each graph's code comes from
-        graphs.append('\n'.join(node.meta.get('stack_trace') or '' for node in gm.graph.nodes))
-        return gm.forward
-    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compile_(fn, backend=backend, **kw))
-
-    def fresh():
-        torch._dynamo.reset()
-        trainstep.compiled.cache_clear()
-    fresh()
-    try:
+    with captured_graphs(monkeypatch) as graphs:
         r = bench.main(['scopes', '--config', 'configs/demo.py:smoke', '--batch', '8', '--warmup', '1', '--steps', '2',
                         '--scopes', 'false,step', '--out', str(tmp_path / 'out.json')])
         again = {code.co_filename for code in torch._dynamo.utils.guard_failures}
-    finally:
-        fresh()
     assert any('in declip_loss' in g for g in graphs)
     assert not any('images.py' in g for g in graphs)   # the colour ops stay eager
     assert not {f for f in again if f.endswith('losses.py')}, again

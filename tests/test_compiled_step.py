@@ -3,6 +3,7 @@ tested here, inductor's code by `tools/bench.py scopes`; the one-pass step in te
 import torch
 
 import trainstep
+from helpers import captured_graphs
 from tiny_step import CPU, step, tiny_state
 from tools import bench
 
@@ -19,19 +20,8 @@ def test_the_accumulation_step_runs_its_objective_compiled(monkeypatch):
     """With accum_steps 2, the contrastive terms, the device terms and GradCache's surrogate are what
     dynamo captured, the second step (other masked-token counts) compiles nothing new, and two steps
     give the eager step's losses and weights."""
-    sources, compile_ = [], torch.compile
-
-    def backend(gm, example_inputs):   # where each graph's code comes from
-        sources.append('\n'.join(node.meta.get('stack_trace') or '' for node in gm.graph.nodes))
-        return gm.forward
-    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compile_(fn, backend=backend, **kw))
-
-    def fresh():
-        torch._dynamo.reset()
-        trainstep.compiled.cache_clear()
-    fresh()
     runs = []
-    try:
+    with captured_graphs(monkeypatch) as sources:
         for compiled in (False, True):
             cfg, state, first = tiny_state(batch=8, accum_steps=2)   # masked tokens per part: 5, 2
             second = bench._synthetic_batch(cfg, 8, CPU, seed=1)          # 4, 6 (a count of 1 is compiled apart)
@@ -41,8 +31,6 @@ def test_the_accumulation_step_runs_its_objective_compiled(monkeypatch):
             after_first = len(sources)
             losses.append(step(state, second, cfg)['loss'])
             runs.append((losses, state.model.state_dict()))
-    finally:
-        fresh()
     for source in ('in contrastive_terms', 'in device_terms', 'in surrogate_loss'):
         assert any(source in s for s in sources), source
     assert len(sources) == after_first
