@@ -113,21 +113,24 @@ def matches(key, patterns):
     return any(key.startswith(p) if p.endswith('.') else key == p for p in patterns)
 
 
-def config_changes(saved, current, defining):
-    """(a line per changed key, the lines of those that match `defining`) between a checkpoint's
-    config and this run's. A key only one of them has (another version of the code) is a change
-    but never a defining one."""
+def config_changes(saved, current, defining, exempt=()):
+    """(a line per changed key, the lines of those that match `defining` but not `exempt`) between a
+    checkpoint's config and this run's. A key only one of them has (another version of the code) is
+    a change but never a defining one."""
     old, new = leaves(saved), leaves(current)
     keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k, '<absent>') != new.get(k, '<absent>')]
     lines = {k: f'  {k}: {old.get(k, "<absent>")!r} -> {new.get(k, "<absent>")!r}' for k in keys}
     return list(lines.values()), [line for k, line in lines.items()
-                                  if matches(k, defining) and k in old and k in new]
+                                  if matches(k, defining) and not matches(k, exempt) and k in old and k in new]
 
 
 RUN_DEFINING = ('model.', 'loss.', 'optim.', 'seed', 'data.seed', 'data.batch_size', 'data.format',
                 'data.train_root', 'data.train_meta', 'data.shards', 'data.views', 'data.image_size',
                 'data.crop_scale', 'data.eda', 'data.eda_synonyms', 'data.mask', 'data.context_length',
                 'data.augmentation', 'data.shuffle_buffer')   # accum_steps: through the global batch
+# model keys that trade memory for time and change no number a step computes: a resume may change
+# them (a run that ran out of memory resumes with recomputation on)
+MEMORY_FOR_TIME = ('model.grad_checkpointing', 'model.checkpoint_image_stages')
 
 
 class ResumeRefused(ValueError):
@@ -180,7 +183,7 @@ def check_resumed_config(saved, cfg, path, allow_change, inputs=()):
     saved_data = saved.get('data', {})
     if saved_data.get('augmentation') in images.RENAMED:   # a run from before the rename: the same views
         saved = {**saved, 'data': {**saved_data, 'augmentation': images.RENAMED[saved_data['augmentation']]}}
-    lines, refused = config_changes(saved, cfg.to_dict(), RUN_DEFINING)
+    lines, refused = config_changes(saved, cfg.to_dict(), RUN_DEFINING, MEMORY_FOR_TIME)
     refused, lines = refused + list(inputs), lines + list(inputs)
     if refused and not allow_change:
         raise ResumeRefused(f'{path} belongs to a run with another config; resuming would change it:\n'

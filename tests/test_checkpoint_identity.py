@@ -155,3 +155,20 @@ def test_a_checkpoint_without_the_records_resumes_with_a_warning(tmp_path, demo_
     train.train(smoke(demo_dir, max_iter=3), tmp_path)
     assert 'records no identity of its training data (written by an older version)' in caplog.text
     assert checkpoint(tmp_path)['step'] == 3 and checkpoint(tmp_path)['training_data']['records'] == 240
+
+
+@pytest.mark.parametrize('key, value, refused', [('model.grad_checkpointing', True, False),
+                                                 ('model.checkpoint_image_stages', 2, False),
+                                                 ('model.embed_dim', 64, True)])
+def test_recomputation_may_change_at_resume(demo_dir, key, value, refused):
+    """Recomputing activations trades memory for time and changes no number (tests/test_model.py),
+    so a run that ran out of memory resumes with it on; another model size is still refused."""
+    cfg = smoke(demo_dir)
+    saved = cfg.to_dict()
+    section, leaf = key.split('.')
+    cfg[section][leaf] = value
+    if refused:
+        with pytest.raises(checkpoints.ResumeRefused, match=key):
+            checkpoints.check_resumed_config(saved, cfg, 'last.pt', allow_change=False)
+    else:
+        checkpoints.check_resumed_config(saved, cfg, 'last.pt', allow_change=False)
