@@ -88,7 +88,7 @@ def runtime_config():
         device='auto',            # the accelerator torch sees, else CPU; or 'npu' / 'cuda' / 'cpu'
         precision='auto',         # fp32 on CPU, bf16 where supported, else fp16 + loss scaler
         compile='auto',           # torch.compile: 'auto' (on CUDA), 'true', 'false', 'towers', 'model' or
-                                  # 'step' (also the objective and colour ops; docs/speed.md)
+                                  # 'step' (also the objective; docs/speed.md)
         npu_jit_compile='auto',   # NPU online operator compile: 'auto' (torch_npu's own default), 'true' or 'false'
         static_shapes='auto',     # same shapes every step (colour ops over the whole batch, MLM count padded
         mlm_bucket=256,           # to a multiple of mlm_bucket): 'auto' (on NPU while jit compile is on)

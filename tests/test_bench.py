@@ -1,15 +1,17 @@
 """tools/bench.py runs end to end on CPU with tiny settings (speed figures are not asserted; the
 bf16-against-fp32 check is), and its step is the training loop's step."""
+import contextlib
 import itertools
 import json
 import shlex
-import types
 import subprocess
+import types
 
 import pytest
 import torch
 
 import configs.demo
+import declip
 import guard
 import loader
 import runtime
@@ -110,7 +112,6 @@ def test_step_peak_memory_is_the_timed_steps(monkeypatch):
     """The FLOP count runs a step eager: `step`'s peak memory is reset after it (and after the sync
     check, which runs no step on CPU), so a compiled step's figure is the compiled step's (it was the
     eager one's)."""
-    import contextlib
     events = []
 
     @contextlib.contextmanager
@@ -131,7 +132,6 @@ def test_bench_saved_counts_what_the_step_keeps(tmp_path):
     """`saved`: the rows add up to the total, the model state is 16 bytes per trained fp32 weight, and
     each tower's QuickGELU keeps exactly its input, layers x tokens x 4 width fp32 values for each
     image view (2) and caption (the masked one and the EDA one)."""
-    import declip
     r = bench.main(['saved', '--config', 'configs/demo.py:smoke', '--batch', '4', '--precision', 'fp32',
                     '--out', str(tmp_path / 'out.json')])
     m = configs.demo.get_config('smoke').model

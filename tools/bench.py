@@ -127,8 +127,7 @@ def _time_step(step, device, warmup, steps):
 def bench_step(args):
     """Throughput of the loop's step on one synthetic in-memory batch (with --decode=device its
     JPEG bytes: decode, crop and resize happen in the step); FLOPs counted by torch."""
-    cfg = _load_config(args.config, compile=args.compile, precision=args.precision, overrides=args.set)
-    cfg.data.batch_size = args.batch // cfg.accum_steps
+    cfg = _step_config(args, compile=args.compile)
     device, device_type = runtime.setup_device(0)
     batch = _synthetic_batch(cfg, args.batch, device)
     if args.decode == 'device':
@@ -175,8 +174,7 @@ def bench_precision(args):
 
 def _scope_run(args, scope, device, batches):
     """One scope of `scopes`: a fresh step, --warmup steps (compilation), --steps timed ones."""
-    cfg = _load_config(args.config, compile=scope, precision=args.precision, overrides=args.set)
-    cfg.data.batch_size = args.batch // cfg.accum_steps
+    cfg = _step_config(args, compile=scope)
     step = trainer(cfg, device)
     start = time.perf_counter()
     losses = [step(batches[t % 3]) for t in range(args.warmup)]
@@ -241,6 +239,13 @@ def _load_config(spec, compile=False, precision=None, overrides=()):
     return cfg
 
 
+def _step_config(args, compile=False):
+    """--config with --precision and --set, its global batch --batch (micro-batches of batch / accum_steps)."""
+    cfg = _load_config(args.config, compile=compile, precision=args.precision, overrides=args.set)
+    cfg.data.batch_size = args.batch // cfg.accum_steps
+    return cfg
+
+
 def _e2e_once(args, root):
     """Pairs/s and data-wait fraction of one loader run."""
     cfg = _load_config(args.config)
@@ -290,8 +295,7 @@ def _parts(args):
 
 def _saved(args):
     """`saved` (bench_memory.py) on the config's model and a synthetic batch."""
-    cfg = _load_config(args.config, precision=args.precision, overrides=args.set)
-    cfg.data.batch_size = args.batch // cfg.accum_steps
+    cfg = _step_config(args)
     device, _ = runtime.setup_device(0)
     return bench_memory.bench_saved(args, cfg=cfg, device=device, batch=_synthetic_batch(cfg, args.batch, device))
 

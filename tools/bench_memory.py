@@ -65,8 +65,8 @@ def saved_bytes(state, batch, cfg):
     loop's step, which then runs to its end), each storage counted once, where it is first saved;
     parameters not counted (they are model state), nor the input a recomputed block keeps (torch's
     checkpoint holds it outside autograd's saved tensors)."""
-    params = {p.untyped_storage().data_ptr() for p in state.model.parameters()}
-    seen, found = set(params), collections.Counter()
+    seen = {p.untyped_storage().data_ptr() for p in state.model.parameters()}   # model state
+    found = collections.Counter()
 
     def pack(t):
         storage = t.untyped_storage()
